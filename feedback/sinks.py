@@ -1,0 +1,24 @@
+"""Where captured events go. The gateway talks to a Sink and nothing else.
+
+A sink accepts an event and returns a future that resolves once the event is durable (the
+store committed it, or later the broker acknowledged it). The gateway waits on that future for
+explicit feedback — a 2xx means committed — and does not wait for completions and follow-ups,
+which are written off the request path.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Protocol
+
+from feedback.events import Event
+
+
+class SinkFull(RuntimeError):
+    """The sink cannot take more events now; the caller answers 503 and the client retries."""
+
+
+class Sink(Protocol):
+    def submit(self, event: Event) -> Future[None]:
+        """Queue an event; raises SinkFull instead of growing without bound."""
+        ...

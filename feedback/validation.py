@@ -1,0 +1,60 @@
+"""Validation of feedback at the edge: a bad event is refused before anything is stored."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from feedback.events import FeedbackEvent, new_id, utcnow
+
+MAX_TEXT_CHARS = 100_000
+MAX_METADATA_BYTES = 64 * 1024
+
+
+class FeedbackRequest(BaseModel):
+    """Body of `POST /v1/feedback`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    completion_id: str = Field(min_length=1, max_length=200)
+    type: Literal["rating", "correction", "critique", "env_error", "demonstration"]
+    score: float | None = Field(default=None, ge=-1e6, le=1e6)
+    text: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    metadata: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _signal_present(self) -> FeedbackRequest:
+        if self.type == "rating" and self.score is None:
+            raise ValueError("a rating needs a numeric 'score'")
+        if self.type != "rating" and not (self.text and self.text.strip()):
+            raise ValueError(f"feedback of type '{self.type}' needs a non-empty 'text'")
+        if self.metadata is not None and len(json.dumps(self.metadata)) > MAX_METADATA_BYTES:
+            raise ValueError(f"'metadata' is larger than {MAX_METADATA_BYTES} bytes of JSON")
+        return self
+
+    def to_event(self) -> FeedbackEvent:
+        return FeedbackEvent(
+            event_id=new_id("fb"),
+            completion_id=self.completion_id,
+            created_at=utcnow(),
+            type=self.type,
+            score=self.score,
+            text=self.text,
+            metadata=self.metadata,
+        )
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line a client can act on: which field, what is wrong with it."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in err.get("loc", ())) or "body"
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "missing":
+            msg = "field required"
+        elif err.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)

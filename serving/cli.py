@@ -1,0 +1,213 @@
+"""The `sdloop` command line."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+from serving.config import Config, ConfigError, load_config
+from serving.state import is_locked, running_server
+
+
+class CLIError(RuntimeError):
+    pass
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML config file (keys: see README)")
+    parser.add_argument("--data-dir", help="store, adapters, model cache, state (./sdloop-data)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdloop", description="Serve an LLM that learns from its own deployment."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="engine + gateway + feedback store")
+    _common(serve)
+    serve.add_argument("--host", help="listen address (127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (8000)")
+    serve.add_argument("--no-learner", action="store_true",
+                       help="do not start the learner daemon beside the server")
+
+    sql = sub.add_parser("sql", help="read-only SQL on the feedback store (works while serving)")
+    _common(sql)
+    sql.add_argument("query", help='e.g. "SELECT type, count(*) FROM feedback GROUP BY 1"')
+    sql.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    sql.add_argument("--max-rows", type=int, default=None)
+
+    adapters = sub.add_parser("adapters", help="model versions and the aliases that point at them")
+    adapters_sub = adapters.add_subparsers(dest="action", required=True)
+    listing = adapters_sub.add_parser("list", help="aliases and versions")
+    _common(listing)
+
+    setup = sub.add_parser("setup", help="convert the embedded model once (make does this)")
+    _common(setup)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    overrides: dict[str, object] = {
+        "data_dir": args.data_dir,
+        "log_level": getattr(args, "log_level", None),
+        "server.host": getattr(args, "host", None),
+        "server.port": getattr(args, "port", None),
+    }
+    return load_config(args.config, overrides=overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = _load(args)
+        logging.basicConfig(
+            level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        if args.command == "serve":
+            from serving.server import run_server
+
+            return run_server(cfg)
+        if args.command == "sql":
+            return _sql(cfg, args.query, args.format, args.max_rows)
+        if args.command == "adapters":
+            return _adapters(cfg)
+        if args.command == "setup":
+            from serving.model_cache import ensure_embedded_model
+
+            print(ensure_embedded_model(cfg.model_cache_path))
+            return 0
+    except (ConfigError, CLIError) as exc:
+        print(f"sdloop: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the serve path's own errors: a message, not a traceback
+        from serving.state import AlreadyServing
+        from store import QueryError
+
+        if isinstance(exc, AlreadyServing | QueryError):
+            print(f"sdloop: {exc}", file=sys.stderr)
+            return 2
+        raise
+    return 2
+
+
+# -- talking to a running server ---------------------------------------------------------------
+
+
+def _admin(state: dict[str, Any], method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    req = urllib.request.Request(
+        state["url"] + path,
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"authorization": f"Bearer {state['admin_token']}",
+                 "content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = str(exc)
+        raise CLIError(message) from None
+    except urllib.error.URLError as exc:
+        raise CLIError(f"the server at {state['url']} does not answer: {exc.reason}") from None
+
+
+def _server_state(cfg: Config) -> dict[str, Any] | None:
+    state = running_server(cfg.data_path)
+    if state is None and is_locked(cfg.data_path):
+        raise CLIError("the server on this data dir is starting; retry in a few seconds")
+    return state
+
+
+def _sql(cfg: Config, query: str, fmt: str, max_rows: int | None) -> int:
+    limit = max_rows if max_rows is not None else cfg.server.sql_max_rows
+    state = _server_state(cfg)
+    if state is not None:
+        data = _admin(state, "POST", "/admin/sql", {"sql": query, "max_rows": limit})
+        columns, rows, truncated = data["columns"], data["rows"], data["truncated"]
+    else:
+        from store import query_file
+
+        result = query_file(cfg.store_path, query, limit, cfg.server.sql_timeout_s)
+        columns, truncated = result.columns, result.truncated
+        rows = json.loads(json.dumps(result.rows, default=str))
+    _print_rows(columns, rows, fmt)
+    if truncated:
+        print(f"(stopped after {limit} rows; use --max-rows)", file=sys.stderr)
+    return 0
+
+
+def _adapters(cfg: Config) -> int:
+    state = _server_state(cfg)
+    if state is not None:
+        listing = _admin(state, "GET", "/admin/adapters")
+    else:
+        from store import query_file
+
+        def rows(sql: str) -> list[dict[str, Any]]:
+            res = query_file(cfg.store_path, sql, 100_000, cfg.server.sql_timeout_s)
+            return [dict(zip(res.columns, map(_plain, r), strict=True)) for r in res.rows]
+
+        listing = {
+            "aliases": rows("SELECT alias, version, previous, updated_at FROM aliases ORDER BY 1"),
+            "versions": rows("SELECT version, alias, parent, status, path, created_at "
+                             "FROM adapter_versions ORDER BY created_at, version"),
+        }
+    print("aliases:")
+    _print_rows(["alias", "version", "previous"],
+                [[a["alias"], a["version"], a["previous"]] for a in listing["aliases"]], "table")
+    print("\nversions:")
+    _print_rows(["version", "status", "parent", "created_at"],
+                [[v["version"], v["status"], v["parent"], v["created_at"]]
+                 for v in listing["versions"]], "table")
+    return 0
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, str | int | float | type(None)) else str(value)
+
+
+def _print_rows(columns: list[str], rows: list[Any], fmt: str) -> None:
+    out = sys.stdout
+    if fmt == "json":
+        for row in rows:
+            out.write(json.dumps(dict(zip(columns, row, strict=True)), default=str) + "\n")
+        return
+    if fmt == "csv":
+        writer = csv.writer(out)
+        writer.writerow(columns)
+        writer.writerows(rows)
+        return
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    widths = [min(w, 60) for w in widths]
+    line = "  ".join(c.ljust(w)[:w] for c, w in zip(columns, widths, strict=True))
+    out.write(line.rstrip() + "\n" + "  ".join("-" * w for w in widths) + "\n")
+    for r in cells:
+        out.write("  ".join(v.ljust(w)[:w] for v, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, str):
+        return value.replace("\n", "\\n")
+    return json.dumps(value, default=str)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

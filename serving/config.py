@@ -1,0 +1,213 @@
+"""One typed configuration object for every sdloop command.
+
+Sources, later wins: dataclass defaults → TOML file (`--config`) → `SDLOOP_*` environment
+variables → command-line flags. A nested key is addressed in the environment with a double
+underscore: `[engine] max_model_len` is `SDLOOP_ENGINE__MAX_MODEL_LEN`, top-level `data_dir` is
+`SDLOOP_DATA_DIR`. Values from the environment are parsed by the field's declared type, so a
+typo gives an error that names the variable instead of a surprise deep inside the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENV_PREFIX = "SDLOOP_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Requests with a larger body get 413. Chat histories are text; 4 MiB is generous.
+    max_body_bytes: int = 4 * 1024 * 1024
+    # Bearer token for /admin/*. Empty: a random one is made at start and written to the
+    # state file (mode 0600), where `sdloop sql` and `sdloop adapters` read it.
+    admin_token: str = ""
+    # Bearer token for /v1/*. Empty: the OpenAI-compatible routes are open (loopback default).
+    api_key: str = ""
+    # Wall-clock limit of one read-only SQL query through the admin API.
+    sql_timeout_s: float = 30.0
+    sql_max_rows: int = 100_000
+
+
+@dataclass
+class EngineConfig:
+    # URL of an external vLLM OpenAI server to attach to. Empty: start vLLM as a child.
+    url: str = ""
+    # The base model vLLM serves: an HF folder or hub id. Empty: the embedded SmolLM2-135M.
+    model: str = ""
+    # Name vLLM serves the base model under; the version name `base` in the alias table.
+    served_model_name: str = "base"
+    # auto: bfloat16 where the CPU has avx512_bf16 (or on a GPU), float32 otherwise.
+    dtype: str = "auto"
+    max_model_len: int = 2048
+    max_loras: int = 2
+    max_lora_rank: int = 16
+    max_logprobs: int = 20
+    # vLLM-CPU KV cache, GiB (VLLM_CPU_KVCACHE_SPACE).
+    cpu_kvcache_gb: int = 2
+    startup_timeout_s: float = 900.0
+    health_interval_s: float = 2.0
+    # Time allowed for in-flight requests when the engine is stopped.
+    stop_timeout_s: float = 20.0
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    # Where the embedded GGUF is converted to an HF folder. Empty: <data_dir>/models.
+    cache_dir: str = ""
+
+
+@dataclass
+class StoreConfig:
+    # DuckDB file. Empty: <data_dir>/feedback.duckdb.
+    path: str = ""
+    # Most events written in one transaction (group commit).
+    batch_max: int = 1024
+    # Bound on events waiting for the writer; past it the request path gets 503, not memory.
+    queue_max: int = 100_000
+
+
+@dataclass
+class FeedbackConfig:
+    # Replace emails, phone numbers and payment-card numbers by placeholders before storage.
+    redact: bool = False
+
+
+@dataclass
+class Config:
+    data_dir: str = "./sdloop-data"
+    log_level: str = "info"
+    server: ServerConfig = field(default_factory=ServerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.store.path).expanduser() if self.store.path else self.data_path / "feedback.duckdb"
+
+    @property
+    def model_cache_path(self) -> Path:
+        if self.model.cache_dir:
+            return Path(self.model.cache_dir).expanduser().resolve()
+        return self.data_path / "models"
+
+    @property
+    def adapters_path(self) -> Path:
+        return self.data_path / "adapters"
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Config:
+    """Build the Config from defaults, an optional TOML file, `SDLOOP_*` env and overrides.
+
+    `overrides` uses dotted keys (`"server.port"`) and skips None values, so CLI flags that
+    were not given leave the lower layers alone.
+    """
+    cfg = Config()
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        _apply_mapping(cfg, data, where=str(path))
+    for name, raw in sorted((env if env is not None else os.environ).items()):
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX:
+            continue
+        keys = name[len(ENV_PREFIX):].lower().split("__")
+        _set_path(cfg, keys, raw, where=f"environment variable {name}", from_text=True)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_path(cfg, dotted.split("."), value, where=f"option {dotted}", from_text=False)
+    return cfg
+
+
+def _apply_mapping(obj: object, data: Mapping[str, object], where: str, prefix: str = "") -> None:
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        hints = typing.get_type_hints(type(obj))
+        if key not in hints:
+            raise ConfigError(f"{where}: unknown key '{dotted}'")
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: '{dotted}' must be a table")
+            _apply_mapping(getattr(obj, key), value, where, prefix=f"{dotted}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"{where}: '{dotted}'", from_text=False))
+
+
+def _set_path(cfg: Config, keys: list[str], value: object, where: str, from_text: bool) -> None:
+    obj: object = cfg
+    for depth, key in enumerate(keys):
+        hints = typing.get_type_hints(type(obj))
+        if key not in hints:
+            raise ConfigError(f"{where}: unknown setting '{'.'.join(keys[: depth + 1])}'")
+        if depth == len(keys) - 1:
+            if dataclasses.is_dataclass(hints[key]):
+                raise ConfigError(f"{where}: '{key}' is a section; name one of its keys")
+            setattr(obj, key, _coerce(value, hints[key], where, from_text=from_text))
+            return
+        obj = getattr(obj, key)
+        if not dataclasses.is_dataclass(obj):
+            raise ConfigError(f"{where}: '{key}' has no sub-keys")
+
+
+def _coerce(value: object, typ: object, where: str, from_text: bool) -> object:
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, int | float) and (typ is float or isinstance(value, int)):
+            return typ(value)
+        if from_text and isinstance(value, str):
+            try:
+                return typ(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if origin is list:
+        if from_text and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{where}: expected a JSON list, got {value!r}") from exc
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {typ}")

