@@ -20,7 +20,6 @@ STAMP := $(VENV)/.installed-$(ENGINE)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(PY)
 	@echo "installing sdloop with the $(ENGINE) engine into $(VENV) (first time: several minutes)"

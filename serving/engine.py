@@ -2,8 +2,10 @@
 
 The child listens on a loopback port nobody else is told about; the gateway is the only way
 in. It is started in its own process group (vLLM forks an engine-core process) so that stopping
-it — or cleaning up after a gateway that was killed — reaches every process it made, and with a
-parent-death signal so that it does not outlive a gateway killed with SIGKILL.
+it reaches every process it made, and with a parent-death signal so that it does not outlive a
+gateway killed with SIGKILL: SIGTERM, which vLLM answers by shutting down its engine core too
+(SIGKILL would orphan the engine core). A server that starts after a crash also stops whatever
+is left in the recorded process group.
 
 A monitor task polls the child and its health route. When the child dies it is restarted with
 backoff; meanwhile `ready` is false and the gateway answers 503.
@@ -68,7 +70,7 @@ def choose_dtype(configured: str) -> str:
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def kill_process_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
@@ -261,6 +263,13 @@ class EngineManager:
         names = [m["id"] for m in data.get("data", []) if not m.get("parent")]
         if self.cfg.served_model_name not in names and names:
             self.served_model_name = names[0]
+
+    def mark_unreachable(self, reason: str) -> None:
+        """A request could not reach the engine: stop routing to it until the monitor sees it
+        healthy again (or has restarted it)."""
+        if self.ready:
+            log.warning("engine unreachable: %s", reason)
+            self._set_ready(False, "the inference engine is unreachable; retry in a moment")
 
     def _set_ready(self, ready: bool, reason: str) -> None:
         if ready:

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 VERSION_HEADER = "x-sdloop-adapter-version"
 FEEDBACK_COMMIT_TIMEOUT_S = 30.0
+_DISCARD_CAP = 64 * 1024 * 1024
 # Request fields that are not sampling parameters; everything else is stored as `params`.
 _NOT_PARAMS = {"messages", "model", "stream", "return_token_ids"}
 
@@ -111,20 +112,24 @@ class Gateway:
 
 
 async def read_json(request: Request, limit: int) -> Any:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"Request body is {length} bytes; the limit is {limit} bytes.",
-                       code="body_too_large")
+    """The body as JSON, refusing more than `limit` bytes without ever holding more.
+
+    An oversized body is still read to its end (and dropped), up to a hard cap, so that the
+    client gets to read the 413 instead of a connection reset.
+    """
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limit:
-                raise APIError(413, f"Request body is over the limit of {limit} bytes.",
-                               code="body_too_large")
-            chunks.append(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            elif size > _DISCARD_CAP:
+                break
     except ClientDisconnect:
         raise APIError(400, "The client closed the connection before the body was sent.") from None
+    if size > limit:
+        raise APIError(413, f"Request body is over the limit of {limit} bytes "
+                            "(server.max_body_bytes).", code="body_too_large")
     raw = b"".join(chunks)
     if not raw.strip():
         raise APIError(400, "The request body is empty; send a JSON object.", code="invalid_json")
@@ -181,14 +186,6 @@ async def chat_completions(request: Request) -> Response:
     messages: list[dict[str, Any]] = body["messages"]
     started = time.perf_counter()
 
-    followup = find_followup(messages)
-    if followup is not None:
-        metrics.FOLLOWUPS_SEEN.inc()
-        gw.capture_nowait(FollowupEvent(
-            event_id=new_id("fu"), created_at=utcnow(), context_hash=followup[0],
-            reply_hash=followup[1], text=followup[2], next_completion_id=completion_id,
-        ))
-
     upstream = dict(body)
     upstream["model"] = gw.registry.engine_model(version, gw.engine.served_model_name)
     upstream["return_token_ids"] = True
@@ -206,14 +203,27 @@ async def chat_completions(request: Request) -> Response:
             data=json.dumps(upstream),
             headers={"content-type": "application/json", "x-request-id": request_hex},
         )
-    except (aiohttp.ClientError, OSError) as exc:
+    except (aiohttp.ClientConnectionError, OSError) as exc:
+        gw.engine.mark_unreachable(f"{type(exc).__name__}: {exc}")
         raise APIError(503, f"The inference engine is unavailable ({type(exc).__name__}); "
                             "retry in a moment.", code="engine_unavailable") from None
+    except aiohttp.ClientError as exc:
+        raise APIError(502, f"The inference engine answered badly ({type(exc).__name__}).",
+                       code="engine_error") from None
 
     if resp.status != 200:
         raw = await resp.read()
         resp.release()
         return _relay_error(resp.status, raw, headers)
+
+    # The engine accepted the request: its last user message is now part of the record.
+    followup = find_followup(messages)
+    if followup is not None:
+        metrics.FOLLOWUPS_SEEN.inc()
+        gw.capture_nowait(FollowupEvent(
+            event_id=new_id("fu"), created_at=utcnow(), context_hash=followup[0],
+            reply_hash=followup[1], text=followup[2], next_completion_id=completion_id,
+        ))
 
     if not chat.stream:
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,18 +80,34 @@ def run_read_only(
     finally:
         timer.cancel()
     rows, truncated = rows[:max_rows], len(rows) > max_rows
-    json_cols = [i for i, t in enumerate(types) if t == "JSON"]
-    if json_cols:  # DuckDB hands JSON values over as text; give callers the values
-        rows = [_parse_json_cells(row, json_cols) for row in rows]
+    decoders = [_json_decoder(d[1]) for d in rel.description or []]
+    if any(decoders):  # DuckDB hands JSON values over as text; give callers the values
+        rows = [
+            tuple(dec(v) if dec and v is not None else v for dec, v in zip(decoders, row, strict=True))
+            for row in rows
+        ]
     return QueryResult(columns, types, rows, truncated)
 
 
-def _parse_json_cells(row: tuple[Any, ...], cols: list[int]) -> tuple[Any, ...]:
-    cells = list(row)
-    for i in cols:
-        if isinstance(cells[i], str):
-            cells[i] = json.loads(cells[i])
-    return tuple(cells)
+def _json_decoder(typ: Any) -> Callable[[Any], Any] | None:
+    """A function that parses the JSON inside a value of this (possibly nested) type."""
+    if "JSON" not in str(typ):
+        return None
+    if str(typ) == "JSON":
+        return lambda v: json.loads(v) if isinstance(v, str) else v
+    children = dict(typ.children)
+    if typ.id in ("list", "array"):
+        child = _json_decoder(children["child"])
+        return lambda v: [child(x) if x is not None else x for x in v]
+    if typ.id == "struct":
+        fields = {name: _json_decoder(t) for name, t in children.items()}
+        return lambda v: {k: (fields[k](x) if fields.get(k) and x is not None else x) for k, x in v.items()}
+    if typ.id == "map":
+        value = _json_decoder(children["value"])
+        if value is None:
+            return None
+        return lambda v: {k: value(x) if x is not None else x for k, x in v.items()}
+    return None
 
 
 def query_file(path: Path, sql: str, max_rows: int, timeout_s: float) -> QueryResult:

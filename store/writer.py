@@ -184,7 +184,13 @@ class StoreWriter:
                         break
                     if item is not _STOP:
                         batch.append(item)  # type: ignore[arg-type]
-            self._process(batch)
+            try:
+                self._process(batch)
+            except BaseException as exc:  # noqa: BLE001 - keep the writer alive, fail the batch
+                log.exception("store writer failed on a batch of %d", len(batch))
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
 
     def _process(self, batch: list[tuple[object, Future[Any]]]) -> None:
         events: list[tuple[Event, Future[Any]]] = []

@@ -1,4 +1,4 @@
-"""kill -9 of the serving process loses no acknowledged feedback."""
+"""kill -9 of the serving process loses no acknowledged feedback and leaves no engine behind."""
 
 from __future__ import annotations
 
@@ -6,28 +6,45 @@ import json
 import signal
 import threading
 import time
+from pathlib import Path
 
 from tests.integration.conftest import Server, start_server, stop_server
 
 
-def test_acknowledged_feedback_survives_kill_9_of_the_server(server: Server, tmp_path):
-    # A second gateway on its own store, attached to the shared engine: restarts in seconds.
-    env = {"SDLOOP_ENGINE__URL": server.state()["engine_url"]}
-    gw = start_server(tmp_path / "gw", env=env)
+def _engine_gone(pgid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid(p) == pgid]
+        if not alive:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _pgid(proc: Path) -> int | None:
     try:
-        status, _, body = gw.request("POST", "/v1/chat/completions", {
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def test_acknowledged_feedback_survives_kill_9_of_the_server(server: Server, tmp_path):
+    data_dir = tmp_path / "victim"
+    victim = start_server(data_dir)  # a full server with its own vLLM child
+    engine_pgid = victim.state()["engine_pgid"]
+    acked: list[str] = []
+    try:
+        status, _, body = victim.request("POST", "/v1/chat/completions", {
             "model": "default", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4})
         assert status == 200
         completion_id = json.loads(body)["id"]
-
-        acked: list[str] = []
         stop = threading.Event()
 
         def send_feedback() -> None:
             i = 0
             while not stop.is_set():
                 try:
-                    code, _, raw = gw.request("POST", "/v1/feedback", {
+                    code, _, raw = victim.request("POST", "/v1/feedback", {
                         "completion_id": completion_id, "type": "critique", "text": f"note {i}"})
                 except OSError:
                     return  # the server is gone
@@ -41,19 +58,22 @@ def test_acknowledged_feedback_survives_kill_9_of_the_server(server: Server, tmp
         deadline = time.monotonic() + 120
         while len(acked) < 200 and time.monotonic() < deadline:
             stop.wait(0.05)
-        gw.proc.send_signal(signal.SIGKILL)  # mid-stream: requests are in flight
-        gw.proc.wait()
+        victim.proc.send_signal(signal.SIGKILL)  # requests are in flight
+        victim.proc.wait()
         stop.set()
         for t in senders:
             t.join()
     finally:
-        stop_server(gw)
+        stop_server(victim)
 
-    gw = start_server(tmp_path / "gw", env=env)
+    assert _engine_gone(engine_pgid, timeout=60), "the engine outlived its killed server"
+
+    # Restart on the same data dir (attached to the shared engine: seconds, not minutes).
+    restarted = start_server(data_dir, env={"SDLOOP_ENGINE__URL": server.state()["engine_url"]})
     try:
-        stored = {r["id"] for r in gw.sql("SELECT id FROM feedback")}
+        stored = {r["id"] for r in restarted.sql("SELECT id FROM feedback")}
         assert len(acked) >= 200
         assert set(acked) <= stored, f"{len(set(acked) - stored)} acknowledged rows lost"
-        assert gw.sql(f"SELECT id FROM completions WHERE id = '{completion_id}'")
+        assert restarted.sql(f"SELECT id FROM completions WHERE id = '{completion_id}'")
     finally:
-        stop_server(gw)
+        stop_server(restarted)
