@@ -149,6 +149,26 @@ async def bench(gateway: str, engine: str, base_model: str, args: argparse.Names
     print("ratio: median over rounds of gateway/direct tokens per second in the same round; "
           "added ms: gateway p50 latency - direct p50 latency.")
 
+    # Fixed cost per request, without generation time to hide it: one-token answers, one at a
+    # time, gateway and direct alternating request by request.
+    print(f"\nper-request overhead, max_tokens=1, {args.overhead_requests} requests per arm, "
+          "sequential, alternating ABBA:")
+    print(f"{'mode':<11}{'direct p50 ms':>15}{'gateway p50 ms':>16}{'added p50 ms':>14}"
+          f"{'added p90 ms':>14}")
+    async with aiohttp.ClientSession() as session:
+        for stream in (False, True):
+            lat: dict[str, list[float]] = {"direct": [], "gateway": []}
+            arms = {"direct": (engine, base_model), "gateway": (gateway, "default")}
+            for i in range(args.overhead_requests):
+                # ABBA order, so that whatever the first of a pair pays is shared evenly.
+                for arm in ("direct", "gateway") if i % 2 == 0 else ("gateway", "direct"):
+                    url, model = arms[arm]
+                    lat[arm].append((await one_request(session, url, model, stream, 1))[1])
+            d, g = sorted(lat["direct"]), sorted(lat["gateway"])
+            p90 = int(0.9 * (len(d) - 1))
+            print(f"{'stream' if stream else 'non-stream':<11}{median(d):>15.2f}{median(g):>16.2f}"
+                  f"{median(g) - median(d):>14.2f}{g[p90] - d[p90]:>14.2f}", flush=True)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -159,6 +179,7 @@ def main() -> None:
     parser.add_argument("--requests-per-stream", type=int, default=4,
                         help="requests per concurrent stream in one batch")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--overhead-requests", type=int, default=100)
     args = parser.parse_args()
 
     proc = None
