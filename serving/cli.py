@@ -12,7 +12,9 @@ import urllib.request
 from typing import Any
 
 from serving.config import Config, ConfigError, load_config
-from serving.state import is_locked, running_server
+from serving.model_cache import ModelError, ensure_embedded_model
+from serving.state import AlreadyServing, is_locked, running_server
+from store import QueryError
 
 
 class CLIError(RuntimeError):
@@ -80,23 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "adapters":
             return _adapters(cfg)
         if args.command == "setup":
-            from serving.model_cache import ensure_embedded_model
-
             print(ensure_embedded_model(cfg.model_cache_path))
             return 0
-    except (ConfigError, CLIError) as exc:
+    except (ConfigError, CLIError, AlreadyServing, QueryError, ModelError) as exc:
         print(f"sdloop: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # the serve path's own errors: a message, not a traceback
-        from serving.state import AlreadyServing
-        from store import QueryError
-
-        if isinstance(exc, AlreadyServing | QueryError):
-            print(f"sdloop: {exc}", file=sys.stderr)
-            return 2
-        raise
     return 2
 
 

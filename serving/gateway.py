@@ -17,11 +17,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -53,6 +53,7 @@ from serving.registry import AdapterRegistry, UnknownAlias
 from store import QueryError, StoreClosed, StoreWriter, UnknownCompletion, run_read_only
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
 
 VERSION_HEADER = "x-sdloop-adapter-version"
 FEEDBACK_COMMIT_TIMEOUT_S = 30.0
@@ -145,6 +146,15 @@ def _require_object(body: Any) -> dict[str, Any]:
     return body
 
 
+async def read_model(request: Request, model: type[M], limit: int) -> tuple[dict[str, Any], M]:
+    """The body as a JSON object and validated as `model`: 400 for bad JSON, 422 for bad fields."""
+    body = _require_object(await read_json(request, limit))
+    try:
+        return body, model.model_validate(body)
+    except ValidationError as exc:
+        raise APIError(422, describe_validation_error(exc)) from None
+
+
 def _check_bearer(request: Request, token: str, what: str) -> None:
     header = request.headers.get("authorization", "")
     given = header[7:] if header[:7].lower() == "bearer " else ""
@@ -169,11 +179,7 @@ def _check_api_key(request: Request) -> None:
 async def chat_completions(request: Request) -> Response:
     gw = _gw(request)
     _check_api_key(request)
-    body = _require_object(await read_json(request, gw.cfg.server.max_body_bytes))
-    try:
-        chat = ChatRequest.model_validate(body)
-    except ValidationError as exc:
-        raise APIError(422, describe_validation_error(exc)) from None
+    body, chat = await read_model(request, ChatRequest, gw.cfg.server.max_body_bytes)
     try:
         version = gw.registry.resolve(chat.model)
     except UnknownAlias as exc:
@@ -354,11 +360,7 @@ def _read_chunk(
 async def feedback(request: Request) -> Response:
     gw = _gw(request)
     _check_api_key(request)
-    body = _require_object(await read_json(request, gw.cfg.server.max_body_bytes))
-    try:
-        req = FeedbackRequest.model_validate(body)
-    except ValidationError as exc:
-        raise APIError(422, describe_validation_error(exc)) from None
+    _, req = await read_model(request, FeedbackRequest, gw.cfg.server.max_body_bytes)
     event = req.to_event()
     try:
         fut = gw.capture(event)
@@ -406,7 +408,7 @@ async def readyz(request: Request) -> Response:
         problems.append("the feedback store writer is not running")
     if problems:
         return JSONResponse({"status": "not ready", "reasons": problems}, status_code=503)
-    return JSONResponse({"status": "ready", "engine": gw.engine.base_url and "up"})
+    return JSONResponse({"status": "ready", "aliases": gw.registry.aliases()})
 
 
 async def prometheus(request: Request) -> Response:

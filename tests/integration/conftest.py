@@ -74,6 +74,14 @@ class Server:
         assert out.returncode == 0, out.stderr
         return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
+    def admin_sql(self, query: str) -> list[dict[str, Any]]:
+        """Straight to the admin API: no CLI start-up in the way of timing-sensitive checks."""
+        status, _, body = self.request("POST", "/admin/sql", {"sql": query}, headers={
+            "authorization": f"Bearer {self.state()['admin_token']}"})
+        assert status == 200, body
+        data = json.loads(body)
+        return [dict(zip(data["columns"], row, strict=True)) for row in data["rows"]]
+
     def log_tail(self, n: int = 60) -> str:
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
