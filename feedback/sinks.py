@@ -22,3 +22,8 @@ class Sink(Protocol):
     def submit(self, event: Event) -> Future[None]:
         """Queue an event; raises SinkFull instead of growing without bound."""
         ...
+
+    def has_capacity(self) -> bool:
+        """False when the backlog is near its bound: new work should be refused (503) before
+        it produces events that could not be queued."""
+        ...

@@ -186,6 +186,8 @@ async def chat_completions(request: Request) -> Response:
         raise APIError(404, str(exc), code="model_not_found", param="model") from None
     if not gw.engine.ready:
         raise APIError(503, gw.engine.last_error, code="engine_unavailable")
+    if not gw.sink.has_capacity():  # answer nothing that could not be recorded
+        raise APIError(503, "The feedback store is behind; retry shortly.", code="store_backlog")
 
     request_hex = uuid.uuid4().hex
     completion_id = f"chatcmpl-{request_hex}"
@@ -235,6 +237,8 @@ async def chat_completions(request: Request) -> Response:
         try:
             raw = await resp.read()
         except (aiohttp.ClientError, OSError) as exc:
+            event.status, event.error = "engine_error", f"response broke: {type(exc).__name__}"
+            gw.capture_nowait(event)
             raise APIError(503, f"The inference engine dropped the request ({type(exc).__name__}).",
                            code="engine_unavailable") from None
         finally:

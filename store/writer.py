@@ -128,6 +128,10 @@ class StoreWriter:
         """Queue an event; the future resolves after its transaction committed."""
         return self._enqueue(event)
 
+    def has_capacity(self) -> bool:
+        # Headroom for the events already-admitted requests will still produce.
+        return self._queue.qsize() < self._queue.maxsize * 0.9
+
     def call(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> Future[T]:
         """Run `fn` on the writer's connection in a transaction of its own, in queue order.
 

@@ -185,3 +185,16 @@ def test_read_only_query_returns_json_values_and_truncates(writer):
 def test_slow_query_is_cancelled(writer):
     with pytest.raises(QueryError, match="cancelled"):
         run_read_only(writer.cursor(), "SELECT count(*) FROM range(10000000000) a", 1, 0.3)
+
+
+def test_full_queue_refuses_instead_of_growing(tmp_path):
+    from feedback.sinks import SinkFull
+
+    w = StoreWriter(tmp_path / "full.duckdb", queue_max=10)  # not opened: nothing drains it
+    for i in range(9):
+        assert w.has_capacity()
+        w.submit(completion(f"c{i}"))
+    assert not w.has_capacity()  # 90 % full: new requests are refused, queued events still fit
+    w.submit(completion("c9"))
+    with pytest.raises(SinkFull, match="full"):
+        w.submit(completion("c10"))
