@@ -299,21 +299,27 @@ def _count_tokens(event: CompletionEvent) -> None:
 async def _relay_stream(
     gw: Gateway, resp: aiohttp.ClientResponse, event: CompletionEvent, started: float
 ) -> AsyncIterator[bytes]:
-    """Forward SSE events as they come, reading what the store needs out of each."""
+    """Forward SSE events as they come, reading what the store needs out of each.
+
+    Whatever arrived is forwarded in one write, cut at the last complete event; the engine
+    sends `data: {...}\n\n` per event.
+    """
     parts: list[str] = []
     token_ids: list[int] = []
-    pending: list[bytes] = []
+    pending = b""
     try:
-        async for line in resp.content:
-            pending.append(line)
-            if line not in (b"\n", b"\r\n"):
+        async for data in resp.content.iter_any():
+            pending += data
+            cut = pending.rfind(b"\n\n")
+            if cut < 0:
+                continue
+            ready, pending = pending[: cut + 2], pending[cut + 2 :]
+            for line in ready.split(b"\n"):
                 if line.startswith(b"data: {"):
                     _read_chunk(json.loads(line[6:]), event, parts, token_ids, started)
-                continue
-            yield b"".join(pending)
-            pending.clear()
+            yield ready
         if pending:
-            yield b"".join(pending)
+            yield pending
     except (asyncio.CancelledError, GeneratorExit):
         event.status = "client_disconnected"
         raise
