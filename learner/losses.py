@@ -1,0 +1,205 @@
+"""Token-level self-distillation losses.
+
+Teacher and student score the same response token ids; at each response position the loss
+pulls the student's next-token distribution S toward the teacher's T. No gradient reaches the
+teacher. Names are explicit because the literature is not: SDFT and OPSD *describe* a reverse
+KL but their published results used the forward one.
+
+- `forward_kl`   KL(T ‖ S) = Σ T (log T − log S)   — mass-covering; SDFT / OPSD as run.
+- `reverse_kl`   KL(S ‖ T) = Σ S (log S − log T)   — mode-seeking.
+- `jsd(α)`       α·KL(T ‖ M) + (1−α)·KL(S ‖ M), M = α·T + (1−α)·S (generalised JSD, as in GKD).
+
+Supports (which part of the vocabulary the sum runs over):
+- `full_vocab`     every token. Logits are formed chunk by chunk from hidden states under
+                   activation checkpointing, so memory grows with the chunk, never with
+                   batch × length × vocabulary.
+- `topk(k)`        the teacher's k most likely tokens plus one tail bucket holding the rest of
+                   each distribution's mass, so both sides stay proper distributions.
+- `sampled_token`  only the response token y itself: the score-function estimator of the
+                   reverse KL, sg(log S(y) − log T(y)) · log S(y), whose gradient is the
+                   reverse-KL gradient in expectation when y was sampled from the student.
+
+Stabilisers: skip the first N response tokens, truncated importance weights
+min(S_trainer(y) / S_engine(y), cap) when the response came from the serving engine, and an
+optional per-token clip of the loss value.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+DivergenceName = Literal["forward_kl", "reverse_kl", "jsd"]
+SupportName = Literal["full_vocab", "topk", "sampled_token"]
+
+
+@dataclass(frozen=True)
+class Divergence:
+    name: DivergenceName
+    alpha: float = 0.5  # jsd only
+
+    @classmethod
+    def parse(cls, text: str) -> Divergence:
+        text = text.strip()
+        if text in ("forward_kl", "reverse_kl"):
+            return cls(text)  # type: ignore[arg-type]
+        match = re.fullmatch(r"jsd(?:\(\s*([0-9.]+)\s*\))?", text)
+        if match:
+            alpha = float(match.group(1)) if match.group(1) else 0.5
+            if not 0.0 < alpha < 1.0:
+                raise ValueError(f"jsd(alpha) needs 0 < alpha < 1, got {alpha}")
+            return cls("jsd", alpha)
+        raise ValueError(f"unknown divergence '{text}': forward_kl, reverse_kl or jsd(alpha)")
+
+    def __str__(self) -> str:
+        return f"jsd({self.alpha:g})" if self.name == "jsd" else self.name
+
+
+@dataclass(frozen=True)
+class Support:
+    name: SupportName
+    k: int = 0  # topk only
+
+    @classmethod
+    def parse(cls, text: str) -> Support:
+        text = text.strip()
+        if text in ("full_vocab", "sampled_token"):
+            return cls(text)  # type: ignore[arg-type]
+        match = re.fullmatch(r"topk\(\s*(\d+)\s*\)", text)
+        if match and int(match.group(1)) > 0:
+            return cls("topk", int(match.group(1)))
+        raise ValueError(f"unknown support '{text}': full_vocab, topk(k) or sampled_token")
+
+    def __str__(self) -> str:
+        return f"topk({self.k})" if self.name == "topk" else self.name
+
+
+def divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor, div: Divergence) -> torch.Tensor:
+    """Per-position divergence between two log-distributions over the last dimension."""
+    if div.name == "forward_kl":
+        return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    if div.name == "reverse_kl":
+        return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
+    a = div.alpha
+    mixture = torch.logsumexp(
+        torch.stack([teacher_logp + math.log(a), student_logp + math.log(1.0 - a)]), dim=0
+    )
+    kl_t = (teacher_logp.exp() * (teacher_logp - mixture)).sum(-1)
+    kl_s = (student_logp.exp() * (student_logp - mixture)).sum(-1)
+    return a * kl_t + (1.0 - a) * kl_s
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x ≤ 0, accurate at both ends (Mächler 2012)."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def with_tail(logp_top: torch.Tensor) -> torch.Tensor:
+    """k log-probabilities → k+1, the last being the mass of everything else."""
+    tail = log1mexp(torch.logsumexp(logp_top, dim=-1, keepdim=True))
+    return torch.cat([logp_top, tail], dim=-1)
+
+
+@dataclass(frozen=True)
+class TokenLossConfig:
+    divergence: Divergence = Divergence("forward_kl")
+    support: Support = Support("full_vocab")
+    skip_first_tokens: int = 0
+    is_cap: float | None = None  # truncated importance weights; None: off
+    token_clip: float | None = None  # clip of each token's loss value; None: off
+    chunk_size: int = 128  # positions whose logits exist at once
+
+
+def token_losses_from_logits(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    cfg: TokenLossConfig,
+) -> torch.Tensor:
+    """Per-position loss [N] from full logits [N, V] of both sides (teacher detached)."""
+    s_logp = torch.log_softmax(student_logits.float(), dim=-1)
+    with torch.no_grad():
+        t_logp = torch.log_softmax(teacher_logits.float(), dim=-1)
+    if cfg.support.name == "full_vocab":
+        return divergence(t_logp, s_logp, cfg.divergence)
+    if cfg.support.name == "topk":
+        idx = t_logp.topk(min(cfg.support.k, t_logp.shape[-1]), dim=-1).indices
+        return divergence(with_tail(t_logp.gather(-1, idx)), with_tail(s_logp.gather(-1, idx)),
+                          cfg.divergence)
+    s_y = s_logp.gather(-1, targets[:, None])[:, 0]
+    t_y = t_logp.gather(-1, targets[:, None])[:, 0]
+    return (s_y - t_y).detach() * s_y
+
+
+def token_losses_from_teacher_topk(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    cfg: TokenLossConfig,
+) -> torch.Tensor:
+    """Per-position loss when the teacher is known only by its top-k (e.g. engine logprobs)."""
+    s_logp = torch.log_softmax(student_logits.float(), dim=-1)
+    return divergence(with_tail(teacher_logp.float()), with_tail(s_logp.gather(-1, teacher_ids)),
+                      cfg.divergence)
+
+
+def chunked_token_losses(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    targets: torch.Tensor,
+    cfg: TokenLossConfig,
+) -> torch.Tensor:
+    """Per-position loss [N] from final hidden states [N, H], `chunk_size` positions at a time.
+
+    Each chunk's logits are made, used and dropped; backward makes them again (activation
+    checkpointing), so peak memory is chunk × vocabulary whatever the batch and length.
+    """
+    out = []
+    for start in range(0, student_hidden.shape[0], cfg.chunk_size):
+        stop = start + cfg.chunk_size
+        out.append(checkpoint(
+            _chunk_losses, student_hidden[start:stop], teacher_hidden[start:stop], lm_head,
+            targets[start:stop], cfg, use_reentrant=False,
+        ))
+    return torch.cat(out) if out else student_hidden.new_zeros(0)
+
+
+def _chunk_losses(s_hidden: torch.Tensor, t_hidden: torch.Tensor, lm_head: torch.nn.Module,
+                  targets: torch.Tensor, cfg: TokenLossConfig) -> torch.Tensor:
+    with torch.no_grad():
+        t_logits = lm_head(t_hidden)
+    return token_losses_from_logits(lm_head(s_hidden), t_logits, targets, cfg)
+
+
+def reduce_token_losses(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: TokenLossConfig,
+    student_logp_y: torch.Tensor | None = None,
+    engine_logp_y: torch.Tensor | None = None,
+    position_in_response: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean over the positions that count, after skipping, clipping and importance weights.
+
+    `mask` marks response positions (1) vs padding (0); `position_in_response` is each
+    position's index within its response (for skipping the first N); the log-probabilities of
+    the response token under the trainer's student and under the engine that sampled it give
+    the truncated importance weight.
+    """
+    weights = mask.float()
+    if cfg.skip_first_tokens and position_in_response is not None:
+        weights = weights * (position_in_response >= cfg.skip_first_tokens).float()
+    if cfg.is_cap is not None and student_logp_y is not None and engine_logp_y is not None:
+        ratio = torch.exp(student_logp_y.detach() - engine_logp_y).clamp(max=cfg.is_cap)
+        weights = weights * ratio
+    if cfg.token_clip is not None:
+        per_token = per_token.clamp(max=cfg.token_clip)
+    denom = mask.float().sum().clamp(min=1.0)
+    return (per_token * weights).sum() / denom
