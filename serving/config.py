@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from learner.config import LearnerConfig
+
 ENV_PREFIX = "SDLOOP_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -97,6 +99,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
 
     @property
     def data_path(self) -> Path:

@@ -48,3 +48,13 @@ def test_bad_toml_names_file_and_key(tmp_path):
         load_config(path, env={})
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.toml", env={})
+
+
+def test_learner_section_reads_from_toml_and_env(tmp_path):
+    path = tmp_path / "l.toml"
+    path.write_text('[learner]\npreset = "sdpo"\ncontext = ["followup"]\nlr = 1e-4\n')
+    cfg = load_config(path, env={"SDLOOP_LEARNER__DIVERGENCE": "reverse_kl",
+                                 "SDLOOP_LEARNER__IS_CAP": "1.5"})
+    assert cfg.learner.preset == "sdpo" and cfg.learner.context == ["followup"]
+    assert cfg.learner.lr == 1e-4 and cfg.learner.divergence == "reverse_kl"
+    assert cfg.learner.is_cap == 1.5

@@ -1,0 +1,161 @@
+"""The learner's knobs: one config section, named presets, explicit overrides.
+
+A preset fills every distillation knob with a published method's defaults; any knob set in
+`[learner]` (or `SDLOOP_LEARNER__<KNOB>`) wins over the preset. `resolve()` turns the section
+into `Knobs`: fully specified, parsed and checked, so the trainer never sees a bare string or an
+unset value.
+
+Published defaults (see each paper; divergence named as *run*, not as described):
+- `sdft`      demonstration/correction context, on-policy responses, forward KL, full vocab,
+              EMA teacher (rate 0.01).
+- `sdpo`      feedback or a sibling success as context, JSD(0.5), top-k 100 with tail, EMA
+              teacher (0.05), truncated importance weights (cap 2).
+- `opsd`      reference-solution context, frozen teacher, forward KL, per-token clip 0.05.
+- `hindsight` the user's follow-up as context, sampled-token reverse KL, live teacher, logged
+              responses.
+- `sft`       the control arm: cross-entropy on the correction/demonstration text itself.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from learner.spec import Divergence, Support, TokenLossConfig
+
+CONTEXT_SOURCES = ("followup", "correction", "critique", "env_error", "demonstration",
+                   "sibling_success")
+RESPONSE_SOURCES = ("on_policy", "teacher", "logged", "mix")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "sdft": dict(context=["demonstration", "correction"], responses="on_policy",
+                 divergence="forward_kl", support="full_vocab", teacher="ema(0.01)",
+                 is_cap=0.0, token_clip=0.0, skip_first_tokens=0, ce_weight=0.0),
+    "sdpo": dict(context=["correction", "critique", "env_error", "sibling_success"],
+                 responses="on_policy", divergence="jsd(0.5)", support="topk(100)",
+                 teacher="ema(0.05)", is_cap=2.0, token_clip=0.0, skip_first_tokens=0,
+                 ce_weight=0.0),
+    "opsd": dict(context=["demonstration", "correction"], responses="on_policy",
+                 divergence="forward_kl", support="full_vocab", teacher="frozen",
+                 is_cap=0.0, token_clip=0.05, skip_first_tokens=0, ce_weight=0.0),
+    "hindsight": dict(context=["followup"], responses="logged", divergence="reverse_kl",
+                      support="sampled_token", teacher="live", is_cap=0.0, token_clip=0.0,
+                      skip_first_tokens=0, ce_weight=0.0),
+    "sft": dict(context=["correction", "demonstration"], responses="logged",
+                divergence="forward_kl", support="full_vocab", teacher="frozen", is_cap=0.0,
+                token_clip=0.0, skip_first_tokens=0, ce_weight=1.0),
+}
+
+
+@dataclass
+class LearnerConfig:
+    preset: str = "sdft"
+    # Distillation knobs. Empty / negative: the preset's value.
+    context: list[str] = field(default_factory=list)
+    responses: str = ""
+    divergence: str = ""
+    support: str = ""
+    teacher: str = ""
+    skip_first_tokens: int = -1
+    is_cap: float = -1.0  # 0: off
+    token_clip: float = -1.0  # 0: off
+    ce_weight: float = -1.0  # cross-entropy on the (teacher-regenerated) response text
+    # Rehearsal anchor: distil the model's own answers to past prompts nobody asked to change.
+    anchor_weight: float = 1.0
+    anchor_prompts: int = 24
+    # Teacher regeneration (responses = teacher | mix).
+    regen_samples: int = 4
+    regen_temperature: float = 0.7
+    max_new_tokens: int = 64
+    template: str = "sdft_example"
+    # Optimisation.
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lr: float = 5e-4
+    warmup_ratio: float = 0.1
+    passes: int = 6
+    batch_size: int = 1
+    grad_clip: float = 1.0
+    chunk_size: int = 128
+    seed: int = 0
+    # Daemon.
+    interval_s: float = 60.0
+    min_episodes: int = 1
+
+
+@dataclass(frozen=True)
+class TeacherMode:
+    name: str  # frozen | ema | live
+    rate: float = 0.0  # ema only
+
+    @classmethod
+    def parse(cls, text: str) -> TeacherMode:
+        text = text.strip()
+        if text in ("frozen", "live"):
+            return cls(text)
+        match = re.fullmatch(r"ema\(\s*([0-9.eE-]+)\s*\)", text)
+        if match and 0.0 < float(match.group(1)) <= 1.0:
+            return cls("ema", float(match.group(1)))
+        raise ValueError(f"unknown teacher '{text}': frozen, live or ema(rate) with 0 < rate <= 1")
+
+    def __str__(self) -> str:
+        return f"ema({self.rate:g})" if self.name == "ema" else self.name
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Every distillation knob, resolved: what a run used, recorded in its manifest."""
+
+    preset: str
+    context: tuple[str, ...]
+    responses: str
+    teacher: TeacherMode
+    loss: TokenLossConfig
+    ce_weight: float
+    anchor_weight: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset, "context": list(self.context), "responses": self.responses,
+            "teacher": str(self.teacher), "divergence": str(self.loss.divergence),
+            "support": str(self.loss.support), "skip_first_tokens": self.loss.skip_first_tokens,
+            "is_cap": self.loss.is_cap, "token_clip": self.loss.token_clip,
+            "ce_weight": self.ce_weight, "anchor_weight": self.anchor_weight,
+        }
+
+
+def resolve(cfg: LearnerConfig) -> Knobs:
+    """Preset values, overridden by every knob the config sets; errors name the key."""
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"learner.preset: unknown preset '{cfg.preset}'; one of {', '.join(PRESETS)}")
+    knobs = dict(PRESETS[cfg.preset])
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in knobs and value not in ("", [], -1, -1.0):
+            knobs[f.name] = value
+    bad = [c for c in knobs["context"] if c not in CONTEXT_SOURCES]
+    if bad:
+        raise ValueError(f"learner.context: unknown source(s) {bad}; one of {', '.join(CONTEXT_SOURCES)}")
+    if knobs["responses"] not in RESPONSE_SOURCES:
+        raise ValueError(f"learner.responses: '{knobs['responses']}' is not one of "
+                         f"{', '.join(RESPONSE_SOURCES)}")
+    try:
+        divergence = Divergence.parse(knobs["divergence"])
+        support = Support.parse(knobs["support"])
+        teacher = TeacherMode.parse(knobs["teacher"])
+    except ValueError as exc:
+        raise ValueError(f"learner: {exc}") from None
+    for name in ("is_cap", "token_clip", "ce_weight"):
+        if knobs[name] < 0:
+            raise ValueError(f"learner.{name}: must be >= 0, got {knobs[name]}")
+    if cfg.anchor_weight < 0:
+        raise ValueError(f"learner.anchor_weight: must be >= 0, got {cfg.anchor_weight}")
+    loss = TokenLossConfig(
+        divergence=divergence, support=support, skip_first_tokens=int(knobs["skip_first_tokens"]),
+        is_cap=knobs["is_cap"] or None, token_clip=knobs["token_clip"] or None,
+        chunk_size=cfg.chunk_size,
+    )
+    return Knobs(cfg.preset, tuple(knobs["context"]), knobs["responses"], teacher, loss,
+                 float(knobs["ce_weight"]), float(cfg.anchor_weight))
