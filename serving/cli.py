@@ -7,18 +7,16 @@ import csv
 import json
 import logging
 import sys
-import urllib.error
-import urllib.request
 from typing import Any
 
+import duckdb
+
+from serving.client import ClientError, admin_call, server_state, store_query
 from serving.config import Config, ConfigError, load_config
 from serving.model_cache import ModelError, ensure_embedded_model
-from serving.state import AlreadyServing, is_locked, running_server
+from serving.registry import list_versions
+from serving.state import AlreadyServing
 from store import QueryError
-
-
-class CLIError(RuntimeError):
-    pass
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "setup":
             print(ensure_embedded_model(cfg.model_cache_path))
             return 0
-    except (ConfigError, CLIError, AlreadyServing, QueryError, ModelError) as exc:
+    except (ConfigError, ClientError, AlreadyServing, QueryError, ModelError) as exc:
         print(f"sdloop: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -92,83 +90,38 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-# -- talking to a running server ---------------------------------------------------------------
-
-
-def _admin(state: dict[str, Any], method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    req = urllib.request.Request(
-        state["url"] + path,
-        method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"authorization": f"Bearer {state['admin_token']}",
-                 "content-type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = str(exc)
-        raise CLIError(message) from None
-    except urllib.error.URLError as exc:
-        raise CLIError(f"the server at {state['url']} does not answer: {exc.reason}") from None
-
-
-def _server_state(cfg: Config) -> dict[str, Any] | None:
-    state = running_server(cfg.data_path)
-    if state is None and is_locked(cfg.data_path):
-        raise CLIError("the server on this data dir is starting; retry in a few seconds")
-    return state
+# -- reading the store ------------------------------------------------------------------------
 
 
 def _sql(cfg: Config, query: str, fmt: str, max_rows: int | None) -> int:
     limit = max_rows if max_rows is not None else cfg.server.sql_max_rows
-    state = _server_state(cfg)
-    if state is not None:
-        data = _admin(state, "POST", "/admin/sql", {"sql": query, "max_rows": limit})
-        columns, rows, truncated = data["columns"], data["rows"], data["truncated"]
-    else:
-        from store import query_file
-
-        result = query_file(cfg.store_path, query, limit, cfg.server.sql_timeout_s)
-        columns, truncated = result.columns, result.truncated
-        rows = json.loads(json.dumps(result.rows, default=str))
-    _print_rows(columns, rows, fmt)
-    if truncated:
+    result = store_query(cfg, query, max_rows=limit)
+    _print_rows(result.columns, result.rows, fmt)
+    if result.truncated:
         print(f"(stopped after {limit} rows; use --max-rows)", file=sys.stderr)
     return 0
 
 
 def _adapters(cfg: Config) -> int:
-    state = _server_state(cfg)
+    state = server_state(cfg)
     if state is not None:
-        listing = _admin(state, "GET", "/admin/adapters")
+        listing = admin_call(state, "GET", "/admin/adapters")
     else:
-        from store import query_file
-
-        def rows(sql: str) -> list[dict[str, Any]]:
-            res = query_file(cfg.store_path, sql, 100_000, cfg.server.sql_timeout_s)
-            return [dict(zip(res.columns, map(_plain, r), strict=True)) for r in res.rows]
-
-        listing = {
-            "aliases": rows("SELECT alias, version, previous, updated_at FROM aliases ORDER BY 1"),
-            "versions": rows("SELECT version, alias, parent, status, path, created_at "
-                             "FROM adapter_versions ORDER BY created_at, version"),
-        }
+        if not cfg.store_path.exists():
+            raise ClientError(f"no feedback store at {cfg.store_path}")
+        con = duckdb.connect(str(cfg.store_path), read_only=True)
+        try:
+            listing = list_versions(con)
+        finally:
+            con.close()
     print("aliases:")
     _print_rows(["alias", "version", "previous"],
                 [[a["alias"], a["version"], a["previous"]] for a in listing["aliases"]], "table")
     print("\nversions:")
     _print_rows(["version", "status", "parent", "created_at"],
-                [[v["version"], v["status"], v["parent"], v["created_at"]]
+                [[v["version"], v["status"], v["parent"], str(v["created_at"])]
                  for v in listing["versions"]], "table")
     return 0
-
-
-def _plain(value: Any) -> Any:
-    return value if isinstance(value, str | int | float | type(None)) else str(value)
 
 
 def _print_rows(columns: list[str], rows: list[Any], fmt: str) -> None:

@@ -444,11 +444,15 @@ async def admin_sql(request: Request) -> Response:
     if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 0:
         raise APIError(422, "max_rows: a non-negative integer is required", param="max_rows")
     max_rows = min(max_rows, gw.cfg.server.sql_max_rows)
+    params = body.get("params", [])
+    if not isinstance(params, list):
+        raise APIError(422, "params: a JSON list of values for the statement's ? placeholders",
+                       param="params")
 
     def run() -> Any:
         cur = gw.store.cursor()
         try:
-            return run_read_only(cur, sql, max_rows, gw.cfg.server.sql_timeout_s)
+            return run_read_only(cur, sql, max_rows, gw.cfg.server.sql_timeout_s, params)
         finally:
             cur.close()
 

@@ -55,7 +55,7 @@ class AdapterRegistry:
         return base_name if version == BASE_VERSION else version
 
     async def listing(self) -> dict[str, list[dict[str, Any]]]:
-        return await asyncio.wrap_future(self._writer.call(_list))
+        return await asyncio.wrap_future(self._writer.call(list_versions))
 
 
 def _seed_and_read(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
@@ -72,7 +72,8 @@ def _seed_and_read(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
     return dict(con.execute("SELECT alias, version FROM aliases").fetchall())
 
 
-def _list(con: duckdb.DuckDBPyConnection) -> dict[str, list[dict[str, Any]]]:
+def list_versions(con: duckdb.DuckDBPyConnection) -> dict[str, list[dict[str, Any]]]:
+    """The alias table and every version, newest last."""
     def rows(sql: str) -> list[dict[str, Any]]:
         cur = con.execute(sql)
         cols = [d[0] for d in cur.description]

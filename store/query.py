@@ -62,14 +62,15 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
 
 
 def run_read_only(
-    con: duckdb.DuckDBPyConnection, sql: str, max_rows: int, timeout_s: float
+    con: duckdb.DuckDBPyConnection, sql: str, max_rows: int, timeout_s: float,
+    params: list[Any] | None = None,
 ) -> QueryResult:
     """Run one read-only statement on `con` (a cursor of its own), bounded in rows and time."""
     check_read_only(con, sql)
     timer = threading.Timer(timeout_s, con.interrupt)
     timer.start()
     try:
-        rel = con.execute(sql)
+        rel = con.execute(sql, params or None)
         columns = [d[0] for d in rel.description or []]
         types = [str(d[1]) for d in rel.description or []]
         rows = rel.fetchmany(max_rows + 1)
@@ -110,12 +111,14 @@ def _json_decoder(typ: Any) -> Callable[[Any], Any] | None:
     return None
 
 
-def query_file(path: Path, sql: str, max_rows: int, timeout_s: float) -> QueryResult:
+def query_file(
+    path: Path, sql: str, max_rows: int, timeout_s: float, params: list[Any] | None = None
+) -> QueryResult:
     """Query a store no server holds open."""
     if not Path(path).exists():
         raise QueryError(f"no feedback store at {path}")
     con = duckdb.connect(str(path), read_only=True)
     try:
-        return run_read_only(con, sql, max_rows, timeout_s)
+        return run_read_only(con, sql, max_rows, timeout_s, params)
     finally:
         con.close()
