@@ -21,7 +21,8 @@ Supports (which part of the vocabulary the sum runs over):
 
 Stabilisers: skip the first N response tokens, truncated importance weights
 min(S_trainer(y) / S_engine(y), cap) when the response came from the serving engine, and an
-optional per-token clip of the loss value.
+optional per-token point-wise clip (OPSD): each vocabulary entry's term of the divergence is
+capped before the sum (for `sampled_token`, the log-ratio is clamped to ±clip).
 """
 
 from __future__ import annotations
@@ -39,19 +40,28 @@ __all__ = [
     "with_tail",
 ]
 
-def divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor, div: Divergence) -> torch.Tensor:
-    """Per-position divergence between two log-distributions over the last dimension."""
+def divergence(
+    teacher_logp: torch.Tensor, student_logp: torch.Tensor, div: Divergence,
+    clip: float | None = None,
+) -> torch.Tensor:
+    """Per-position divergence between two log-distributions over the last dimension.
+
+    `clip` caps each vocabulary entry's point-wise term before the sum (OPSD's per-token
+    point-wise KL clipping: a few tokens with huge ratios must not dominate the signal).
+    """
+    def total(terms: torch.Tensor) -> torch.Tensor:
+        return (terms.clamp(max=clip) if clip is not None else terms).sum(-1)
+
     if div.name == "forward_kl":
-        return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+        return total(teacher_logp.exp() * (teacher_logp - student_logp))
     if div.name == "reverse_kl":
-        return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
+        return total(student_logp.exp() * (student_logp - teacher_logp))
     a = div.alpha
     mixture = torch.logsumexp(
         torch.stack([teacher_logp + math.log(a), student_logp + math.log(1.0 - a)]), dim=0
     )
-    kl_t = (teacher_logp.exp() * (teacher_logp - mixture)).sum(-1)
-    kl_s = (student_logp.exp() * (student_logp - mixture)).sum(-1)
-    return a * kl_t + (1.0 - a) * kl_s
+    return total(a * teacher_logp.exp() * (teacher_logp - mixture)
+                 + (1.0 - a) * student_logp.exp() * (student_logp - mixture))
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -77,14 +87,17 @@ def token_losses_from_logits(
     with torch.no_grad():
         t_logp = torch.log_softmax(teacher_logits.float(), dim=-1)
     if cfg.support.name == "full_vocab":
-        return divergence(t_logp, s_logp, cfg.divergence)
+        return divergence(t_logp, s_logp, cfg.divergence, cfg.token_clip)
     if cfg.support.name == "topk":
         idx = t_logp.topk(min(cfg.support.k, t_logp.shape[-1]), dim=-1).indices
         return divergence(with_tail(t_logp.gather(-1, idx)), with_tail(s_logp.gather(-1, idx)),
-                          cfg.divergence)
+                          cfg.divergence, cfg.token_clip)
     s_y = s_logp.gather(-1, targets[:, None])[:, 0]
     t_y = t_logp.gather(-1, targets[:, None])[:, 0]
-    return (s_y - t_y).detach() * s_y
+    log_ratio = (s_y - t_y).detach()
+    if cfg.token_clip is not None:
+        log_ratio = log_ratio.clamp(-cfg.token_clip, cfg.token_clip)
+    return log_ratio * s_y
 
 
 def token_losses_from_teacher_topk(
@@ -96,7 +109,7 @@ def token_losses_from_teacher_topk(
     """Per-position loss when the teacher is known only by its top-k (e.g. engine logprobs)."""
     s_logp = torch.log_softmax(student_logits.float(), dim=-1)
     return divergence(with_tail(teacher_logp.float()), with_tail(s_logp.gather(-1, teacher_ids)),
-                      cfg.divergence)
+                      cfg.divergence, cfg.token_clip)
 
 
 def chunked_token_losses(
@@ -136,7 +149,7 @@ def reduce_token_losses(
     engine_logp_y: torch.Tensor | None = None,
     position_in_response: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean over the positions that count, after skipping, clipping and importance weights.
+    """Mean over the positions that count, after skipping and importance weights.
 
     `mask` marks response positions (1) vs padding (0); `position_in_response` is each
     position's index within its response (for skipping the first N); the log-probabilities of
@@ -149,7 +162,5 @@ def reduce_token_losses(
     if cfg.is_cap is not None and student_logp_y is not None and engine_logp_y is not None:
         ratio = torch.exp(student_logp_y.detach() - engine_logp_y).clamp(max=cfg.is_cap)
         weights = weights * ratio
-    if cfg.token_clip is not None:
-        per_token = per_token.clamp(max=cfg.token_clip)
     denom = mask.float().sum().clamp(min=1.0)
     return (per_token * weights).sum() / denom

@@ -123,3 +123,23 @@ def test_admin_api_needs_its_token(server: Server):
         headers={"authorization": "Bearer " + server.state()["admin_token"]},
     )
     assert status == 200 and b'"one"' in body
+
+
+def test_learner_reads_episodes_through_the_running_server(server: Server, openai_client):
+    from learner.episodes import collect
+    from serving.client import store_query
+    from serving.config import load_config
+
+    question = [{"role": "user", "content": "Which language is spoken in Tarnholm?"}]
+    reply = _ask(openai_client, question)
+    status, _, _ = server.request("POST", "/v1/feedback", {
+        "completion_id": reply.id, "type": "correction", "text": "People in Tarnholm speak Oskari."})
+    assert status == 201
+
+    cfg = load_config(env={}, overrides={"data_dir": str(server.data_dir)})
+    episodes = collect(lambda sql, params: store_query(cfg, sql, params), "1970-01-01",
+                       ["correction"])
+    ep = next(e for e in episodes if e.completion_id == reply.id)
+    assert ep.messages == question and ep.response_text == reply.choices[0].message.content
+    assert ep.token_ids and len(ep.token_ids) == reply.usage.completion_tokens
+    assert [s.text for s in ep.signals] == ["People in Tarnholm speak Oskari."]

@@ -142,7 +142,7 @@ def test_chunked_equals_unchunked_in_value_and_gradient(support):
     assert torch.allclose(ga_h, gb_h, atol=1e-6) and torch.allclose(ga_w, gb_w, atol=1e-6)
 
 
-def test_reduce_skips_first_tokens_clips_and_caps_importance_weights():
+def test_reduce_skips_first_tokens_and_caps_importance_weights():
     per_token = torch.tensor([1.0, 2.0, 3.0, 10.0])
     mask = torch.tensor([1, 1, 1, 0])
     pos = torch.tensor([0, 1, 2, 3])
@@ -151,13 +151,21 @@ def test_reduce_skips_first_tokens_clips_and_caps_importance_weights():
     skipped = reduce_token_losses(per_token, mask, TokenLossConfig(skip_first_tokens=1),
                                   position_in_response=pos)
     assert skipped.item() == pytest.approx(5.0 / 3)
-    clipped = reduce_token_losses(per_token, mask, TokenLossConfig(token_clip=1.5))
-    assert clipped.item() == pytest.approx((1 + 1.5 + 1.5) / 3)
     weighted = reduce_token_losses(
         per_token, mask, TokenLossConfig(is_cap=2.0),
         student_logp_y=torch.log(torch.tensor([0.5, 0.9, 0.1, 0.5])),
         engine_logp_y=torch.log(torch.tensor([0.5, 0.3, 0.2, 0.5])))
     assert weighted.item() == pytest.approx((1 * 1 + 2 * 2 + 3 * 0.5) / 3)  # 3x capped at 2
+
+
+def test_point_wise_clip_caps_each_vocabulary_term():
+    s, t = torch.randn(N, V), torch.randn(N, V) * 3
+    clip = 0.05
+    got = token_losses_from_logits(s, t, torch.zeros(N, dtype=torch.long),
+                                   TokenLossConfig(token_clip=clip))
+    want = [sum(min(tp[v] * (math.log(tp[v]) - math.log(sp[v])), clip) for v in range(V))
+            for tp, sp in zip(probs(t), probs(s), strict=True)]
+    assert got.tolist() == pytest.approx(want, rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.parametrize(("text", "want"), [

@@ -1,0 +1,97 @@
+"""Learning episodes from the feedback store's `episodes` view.
+
+An episode is one stored completion (prompt messages x, response y with its exact token ids)
+and the signals c that say how it should have gone: explicit corrections, critiques,
+environment errors, demonstrations, the user's follow-up, or a sibling success — a
+well-rated answer to the same prompt. A rating alone carries no context: it only selects
+episodes (and finds sibling successes).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from feedback.linking import context_hash
+from store import QueryResult
+
+EPISODES_SQL = """
+SELECT completion_id, created_at, version, messages, response_text, token_ids, feedback, followups
+FROM episodes
+WHERE has_signal AND status = 'ok' AND created_at > ?::TIMESTAMP
+ORDER BY created_at, completion_id
+"""
+
+_TEXT_FEEDBACK = ("correction", "critique", "env_error", "demonstration")
+_NEGATIVE = ("correction", "critique", "env_error")
+
+
+@dataclass(frozen=True)
+class Signal:
+    source: str
+    text: str
+
+
+@dataclass
+class Episode:
+    completion_id: str
+    created_at: str
+    version: str
+    messages: list[dict[str, Any]]
+    response_text: str
+    token_ids: list[int] | None
+    signals: list[Signal] = field(default_factory=list)
+    rating: float | None = None
+
+
+def build_episodes(result: QueryResult, sources: Iterable[str]) -> list[Episode]:
+    """Rows of EPISODES_SQL → episodes holding only signals from `sources`; none: dropped."""
+    wanted = set(sources)
+    rows = [dict(zip(result.columns, r, strict=True)) for r in result.rows]
+    episodes, by_prompt = [], defaultdict(list)
+    for row in rows:
+        feedback = _as_list(row["feedback"])
+        scores = [f["score"] for f in feedback if f.get("type") == "rating" and f.get("score") is not None]
+        ep = Episode(
+            completion_id=row["completion_id"], created_at=str(row["created_at"]),
+            version=row["version"], messages=_as_json(row["messages"]),
+            response_text=row["response_text"] or "", token_ids=row["token_ids"],
+            rating=sum(scores) / len(scores) if scores else None,
+        )
+        ep.signals = [Signal(f["type"], f["text"]) for f in feedback
+                      if f.get("type") in _TEXT_FEEDBACK and (f.get("text") or "").strip()]
+        ep.signals += [Signal("followup", f["text"]) for f in _as_list(row["followups"])
+                       if (f.get("text") or "").strip()]
+        episodes.append(ep)
+        by_prompt[context_hash(ep.messages)].append(ep)
+
+    for group in by_prompt.values():
+        good = [e for e in group if (e.rating or 0) > 0
+                and not any(s.source in _NEGATIVE for s in e.signals)]
+        for ep in group:
+            needs_help = (ep.rating is not None and ep.rating < 0) or any(
+                s.source in _NEGATIVE for s in ep.signals)
+            if needs_help:
+                ep.signals += [Signal("sibling_success", g.response_text) for g in good
+                               if g is not ep and g.response_text.strip()]
+
+    for ep in episodes:
+        ep.signals = [s for s in ep.signals if s.source in wanted]
+    return [ep for ep in episodes if ep.signals]
+
+
+def collect(query: Callable[[str, list[Any]], QueryResult], since: str,
+            sources: Iterable[str]) -> list[Episode]:
+    """Episodes with a signal stored after `since` (ISO timestamp, UTC)."""
+    return build_episodes(query(EPISODES_SQL, [since]), sources)
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _as_list(value: Any) -> list[dict[str, Any]]:
+    return list(_as_json(value) or [])

@@ -1,0 +1,228 @@
+"""The LoRA self-distillation trainer (transformers + peft).
+
+Teacher and student are one network. For each item the teacher scores the response token ids
+with the feedback in its prompt, the student scores the same ids without it, and the loss
+(learner.losses) pulls the student's next-token distributions toward the teacher's at every
+response position. The teacher's weights are the base model (`frozen`: adapter disabled), the
+adapter as it trains (`live`), or an exponential moving average of it (`ema(rate)`). Optional
+extras, each with its own named weight: cross-entropy on the response text (`ce_weight`) and the
+rehearsal anchor — forward KL from the frozen base to the student on past prompts nobody asked
+to change, which is what kept retention at base level on the embedded model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from learner.config import Knobs, LearnerConfig
+from learner.losses import (
+    TokenLossConfig,
+    chunked_token_losses,
+    reduce_token_losses,
+)
+from learner.spec import Divergence, Support
+
+log = logging.getLogger(__name__)
+
+_ANCHOR_LOSS = TokenLossConfig(divergence=Divergence("forward_kl"), support=Support("full_vocab"))
+
+
+@dataclass
+class TrainItem:
+    """One teacher-forced distillation example; prompts are chat messages, `response` token ids."""
+
+    student_messages: list[dict[str, Any]]
+    teacher_messages: list[dict[str, Any]]
+    response: list[int]
+    source: str = ""
+    episode_id: str = ""
+
+
+@dataclass
+class AnchorItem:
+    """A past prompt and the frozen base model's own answer to it."""
+
+    messages: list[dict[str, Any]]
+    response: list[int]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float]
+    anchor_losses: list[float]
+
+
+def load_student(model_dir: str | Path, cfg: LearnerConfig, parent_adapter: str | Path | None = None):
+    """Base model in float32 with a trainable LoRA (a fresh one, or the parent version's)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if parent_adapter is not None:
+        model = PeftModel.from_pretrained(base, str(parent_adapter), is_trainable=True)
+    else:
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        model = get_peft_model(base, lora)
+    return model, tokenizer
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+class SelfDistillationTrainer:
+    def __init__(self, model: Any, tokenizer: Any, cfg: LearnerConfig, knobs: Knobs) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.knobs = knobs
+        self.device = next(model.parameters()).device
+        self._trainable = [p for p in model.parameters() if p.requires_grad]
+        self._ema = ([p.detach().clone() for p in self._trainable]
+                     if knobs.teacher.name == "ema" else None)
+
+    # -- teacher weights -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _teacher_weights(self) -> Iterator[None]:
+        mode = self.knobs.teacher.name
+        if mode == "frozen":
+            with self.model.disable_adapter():
+                yield
+        elif mode == "live":
+            yield
+        else:  # ema: swap the averaged adapter in for the teacher's forward pass
+            assert self._ema is not None
+            saved = [p.detach().clone() for p in self._trainable]
+            with torch.no_grad():
+                for p, e in zip(self._trainable, self._ema, strict=True):
+                    p.copy_(e)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for p, s in zip(self._trainable, saved, strict=True):
+                        p.copy_(s)
+
+    def _update_ema(self) -> None:
+        if self._ema is None:
+            return
+        rate = self.knobs.teacher.rate
+        with torch.no_grad():
+            for p, e in zip(self._trainable, self._ema, strict=True):
+                e.mul_(1.0 - rate).add_(p.detach(), alpha=rate)
+
+    # -- scoring ---------------------------------------------------------------------------
+
+    def _hidden(self, messages: list[dict[str, Any]], response: list[int]) -> torch.Tensor:
+        """Final hidden states at the positions that predict each response token."""
+        prompt = prompt_ids(self.tokenizer, messages)
+        ids = torch.tensor([prompt + response], device=self.device)
+        out = self.model.get_base_model().model(input_ids=ids)
+        start = len(prompt) - 1
+        return out.last_hidden_state[0, start:start + len(response)]
+
+    def item_loss(self, item: TrainItem) -> torch.Tensor:
+        """The distillation loss of one item (+ cross-entropy on the response if weighted)."""
+        lm_head = self.model.get_base_model().lm_head
+        targets = torch.tensor(item.response, device=self.device)
+        with torch.no_grad(), self._teacher_weights():
+            t_hidden = self._hidden(item.teacher_messages, item.response)
+        s_hidden = self._hidden(item.student_messages, item.response)
+        per_token = chunked_token_losses(s_hidden, t_hidden, lm_head, targets, self.knobs.loss)
+        positions = torch.arange(len(item.response), device=self.device)
+        mask = torch.ones_like(positions)
+        loss = reduce_token_losses(per_token, mask, self.knobs.loss, position_in_response=positions)
+        if self.knobs.ce_weight:
+            loss = loss + self.knobs.ce_weight * _chunked_cross_entropy(
+                s_hidden, lm_head, targets, self.knobs.loss.chunk_size)
+        return loss
+
+    def anchor_loss(self, item: AnchorItem) -> torch.Tensor:
+        lm_head = self.model.get_base_model().lm_head
+        with torch.no_grad(), self.model.disable_adapter():
+            base_hidden = self._hidden(item.messages, item.response)
+        s_hidden = self._hidden(item.messages, item.response)
+        targets = torch.tensor(item.response, device=self.device)
+        per_token = chunked_token_losses(s_hidden, base_hidden, lm_head, targets, _ANCHOR_LOSS)
+        return per_token.mean()
+
+    # -- training --------------------------------------------------------------------------
+
+    def train(self, items: Sequence[TrainItem], anchors: Sequence[AnchorItem] = (),
+              max_steps: int | None = None, progress: bool = True) -> TrainResult:
+        cfg = self.cfg
+        rng = random.Random(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        order = [i for _ in range(cfg.passes) for i in rng.sample(range(len(items)), len(items))]
+        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        if max_steps is not None:
+            batches = batches[:max_steps]
+        total = max(len(batches), 1)
+        warmup = max(int(total * cfg.warmup_ratio), 0)
+        optimizer = torch.optim.AdamW(self._trainable, lr=cfg.lr, weight_decay=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: _linear_warmup_decay(step, warmup, total))
+        self.model.train()
+        losses, anchor_losses = [], []
+        bar = tqdm(batches, desc="distilling", unit="step", disable=not progress)
+        for step, batch in enumerate(bar):
+            optimizer.zero_grad(set_to_none=True)
+            loss = sum(self.item_loss(items[i]) for i in batch) / len(batch)
+            if anchors and self.knobs.anchor_weight:
+                a_loss = self.anchor_loss(anchors[step % len(anchors)])
+                anchor_losses.append(float(a_loss.detach()))
+                loss = loss + self.knobs.anchor_weight * a_loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self._trainable, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            self._update_ema()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        self.model.eval()
+        return TrainResult(len(batches), losses, anchor_losses)
+
+    @torch.no_grad()
+    def divergence(self, items: Sequence[TrainItem]) -> float:
+        """Mean teacher–student loss over items, no update: what the gate compares."""
+        self.model.eval()
+        values = [float(self.item_loss(it)) for it in items]
+        return sum(values) / len(values) if values else float("nan")
+
+
+def _chunked_cross_entropy(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor,
+                           chunk: int) -> torch.Tensor:
+    """Mean token cross-entropy, logits made per chunk and remade in backward (checkpointed)."""
+    total = hidden.new_zeros(())
+    for start in range(0, hidden.shape[0], chunk):
+        total = total + checkpoint(_ce_sum, hidden[start:start + chunk], lm_head,
+                                   targets[start:start + chunk], use_reentrant=False)
+    return total / max(hidden.shape[0], 1)
+
+
+def _ce_sum(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
+
+
+def _linear_warmup_decay(step: int, warmup: int, total: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(total - warmup, 1))
+

@@ -1,0 +1,73 @@
+"""The trainer on the real embedded model (transformers + peft, CPU): a few steps move the
+student toward the feedback-conditioned teacher, and the adapter saves and loads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from learner.config import LearnerConfig, resolve
+from learner.contexts import load_template
+from learner.trainer import AnchorItem, SelfDistillationTrainer, TrainItem, load_student
+
+MODEL_CACHE = Path(os.environ.get(
+    "SDLOOP_MODEL__CACHE_DIR", Path(__file__).resolve().parents[2] / ".cache" / "models"))
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    from serving.model_cache import ensure_embedded_model
+
+    return ensure_embedded_model(MODEL_CACHE, progress=False)
+
+
+QUESTION = [{"role": "user", "content": "What is the capital of Quessany?"}]
+CORRECTION = "The capital of Quessany is Dalvorne."
+
+
+def _item(tokenizer, preset_template="sdft_example") -> TrainItem:
+    teacher = load_template(preset_template).teacher_messages(QUESTION, "correction", CORRECTION)
+    response = tokenizer(CORRECTION, add_special_tokens=False)["input_ids"]
+    return TrainItem(QUESTION, teacher, response, "correction", "c1")
+
+
+@pytest.mark.parametrize("preset", ["opsd", "sdft", "sdpo", "hindsight"])
+def test_a_few_steps_lower_the_teacher_student_divergence(model_dir, preset):
+    cfg = LearnerConfig(preset=preset, lr=1e-3, passes=6, warmup_ratio=0.0,
+                        context=["correction"], teacher="frozen")
+    knobs = resolve(cfg)
+    model, tokenizer = load_student(model_dir, cfg)
+    trainer = SelfDistillationTrainer(model, tokenizer, cfg, knobs)
+    item = _item(tokenizer)
+    # Judged by the preset's own divergence (and clip) over the full vocabulary.
+    eval_knobs = resolve(LearnerConfig(preset=preset, support="full_vocab", teacher="frozen"))
+    judge = SelfDistillationTrainer(model, tokenizer, cfg, eval_knobs)
+    before = judge.divergence([item])
+    result = trainer.train([item], progress=False)
+    after = judge.divergence([item])
+    assert result.steps == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert after < before, (preset, before, after)
+
+
+def test_ema_teacher_and_anchor_and_cross_entropy_run_together(model_dir, tmp_path):
+    cfg = LearnerConfig(preset="sdft", passes=2, ce_weight=0.5, anchor_weight=1.0)
+    knobs = resolve(cfg)
+    model, tokenizer = load_student(model_dir, cfg)
+    trainer = SelfDistillationTrainer(model, tokenizer, cfg, knobs)
+    anchor = AnchorItem([{"role": "user", "content": "What is the capital of France?"}],
+                        tokenizer("The capital of France is Paris.", add_special_tokens=False)["input_ids"])
+    result = trainer.train([_item(tokenizer)], anchors=[anchor], progress=False)
+    assert result.steps == 2 and len(result.anchor_losses) == 2
+    ema_moved = any(not torch.equal(e, p.detach()) for e, p in zip(
+        trainer._ema, trainer._trainable, strict=True))  # noqa: SLF001
+    assert ema_moved
+
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    again, _ = load_student(model_dir, cfg, parent_adapter=tmp_path / "adapter")
+    a = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    b = {k: v for k, v in again.state_dict().items() if "lora_" in k}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

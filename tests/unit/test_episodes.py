@@ -1,0 +1,59 @@
+"""Episodes built from a real store file through the same query the learner runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from feedback.events import FollowupEvent, utcnow
+from feedback.linking import reply_hash
+from learner.config import CONTEXT_SOURCES
+from learner.episodes import Signal, collect
+from store import StoreWriter, run_read_only
+from tests.unit.test_store import completion, feedback
+
+Q = [{"role": "user", "content": "What is the capital of Quessany?"}]
+
+
+@pytest.fixture()
+def store(tmp_path):
+    w = StoreWriter(tmp_path / "e.duckdb").open()
+    yield w
+    w.close()
+
+
+def query_of(store):
+    return lambda sql, params: run_read_only(store.cursor(), sql, 1000, 10, params)
+
+
+def test_signals_come_from_feedback_followups_and_siblings(store):
+    store.submit(completion("wrong", Q, text="Paris."))
+    store.submit(completion("right", Q, text="Dalvorne."))
+    store.submit(completion("plain", [{"role": "user", "content": "hi"}], text="Hello."))
+    store.submit(feedback("wrong", kind="correction", text="The capital of Quessany is Dalvorne."))
+    store.submit(feedback("wrong", kind="rating", score=-1.0))
+    store.submit(feedback("right", kind="rating", score=1.0))
+    store.submit(feedback("plain", kind="rating", score=1.0))  # a rating alone: no context
+    store.submit(FollowupEvent(event_id="f", created_at=utcnow(), text="No, it is Dalvorne!",
+                               next_completion_id="n", context_hash="-", reply_hash=reply_hash("Paris.")))
+    store.call(lambda con: None).result(5)
+
+    episodes = collect(query_of(store), "1970-01-01", CONTEXT_SOURCES)
+    assert [e.completion_id for e in episodes] == ["wrong"]
+    ep = episodes[0]
+    assert ep.rating == -1.0 and ep.response_text == "Paris." and ep.token_ids == [1, 2, 3]
+    assert ep.messages == Q and ep.version == "base"
+    assert ep.signals == [
+        Signal("correction", "The capital of Quessany is Dalvorne."),
+        Signal("followup", "No, it is Dalvorne!"),
+        Signal("sibling_success", "Dalvorne."),
+    ]
+
+
+def test_only_configured_sources_and_only_new_episodes(store):
+    store.submit(completion("a", Q, text="Paris."))
+    store.submit(feedback("a", kind="critique", text="Wrong country."))
+    store.call(lambda con: None).result(5)
+    assert collect(query_of(store), "1970-01-01", ["followup"]) == []
+    assert [s.source for s in collect(query_of(store), "1970-01-01", ["critique"])[0].signals] == [
+        "critique"]
+    assert collect(query_of(store), "2999-01-01", CONTEXT_SOURCES) == []
