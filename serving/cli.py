@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -48,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     adapters_sub = adapters.add_subparsers(dest="action", required=True)
     listing = adapters_sub.add_parser("list", help="aliases and versions")
     _common(listing)
+    publish = adapters_sub.add_parser("publish", help="load, probe and promote a version folder")
+    _common(publish)
+    publish.add_argument("path", help="the version folder (with manifest.json)")
+    publish.add_argument("--no-promote", action="store_true", help="load and probe only")
+    promote = adapters_sub.add_parser("promote", help="point a version's alias at it")
+    _common(promote)
+    promote.add_argument("version")
+    rollback = adapters_sub.add_parser("rollback", help="flip an alias back to its previous version")
+    _common(rollback)
+    rollback.add_argument("--alias", default="default")
 
     setup = sub.add_parser("setup", help="convert the embedded model once (make does this)")
     _common(setup)
@@ -78,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sql":
             return _sql(cfg, args.query, args.format, args.max_rows)
         if args.command == "adapters":
-            return _adapters(cfg)
+            return _adapters(cfg, args)
         if args.command == "setup":
             print(ensure_embedded_model(cfg.model_cache_path))
             return 0
@@ -102,7 +113,18 @@ def _sql(cfg: Config, query: str, fmt: str, max_rows: int | None) -> int:
     return 0
 
 
-def _adapters(cfg: Config) -> int:
+def _adapters(cfg: Config, args: argparse.Namespace) -> int:
+    if args.action != "list":
+        state = server_state(cfg)
+        if state is None:
+            raise ClientError(f"`adapters {args.action}` needs the running server of "
+                              f"{cfg.data_path} (start `sdloop serve`)")
+        body = {"publish": lambda: {"path": str(Path(args.path).resolve()),
+                                    "promote": not args.no_promote},
+                "promote": lambda: {"version": args.version},
+                "rollback": lambda: {"alias": args.alias}}[args.action]()
+        print(json.dumps(admin_call(state, "POST", f"/admin/adapters/{args.action}", body)))
+        return 0
     state = server_state(cfg)
     if state is not None:
         listing = admin_call(state, "GET", "/admin/adapters")

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import ctypes
 import importlib.metadata
+import json
 import logging
 import os
 import signal
@@ -39,6 +40,22 @@ _PR_SET_PDEATHSIG = 1
 
 class EngineUnavailable(RuntimeError):
     """The engine is starting, restarting or unreachable."""
+
+
+class EngineRequestError(RuntimeError):
+    """The engine answered a management request with an error."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"engine answered {status}: {message}")
+        self.status = status
+
+
+def _error_message(text: str) -> str:
+    try:
+        data = json.loads(text)
+        return str(data.get("error", {}).get("message") or data.get("message") or text)[:500]
+    except (json.JSONDecodeError, AttributeError):
+        return text[:500]
 
 
 def free_port() -> int:
@@ -263,6 +280,39 @@ class EngineManager:
         names = [m["id"] for m in data.get("data", []) if not m.get("parent")]
         if self.cfg.served_model_name not in names and names:
             self.served_model_name = names[0]
+
+    # -- adapters ----------------------------------------------------------------------------
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA folder under a new name (vLLM's runtime LoRA API)."""
+        await self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._post("/v1/unload_lora_adapter", {"lora_name": name})
+
+    async def score(self, model: str, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        """Log-probability of each response token after the prompt, under `model`."""
+        data = await self._post("/v1/completions", {
+            "model": model, "prompt": prompt_ids + response_ids, "max_tokens": 1,
+            "prompt_logprobs": 0, "temperature": 0.0,
+        })
+        entries = data["choices"][0]["prompt_logprobs"]
+        return [entries[len(prompt_ids) + i][str(t)]["logprob"] for i, t in enumerate(response_ids)]
+
+    async def _post(self, path: str, body: dict[str, object]) -> object:
+        assert self._session is not None
+        try:
+            async with self._session.post(f"{self.base_url}{path}", json=body,
+                                          timeout=aiohttp.ClientTimeout(total=120)) as resp:
+                text = await resp.text()
+                if resp.status != 200:
+                    raise EngineRequestError(resp.status, _error_message(text))
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError:
+                    return text
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise EngineUnavailable(f"the inference engine did not answer {path}: {exc}") from None
 
     def mark_unreachable(self, reason: str) -> None:
         """A request could not reach the engine: stop routing to it until the monitor sees it

@@ -49,7 +49,13 @@ from serving.config import Config
 from serving.engine import EngineManager
 from serving.errors import APIError, error_body, error_response
 from serving.protocol import ChatRequest
-from serving.registry import AdapterRegistry, UnknownAlias
+from serving.registry import (
+    DEFAULT_ALIAS,
+    AdapterRegistry,
+    InFlight,
+    RegistryError,
+    UnknownAlias,
+)
 from store import QueryError, StoreClosed, StoreWriter, UnknownCompletion, run_read_only
 
 log = logging.getLogger(__name__)
@@ -191,7 +197,6 @@ async def chat_completions(request: Request) -> Response:
 
     request_hex = uuid.uuid4().hex
     completion_id = f"chatcmpl-{request_hex}"
-    messages: list[dict[str, Any]] = body["messages"]
     started = time.perf_counter()
 
     upstream = dict(body)
@@ -199,11 +204,27 @@ async def chat_completions(request: Request) -> Response:
     upstream["return_token_ids"] = True
     event = CompletionEvent(
         event_id=new_id("cmpl"), completion_id=completion_id, created_at=utcnow(),
-        alias=chat.model, version=version, messages=messages,
+        alias=chat.model, version=version, messages=body["messages"],
         params={k: v for k, v in body.items() if k not in _NOT_PARAMS}, stream=chat.stream,
     )
     headers = {VERSION_HEADER: version}
 
+    ticket = gw.registry.acquire(version)  # released once the answer is complete
+    try:
+        response = await _forward(gw, upstream, event, request_hex, headers, started, ticket)
+    except BaseException:
+        ticket.release()
+        raise
+    if not isinstance(response, StreamingResponse):  # a stream releases it when it ends
+        ticket.release()
+    return response
+
+
+async def _forward(
+    gw: Gateway, upstream: dict[str, Any], event: CompletionEvent, request_hex: str,
+    headers: dict[str, str], started: float, ticket: InFlight,
+) -> Response:
+    """Send the request to the engine and relay the answer back."""
     assert gw.http is not None
     try:
         resp = await gw.http.post(
@@ -225,15 +246,15 @@ async def chat_completions(request: Request) -> Response:
         return _relay_error(resp.status, raw, headers)
 
     # The engine accepted the request: its last user message is now part of the record.
-    followup = find_followup(messages)
+    followup = find_followup(event.messages)
     if followup is not None:
         metrics.FOLLOWUPS_SEEN.inc()
         gw.capture_nowait(FollowupEvent(
             event_id=new_id("fu"), created_at=utcnow(), context_hash=followup[0],
-            reply_hash=followup[1], text=followup[2], next_completion_id=completion_id,
+            reply_hash=followup[1], text=followup[2], next_completion_id=event.completion_id,
         ))
 
-    if not chat.stream:
+    if not event.stream:
         try:
             raw = await resp.read()
         except (aiohttp.ClientError, OSError) as exc:
@@ -249,7 +270,7 @@ async def chat_completions(request: Request) -> Response:
         return Response(raw, media_type="application/json", headers=headers)
 
     return StreamingResponse(
-        _relay_stream(gw, resp, event, started),
+        _relay_stream(gw, resp, event, started, ticket),
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache"},
     )
@@ -297,7 +318,8 @@ def _count_tokens(event: CompletionEvent) -> None:
 
 
 async def _relay_stream(
-    gw: Gateway, resp: aiohttp.ClientResponse, event: CompletionEvent, started: float
+    gw: Gateway, resp: aiohttp.ClientResponse, event: CompletionEvent, started: float,
+    ticket: InFlight,
 ) -> AsyncIterator[bytes]:
     """Forward SSE events as they come, reading what the store needs out of each.
 
@@ -328,6 +350,7 @@ async def _relay_stream(
         yield b"data: " + error_body(502, "The inference engine dropped the stream.") + b"\n\n"
     finally:
         resp.release()
+        ticket.release()
         event.response_text = "".join(parts)
         event.response_message = {"role": "assistant", "content": event.response_text}
         event.token_ids = token_ids or None
@@ -471,6 +494,34 @@ async def admin_adapters(request: Request) -> Response:
     return Response(json.dumps(listing, default=str), media_type="application/json")
 
 
+async def admin_adapter_action(request: Request) -> Response:
+    """POST /admin/adapters/{publish|promote|rollback}."""
+    gw = _check_admin(request)
+    body = _require_object(await read_json(request, gw.cfg.server.max_body_bytes))
+    action = request.path_params["action"]
+    try:
+        if action == "publish":
+            path = body.get("path")
+            if not isinstance(path, str) or not path:
+                raise APIError(422, "path: the version folder to publish", param="path")
+            result = await gw.registry.publish(path, promote=bool(body.get("promote", True)))
+        elif action == "promote":
+            version = body.get("version")
+            if not isinstance(version, str) or not version:
+                raise APIError(422, "version: the version to promote", param="version")
+            result = await gw.registry.promote(version)
+        elif action == "rollback":
+            alias = body.get("alias", DEFAULT_ALIAS)
+            if not isinstance(alias, str):
+                raise APIError(422, "alias: a string", param="alias")
+            result = await gw.registry.rollback(alias)
+        else:
+            raise APIError(404, f"No adapter action '{action}': publish, promote or rollback.")
+    except RegistryError as exc:
+        raise APIError(exc.status, str(exc), code="adapter_" + action) from None
+    return JSONResponse(result)
+
+
 # -- the app ----------------------------------------------------------------------------------
 
 ROUTES = [
@@ -482,6 +533,7 @@ ROUTES = [
     Route("/metrics", prometheus, methods=["GET"]),
     Route("/admin/sql", admin_sql, methods=["POST"]),
     Route("/admin/adapters", admin_adapters, methods=["GET"]),
+    Route("/admin/adapters/{action}", admin_adapter_action, methods=["POST"]),
 ]
 _ROUTE_PATHS = {r.path for r in ROUTES}
 

@@ -29,3 +29,13 @@ ENGINE_RESTARTS = Counter("sdloop_engine_restarts", "Times the engine process wa
 ALIAS_VERSION = Gauge(
     "sdloop_alias_version", "1 for the version each alias points to now.", ["alias", "version"]
 )
+SWAP_SECONDS = Histogram(
+    "sdloop_adapter_swap_seconds",
+    "Publish to alias flip: hash check, load, probe, flip, drain, unload.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+SWAP_FAILURES = Counter("sdloop_adapter_swap_failures", "Versions rejected at publish.")
+PROBE_MISMATCHES = Counter(
+    "sdloop_adapter_probe_mismatches",
+    "Versions whose engine log-probabilities did not match the trainer's probe.",
+)

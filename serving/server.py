@@ -60,8 +60,9 @@ def _clean_up_after_crash(data_dir: Any) -> None:
 
 
 def _serve(cfg: Config, store: StoreWriter, model: str | None) -> int:
-    registry = AdapterRegistry(store)
     engine = EngineManager(cfg.engine, model, cfg.data_path / "logs" / "engine.log")
+    registry = AdapterRegistry(store, engine)
+    engine.on_ready = registry.restore  # a (re)started engine gets the promoted versions back
     admin_token = cfg.server.admin_token or secrets.token_urlsafe(24)
     gateway = Gateway(cfg, engine, registry, store, store, admin_token)
     url = f"http://{cfg.server.host}:{cfg.server.port}"

@@ -31,9 +31,13 @@ def test_engine_killed_gives_503_then_restarts(server: Server):
     assert server.request("GET", "/healthz")[0] == 200  # the gateway itself is alive
 
     wait_ready(server)
-    status, _, _ = server.request("POST", "/v1/chat/completions", {
+    status, headers, _ = server.request("POST", "/v1/chat/completions", {
         "model": "default", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert status == 200
+    # Whatever version the alias points to (an adapter, after the hot-swap tests) was loaded
+    # into the new engine again.
+    current = server.admin_sql("SELECT version FROM aliases WHERE alias = 'default'")[0]["version"]
+    assert headers["x-sdloop-adapter-version"] == current
     metrics = server.request("GET", "/metrics")[2].decode()
     assert "sdloop_engine_restarts_total 1.0" in metrics
     assert server.state()["engine_pgid"] != pgid
