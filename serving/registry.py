@@ -151,6 +151,10 @@ class AdapterRegistry:
                 _verify_files(path, manifest)
                 await self._load_and_probe(version, path, manifest)
             except RegistryError as exc:
+                if exc.status == 503:  # the engine was away: nothing was learned about the version
+                    await self._store(lambda con: con.execute(
+                        "DELETE FROM adapter_versions WHERE version = ?", [version]))
+                    raise
                 metrics.SWAP_FAILURES.inc()
                 await self._set_status(version, "rejected", str(exc))
                 raise

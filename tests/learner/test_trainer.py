@@ -71,3 +71,17 @@ def test_ema_teacher_and_anchor_and_cross_entropy_run_together(model_dir, tmp_pa
     a = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     b = {k: v for k, v in again.state_dict().items() if "lora_" in k}
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_teacher_regenerations_carry_the_correction(model_dir):
+    from learner.responses import teacher_regenerations
+
+    cfg = LearnerConfig()
+    model, tokenizer = load_student(model_dir, cfg)
+    teacher = load_template("sdft_example").teacher_messages(QUESTION, "correction", CORRECTION)
+    kept = teacher_regenerations(model, tokenizer, QUESTION, teacher, CORRECTION, n=4,
+                                 temperature=0.7, max_new_tokens=24)
+    assert kept, "no regeneration agreed with the correction"
+    for ids in kept:
+        assert "Dalvorne" in tokenizer.decode(ids)
+        assert len(ids) <= 24

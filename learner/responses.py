@@ -1,0 +1,80 @@
+"""Where the response y of a training item comes from.
+
+- `logged`: the stored reply's exact token ids (what the engine produced).
+- `teacher`: the feedback-conditioned teacher regenerates the answer in its own words (SDFT's
+  generate-from-teacher); several samples, kept only when they agree with the feedback.
+- `on_policy`: a fresh sample from the current student.
+
+The consistency filter knows nothing of any evaluation: a regenerated answer is kept when it
+contains at least half of the content words the signal adds to the question — the words of the
+correction that the question did not already have.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from learner.trainer import prompt_ids
+
+_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
+_STOP = frozenset("""a an the of in on at to for from by with and or but not no yes is are was were
+be been being it its this that these those as which who whom what when where why how do does did
+so than then there here i you he she we they me him her us them my your his our their actually
+that's it's wrong right correct incorrect""".split())  # noqa: SIM905 - a word list
+
+
+def content_words(text: str) -> set[str]:
+    return {w.lower() for w in _WORD.findall(text) if w.lower() not in _STOP and len(w) > 1}
+
+
+def added_words(question: str, signal: str) -> set[str]:
+    """Content words the signal brings that the question does not have."""
+    return content_words(signal) - content_words(question)
+
+
+def agrees(answer: str, question: str, signal: str, min_share: float = 0.5) -> bool:
+    wanted = added_words(question, signal)
+    if not wanted:
+        return True
+    return len(wanted & content_words(answer)) >= min_share * len(wanted)
+
+
+@torch.no_grad()
+def sample(model: Any, tokenizer: Any, messages: list[dict[str, Any]], n: int,
+           temperature: float, max_new_tokens: int, seed: int = 0) -> list[list[int]]:
+    """`n` sampled responses (token ids, end-of-turn kept, padding dropped) to `messages`."""
+    prompt = prompt_ids(tokenizer, messages)
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
+    torch.manual_seed(seed)
+    out = model.generate(
+        ids, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+        top_p=None, top_k=None, max_new_tokens=max_new_tokens, num_return_sequences=n,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+        else tokenizer.eos_token_id,
+    )
+    eos = tokenizer.eos_token_id
+    responses = []
+    for row in out[:, len(prompt):].tolist():
+        if eos in row:
+            row = row[: row.index(eos) + 1]
+        responses.append(row)
+    return responses
+
+
+def teacher_regenerations(model: Any, tokenizer: Any, student_messages: list[dict[str, Any]],
+                          teacher_messages: list[dict[str, Any]], signal: str, n: int,
+                          temperature: float, max_new_tokens: int, seed: int = 0,
+                          ) -> list[list[int]]:
+    """The frozen teacher's answers with the signal in context, kept if they agree with it."""
+    with model.disable_adapter():
+        candidates = sample(model, tokenizer, teacher_messages, n, temperature, max_new_tokens, seed)
+    question = " ".join(str(m.get("content", "")) for m in student_messages if m.get("role") == "user")
+    kept = []
+    for ids in candidates:
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.strip() and agrees(text, question, signal) and ids not in kept:
+            kept.append(ids)
+    return kept
