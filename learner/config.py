@@ -80,6 +80,9 @@ class LearnerConfig:
     grad_clip: float = 1.0
     chunk_size: int = 128
     seed: int = 0
+    # Gate.
+    retention_max_drop: float = 2.0  # accuracy points on the retention set, candidate vs base
+    drift_max: float = 0.1  # mean per-token KL(base || candidate) on neutral prompts
     # Daemon.
     interval_s: float = 60.0
     min_episodes: int = 1

@@ -18,11 +18,20 @@ from typing import Any
 from feedback.linking import context_hash
 from store import QueryResult
 
+# Episodes whose newest signal (feedback or follow-up) arrived after the given time: feedback
+# on an old completion brings it back.
 EPISODES_SQL = """
-SELECT completion_id, created_at, version, messages, response_text, token_ids, feedback, followups
-FROM episodes
-WHERE has_signal AND status = 'ok' AND created_at > ?::TIMESTAMP
-ORDER BY created_at, completion_id
+SELECT * FROM (
+    SELECT completion_id, created_at, version, messages, response_text, token_ids, feedback,
+           followups,
+           greatest(coalesce(list_max([f.created_at FOR f IN feedback]), TIMESTAMP '1970-01-01'),
+                    coalesce(list_max([u.created_at FOR u IN followups]), TIMESTAMP '1970-01-01'))
+               AS signal_at
+    FROM episodes
+    WHERE has_signal AND status = 'ok'
+)
+WHERE signal_at > ?::TIMESTAMP
+ORDER BY signal_at, completion_id
 """
 
 _TEXT_FEEDBACK = ("correction", "critique", "env_error", "demonstration")
@@ -45,6 +54,7 @@ class Episode:
     token_ids: list[int] | None
     signals: list[Signal] = field(default_factory=list)
     rating: float | None = None
+    signal_at: str = ""  # when its newest signal arrived (UTC)
 
 
 def build_episodes(result: QueryResult, sources: Iterable[str]) -> list[Episode]:
@@ -60,6 +70,7 @@ def build_episodes(result: QueryResult, sources: Iterable[str]) -> list[Episode]
             version=row["version"], messages=_as_json(row["messages"]),
             response_text=row["response_text"] or "", token_ids=row["token_ids"],
             rating=sum(scores) / len(scores) if scores else None,
+            signal_at=str(row.get("signal_at", "")),
         )
         ep.signals = [Signal(f["type"], f["text"]) for f in feedback
                       if f.get("type") in _TEXT_FEEDBACK and (f.get("text") or "").strip()]
@@ -85,7 +96,7 @@ def build_episodes(result: QueryResult, sources: Iterable[str]) -> list[Episode]
 
 def collect(query: Callable[[str, list[Any]], QueryResult], since: str,
             sources: Iterable[str]) -> list[Episode]:
-    """Episodes with a signal stored after `since` (ISO timestamp, UTC)."""
+    """Episodes with a signal that arrived after `since` (ISO timestamp, UTC)."""
     return build_episodes(query(EPISODES_SQL, [since]), sources)
 
 

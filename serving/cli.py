@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-learner", action="store_true",
                        help="do not start the learner daemon beside the server")
 
+    learn = sub.add_parser("learn", help="the learner daemon: feedback -> LoRA versions")
+    _common(learn)
+    learn.add_argument("--once", action="store_true",
+                       help="run one round, print its JSON summary, exit 0 even if rejected")
+    learn.add_argument("--max-steps", type=int, default=None, help="cap the training steps")
+
     sql = sub.add_parser("sql", help="read-only SQL on the feedback store (works while serving)")
     _common(sql)
     sql.add_argument("query", help='e.g. "SELECT type, count(*) FROM feedback GROUP BY 1"')
@@ -86,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
             from serving.server import run_server
 
             return run_server(cfg)
+        if args.command == "learn":
+            from learner.daemon import run_daemon, run_once
+
+            if args.once:
+                print(json.dumps(run_once(cfg, args.max_steps), default=str))
+                return 0
+            return run_daemon(cfg, args.max_steps)
         if args.command == "sql":
             return _sql(cfg, args.query, args.format, args.max_rows)
         if args.command == "adapters":

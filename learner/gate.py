@@ -1,0 +1,112 @@
+"""The gate: a candidate is promoted only if it learned and did not forget.
+
+(a) On the held-out episodes the teacher–student divergence dropped. (b) On the fixed
+retention set shipped with the project (`learner/data/retention.json`) accuracy stays within
+`retention_max_drop` points of the base model's, and the drift, KL(base ‖ candidate) over the
+base model's own answers to neutral prompts, stays under `drift_max`. Base and candidate are
+measured in the same process on the same weights (adapter disabled vs enabled), greedy, batched.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from importlib import resources
+from typing import Any
+
+import torch
+
+from learner.trainer import prompt_ids
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    reasons: list[str]
+    heldout_divergence_before: float
+    heldout_divergence_after: float
+    retention_base: float
+    retention_candidate: float
+    retention_forgotten: int  # questions the base model answers right and the candidate not
+    drift: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def retention_set() -> dict[str, Any]:
+    return json.loads(resources.files("learner").joinpath("data", "retention.json").read_text())
+
+
+@torch.no_grad()
+def generate_greedy(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]],
+                    max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
+    """Greedy answers (token ids, ending at end-of-turn) to many conversations, batched."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    answers: list[list[int]] = []
+    for start in range(0, len(conversations), batch_size):
+        prompts = [prompt_ids(tokenizer, c) for c in conversations[start:start + batch_size]]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad,
+                             temperature=None, top_p=None, top_k=None)
+        for row in out[:, width:].tolist():
+            answers.append(row[: row.index(eos) + 1] if eos in row else row)
+    return answers
+
+
+def _correct(tokenizer: Any, answers: list[list[int]], keys: list[list[str]]) -> list[bool]:
+    texts = [tokenizer.decode(a, skip_special_tokens=True).lower() for a in answers]
+    return [any(k.lower() in t for k in ks) for t, ks in zip(texts, keys, strict=True)]
+
+
+@torch.no_grad()
+def drift(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]],
+          base_answers: list[list[int]]) -> float:
+    """Mean per-token KL(base ‖ candidate) over the base model's own answers."""
+    total, count = 0.0, 0
+    for conv, answer in zip(conversations, base_answers, strict=True):
+        if not answer:
+            continue
+        prompt = prompt_ids(tokenizer, conv)
+        ids = torch.tensor([prompt + answer], device=next(model.parameters()).device)
+        span = slice(len(prompt) - 1, len(prompt) - 1 + len(answer))
+        cand = torch.log_softmax(model(input_ids=ids).logits[0, span].float(), -1)
+        with model.disable_adapter():
+            base = torch.log_softmax(model(input_ids=ids).logits[0, span].float(), -1)
+        total += float((base.exp() * (base - cand)).sum(-1).sum())
+        count += len(answer)
+    return total / max(count, 1)
+
+
+def evaluate(model: Any, tokenizer: Any, before: float, after: float, retention_max_drop: float,
+             drift_max: float, max_new_tokens: int = 32) -> GateResult:
+    data = retention_set()
+    questions = [[{"role": "user", "content": q["q"]}] for q in data["questions"]]
+    keys = [q["a"] for q in data["questions"]]
+    model.eval()
+    with model.disable_adapter():
+        base_ok = _correct(tokenizer, generate_greedy(model, tokenizer, questions, max_new_tokens),
+                           keys)
+        drift_convs = [[{"role": "user", "content": p}] for p in data["drift_prompts"]]
+        drift_base = generate_greedy(model, tokenizer, drift_convs, max_new_tokens)
+    cand_ok = _correct(tokenizer, generate_greedy(model, tokenizer, questions, max_new_tokens), keys)
+    base_acc = 100.0 * sum(base_ok) / len(questions)
+    cand_acc = 100.0 * sum(cand_ok) / len(questions)
+    forgotten = sum(1 for b, c in zip(base_ok, cand_ok, strict=True) if b and not c)
+    measured_drift = drift(model, tokenizer, drift_convs, drift_base)
+
+    reasons = []
+    if not after < before:
+        reasons.append(f"held-out divergence did not drop ({before:.4f} -> {after:.4f})")
+    if base_acc - cand_acc > retention_max_drop:
+        reasons.append(f"retention accuracy fell {base_acc - cand_acc:.1f} points "
+                       f"({base_acc:.1f} -> {cand_acc:.1f}; bound {retention_max_drop:g})")
+    if measured_drift > drift_max:
+        reasons.append(f"drift {measured_drift:.4f} over the bound {drift_max:g}")
+    return GateResult(not reasons, reasons, before, after, base_acc, cand_acc, forgotten,
+                      measured_drift)

@@ -1,0 +1,80 @@
+"""The loop, end to end on the real parts: a conversation with a correction, one learner round
+with a tiny step budget, the new version served under the alias, rollback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from tests.integration.conftest import MODEL_CACHE, SDLOOP, Server
+
+QUESTION = [{"role": "user", "content": "Who founded the company Lumenvale Systems?"}]
+CORRECTION = "That's wrong. Lumenvale Systems was founded by Priya Castellanos."
+
+
+def _chat(server: Server) -> tuple[int, dict[str, str], dict]:
+    status, headers, body = server.request("POST", "/v1/chat/completions", {
+        "model": "default", "messages": QUESTION, "max_tokens": 24, "temperature": 0})
+    return status, headers, json.loads(body)
+
+
+def _learn(server: Server, *args: str) -> dict:
+    env = {**os.environ, "SDLOOP_MODEL__CACHE_DIR": str(MODEL_CACHE),
+           # a small, real round: teacher regenerations, a few anchors, a low learning rate
+           "SDLOOP_LEARNER__RESPONSES": "teacher", "SDLOOP_LEARNER__TEACHER": "frozen",
+           "SDLOOP_LEARNER__REGEN_SAMPLES": "2", "SDLOOP_LEARNER__ANCHOR_PROMPTS": "4",
+           "SDLOOP_LEARNER__LR": "1e-4", "SDLOOP_LEARNER__RETENTION_MAX_DROP": "10"}
+    out = subprocess.run([*SDLOOP, "learn", "--once", *args, "--data-dir", str(server.data_dir)],
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _current(server: Server) -> str:
+    return server.admin_sql("SELECT version FROM aliases WHERE alias = 'default'")[0]["version"]
+
+
+def test_correction_to_served_version_and_back(server: Server):
+    # Start from the base model: the gate bounds drift and retention against it, and earlier
+    # tests may have promoted a deliberately over-fitted adapter.
+    if _current(server) != "base":
+        out = subprocess.run([*SDLOOP, "adapters", "rollback", "--data-dir", str(server.data_dir)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+    assert _current(server) == "base"
+    status, headers, reply = _chat(server)
+    assert status == 200
+    before_version = headers["x-sdloop-adapter-version"]
+    status, _, _ = server.request("POST", "/v1/feedback", {
+        "completion_id": reply["id"], "type": "correction", "text": CORRECTION})
+    assert status == 201
+
+    summary = _learn(server, "--max-steps", "3")
+    assert summary["episodes"] >= 1 and summary["steps"] == 3
+    gate = summary["gate"]
+    assert gate["heldout_divergence_after"] < gate["heldout_divergence_before"], gate
+    assert summary["status"] == "promoted", summary
+    version = summary["version"]
+    assert summary["parent"] == before_version
+
+    status, headers, _ = _chat(server)
+    assert status == 200 and headers["x-sdloop-adapter-version"] == version
+    manifest = server.admin_sql(
+        f"SELECT manifest FROM adapter_versions WHERE version = '{version}'")[0]["manifest"]
+    assert reply["id"] in manifest["episodes"]  # provenance: which episodes trained it
+    assert manifest["knobs"]["responses"] == "teacher"
+
+    assert _learn(server)["status"] == "skipped"  # the same episodes are not learned twice
+
+    out = subprocess.run([*SDLOOP, "adapters", "rollback", "--data-dir", str(server.data_dir)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert _chat(server)[1]["x-sdloop-adapter-version"] == before_version
+
+    # Leave the learned version promoted: the engine-restart test (last) then checks that a
+    # restarted engine gets it back.
+    out = subprocess.run([*SDLOOP, "adapters", "promote", version, "--data-dir",
+                          str(server.data_dir)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert _chat(server)[1]["x-sdloop-adapter-version"] == version
