@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (8000)")
     serve.add_argument("--no-learner", action="store_true",
-                       help="do not start the learner daemon beside the server")
+                       help="do not start the learner daemon (`sdloop learn`) beside the server")
 
     learn = sub.add_parser("learn", help="the learner daemon: feedback -> LoRA versions")
     _common(learn)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from serving.server import run_server
 
-            return run_server(cfg)
+            return run_server(cfg, args.config, learner=not args.no_learner)
         if args.command == "learn":
             from learner.daemon import run_daemon, run_once
 

@@ -85,7 +85,7 @@ def choose_dtype(configured: str) -> str:
     return "bfloat16" if "avx512_bf16" in flags else "float32"
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:  # runs in the child between fork and exec
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -217,7 +217,7 @@ class EngineManager:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads touch the fork
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - no threads touch the fork
             )
         self._started_at = time.monotonic()
         log.info("engine starting (pid %d, %s), log: %s", self.proc.pid, self.base_url, self.log_path)

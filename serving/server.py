@@ -13,15 +13,17 @@ import contextlib
 import logging
 import os
 import secrets
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 
 from serving.config import Config
-from serving.engine import EngineManager, kill_process_group
+from serving.engine import EngineManager, die_with_parent, kill_process_group
 from serving.gateway import Gateway, create_app
 from serving.model_cache import ensure_embedded_model
 from serving.registry import DEFAULT_ALIAS, AdapterRegistry
@@ -31,7 +33,8 @@ from store import StoreWriter
 log = logging.getLogger("sdloop.serve")
 
 
-def run_server(cfg: Config) -> int:
+def run_server(cfg: Config, config_path: str | None = None, learner: bool = True) -> int:
+    """Serve until stopped; with `learner`, `sdloop learn` runs beside it as a child process."""
     data_dir = cfg.data_path
     lock = ServeLock(data_dir)
     lock.acquire()
@@ -42,7 +45,7 @@ def run_server(cfg: Config) -> int:
             model = cfg.engine.model or str(ensure_embedded_model(cfg.model_cache_path))
         store = StoreWriter(cfg.store_path, cfg.store.batch_max, cfg.store.queue_max).open()
         try:
-            return _serve(cfg, store, model)
+            return _serve(cfg, store, model, config_path if learner else None, learner)
         finally:
             store.close()
             remove_state(data_dir)
@@ -59,7 +62,8 @@ def _clean_up_after_crash(data_dir: Any) -> None:
     remove_state(data_dir)
 
 
-def _serve(cfg: Config, store: StoreWriter, model: str | None) -> int:
+def _serve(cfg: Config, store: StoreWriter, model: str | None, config_path: str | None,
+           learner: bool) -> int:
     engine = EngineManager(cfg.engine, model, cfg.data_path / "logs" / "engine.log")
     registry = AdapterRegistry(store, engine)
     engine.on_ready = registry.restore  # a (re)started engine gets the promoted versions back
@@ -92,10 +96,13 @@ def _serve(cfg: Config, store: StoreWriter, model: str | None) -> int:
         await engine.start()
         save_state()
         announcer = asyncio.create_task(announce_when_ready())
+        learner_proc = _start_learner(cfg, config_path) if learner else None
         try:
             yield
         finally:
             announcer.cancel()
+            if learner_proc is not None:
+                await asyncio.to_thread(_stop_learner, learner_proc)
             await engine.stop()
             await gateway.close()
 
@@ -108,3 +115,27 @@ def _serve(cfg: Config, store: StoreWriter, model: str | None) -> int:
           file=sys.stderr, flush=True)
     server.run()
     return 0 if server.started else 1
+
+
+def _start_learner(cfg: Config, config_path: str | None) -> subprocess.Popen[bytes]:
+    """`sdloop learn` as a child: its own process (training must not stall the event loop),
+    same data dir and config (environment overrides are inherited), stopped with the server."""
+    log_path = cfg.data_path / "logs" / "learner.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "serving.cli", "learn", "--data-dir", str(cfg.data_path)]
+    if config_path:
+        cmd += ["--config", str(Path(config_path).resolve())]
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=die_with_parent)  # noqa: PLW1509
+    log.info("learner daemon started (pid %d), log: %s", proc.pid, log_path)
+    return proc
+
+
+def _stop_learner(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -89,12 +89,14 @@ class Server:
             return "(no log)"
 
 
-def start_server(data_dir: Path, env: dict[str, str] | None = None, wait: bool = True) -> Server:
+def start_server(data_dir: Path, env: dict[str, str] | None = None, wait: bool = True,
+                 learner: bool = False) -> Server:
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / "serve.out"
     proc = subprocess.Popen(
-        [*SDLOOP, "serve", "--data-dir", str(data_dir), "--port", str(port), "--no-learner"],
+        [*SDLOOP, "serve", "--data-dir", str(data_dir), "--port", str(port),
+         *([] if learner else ["--no-learner"])],
         stdout=open(log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115 - child owns it
         env={**os.environ, "SDLOOP_MODEL__CACHE_DIR": MODEL_CACHE, **(env or {})},
     )
