@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from learner.trainer import prompt_ids
+from learner.trainer import prompt_ids, response_log_probs
 
 
 @dataclass
@@ -73,12 +73,10 @@ def drift(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]],
         if not answer:
             continue
         prompt = prompt_ids(tokenizer, conv)
-        ids = torch.tensor([prompt + answer], device=next(model.parameters()).device)
-        span = slice(len(prompt) - 1, len(prompt) - 1 + len(answer))
-        cand = torch.log_softmax(model(input_ids=ids).logits[0, span].float(), -1)
+        cand = response_log_probs(model, prompt, answer)
         with model.disable_adapter():
-            base = torch.log_softmax(model(input_ids=ids).logits[0, span].float(), -1)
-        total += float((base.exp() * (base - cand)).sum(-1).sum())
+            base = response_log_probs(model, prompt, answer)
+        total += float((base.exp() * (base - cand)).sum())
         count += len(answer)
     return total / max(count, 1)
 

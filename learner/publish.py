@@ -24,19 +24,16 @@ import torch
 
 from feedback import utcnow
 from learner.gate import generate_greedy
-from learner.trainer import prompt_ids
+from learner.trainer import prompt_ids, response_log_probs
 from serving.registry import MANIFEST, file_digest
 
 MAX_PROBE_CANDIDATES = 8
 PROBE_TOKENS = 16
 
 
-@torch.no_grad()
 def _logprobs(model: Any, prompt: list[int], response: list[int]) -> list[float]:
-    ids = torch.tensor([prompt + response], device=next(model.parameters()).device)
-    logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
-    start = len(prompt) - 1
-    return [float(logp[start + i, t]) for i, t in enumerate(response)]
+    logp = response_log_probs(model, prompt, response)
+    return logp.gather(-1, torch.tensor(response, device=logp.device)[:, None])[:, 0].tolist()
 
 
 def choose_probe(model: Any, tokenizer: Any,

@@ -13,6 +13,7 @@ to change, which is what kept retention at base level on the embedded model.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 from collections.abc import Iterator, Sequence
@@ -86,6 +87,15 @@ def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
     return list(ids)
 
 
+@torch.no_grad()
+def response_log_probs(model: Any, prompt: list[int], response: list[int]) -> torch.Tensor:
+    """Next-token log-distributions [len(response), V] at the positions that predict the
+    response, teacher-forced: what the probe and the gate's drift score."""
+    ids = torch.tensor([prompt + response], device=next(model.parameters()).device)
+    start = len(prompt) - 1
+    return torch.log_softmax(model(input_ids=ids).logits[0, start:start + len(response)].float(), -1)
+
+
 class SelfDistillationTrainer:
     def __init__(self, model: Any, tokenizer: Any, cfg: LearnerConfig, knobs: Knobs) -> None:
         self.model = model
@@ -96,6 +106,8 @@ class SelfDistillationTrainer:
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._ema = ([p.detach().clone() for p in self._trainable]
                      if knobs.teacher.name == "ema" else None)
+        # Every item is scored once per pass: template its prompts once.
+        self._prompts: dict[str, list[int]] = {}
 
     # -- teacher weights -------------------------------------------------------------------
 
@@ -132,7 +144,10 @@ class SelfDistillationTrainer:
 
     def _hidden(self, messages: list[dict[str, Any]], response: list[int]) -> torch.Tensor:
         """Final hidden states at the positions that predict each response token."""
-        prompt = prompt_ids(self.tokenizer, messages)
+        key = json.dumps(messages, sort_keys=True)
+        prompt = self._prompts.get(key)
+        if prompt is None:
+            prompt = self._prompts[key] = prompt_ids(self.tokenizer, messages)
         ids = torch.tensor([prompt + response], device=self.device)
         out = self.model.get_base_model().model(input_ids=ids)
         start = len(prompt) - 1
