@@ -16,7 +16,7 @@ PY := $(VENV)/bin/python
 SDLOOP := $(VENV)/bin/sdloop
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: setup run test lint bench-serving clean
+.PHONY: setup run test lint bench-serving bench-learning clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,9 @@ lint: $(STAMP)
 
 bench-serving: $(STAMP)
 	SDLOOP_MODEL__CACHE_DIR=$(TEST_MODEL_CACHE) $(PY) ops/bench/serving.py $(ARGS)
+
+bench-learning: $(STAMP)
+	SDLOOP_MODEL__CACHE_DIR=$(TEST_MODEL_CACHE) $(PY) ops/bench/learning.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache *.egg-info

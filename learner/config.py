@@ -5,9 +5,10 @@ A preset fills every distillation knob with a published method's defaults; any k
 into `Knobs`: fully specified, parsed and checked, so the trainer never sees a bare string or an
 unset value.
 
-`sdloop` is the arm that measured best in the stand-alone experiments on the embedded model:
-teacher regenerations, forward KL on the full vocabulary, frozen teacher, cross-entropy 0.5,
-anchor.
+`sdloop` (the default) is the arm that measured best on the embedded model: teacher
+regenerations, forward KL on the full vocabulary, frozen teacher, cross-entropy 0.5 on the
+teacher's answers, rehearsal anchor. The published presets keep their papers' defaults (no
+anchor); `anchor_weight` turns it on for any of them.
 
 Published defaults (see each paper; divergence named as *run*, not as described):
 - `sdft`      demonstration/correction context, on-policy responses, forward KL, full vocab,
@@ -17,7 +18,8 @@ Published defaults (see each paper; divergence named as *run*, not as described)
 - `opsd`      reference-solution context, frozen teacher, forward KL, per-token clip 0.05.
 - `hindsight` the user's follow-up as context, sampled-token reverse KL, live teacher, logged
               responses.
-- `sft`       the control arm: cross-entropy on the correction/demonstration text itself.
+- `sft`       the control arm: cross-entropy on the correction/demonstration text itself
+              (`responses = "signal"`, `distill_weight = 0`).
 """
 
 from __future__ import annotations
@@ -30,40 +32,44 @@ from learner.spec import Divergence, Support, TokenLossConfig
 
 CONTEXT_SOURCES = ("followup", "correction", "critique", "env_error", "demonstration",
                    "sibling_success")
-RESPONSE_SOURCES = ("on_policy", "teacher", "logged", "mix")
+RESPONSE_SOURCES = ("on_policy", "teacher", "logged", "mix", "signal")
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The best arm of the stand-alone measurements on the embedded model
-    # (shared/learning/README.md): the frozen teacher regenerates the answer with the feedback
-    # in context, forward KL over the full vocabulary on those answers, a light cross-entropy
-    # on them, and the rehearsal anchor (anchor_weight, on by default). Not yet the default:
-    # its first live round raised the held-out divergence the gate measures (see README).
+    # The best arm on the embedded model (shared/learning/README.md, and ops/bench/learning.py
+    # through the live loop): the frozen teacher regenerates the answer with the feedback in
+    # context, forward KL over the full vocabulary on those answers, a light cross-entropy on
+    # them, and the rehearsal anchor that kept retention at base level.
     "sdloop": dict(context=["correction", "demonstration", "critique", "env_error", "followup",
                             "sibling_success"], responses="teacher", divergence="forward_kl",
                    support="full_vocab", teacher="frozen", is_cap=0.0, token_clip=0.0,
-                   skip_first_tokens=0, ce_weight=0.5),
+                   skip_first_tokens=0, distill_weight=1.0, ce_weight=0.5, anchor_weight=1.0),
     "sdft": dict(context=["demonstration", "correction"], responses="on_policy",
                  divergence="forward_kl", support="full_vocab", teacher="ema(0.01)",
-                 is_cap=0.0, token_clip=0.0, skip_first_tokens=0, ce_weight=0.0),
+                 is_cap=0.0, token_clip=0.0, skip_first_tokens=0, distill_weight=1.0,
+                 ce_weight=0.0, anchor_weight=0.0),
     "sdpo": dict(context=["correction", "critique", "env_error", "sibling_success"],
                  responses="on_policy", divergence="jsd(0.5)", support="topk(100)",
                  teacher="ema(0.05)", is_cap=2.0, token_clip=0.0, skip_first_tokens=0,
-                 ce_weight=0.0),
+                 distill_weight=1.0, ce_weight=0.0, anchor_weight=0.0),
     "opsd": dict(context=["demonstration", "correction"], responses="on_policy",
                  divergence="forward_kl", support="full_vocab", teacher="frozen",
-                 is_cap=0.0, token_clip=0.05, skip_first_tokens=0, ce_weight=0.0),
+                 is_cap=0.0, token_clip=0.05, skip_first_tokens=0, distill_weight=1.0,
+                 ce_weight=0.0, anchor_weight=0.0),
     "hindsight": dict(context=["followup"], responses="logged", divergence="reverse_kl",
                       support="sampled_token", teacher="live", is_cap=0.0, token_clip=0.0,
-                      skip_first_tokens=0, ce_weight=0.0),
-    "sft": dict(context=["correction", "demonstration"], responses="logged",
+                      skip_first_tokens=0, distill_weight=1.0, ce_weight=0.0, anchor_weight=0.0),
+    # The control arm: plain cross-entropy on the user's correction/demonstration text, no
+    # teacher, no anchor.
+    "sft": dict(context=["correction", "demonstration"], responses="signal",
                 divergence="forward_kl", support="full_vocab", teacher="frozen", is_cap=0.0,
-                token_clip=0.0, skip_first_tokens=0, ce_weight=1.0),
+                token_clip=0.0, skip_first_tokens=0, distill_weight=0.0, ce_weight=1.0,
+                anchor_weight=0.0),
 }
 
 
 @dataclass
 class LearnerConfig:
-    preset: str = "sdft"
+    preset: str = "sdloop"
     # Distillation knobs. Empty / negative: the preset's value.
     context: list[str] = field(default_factory=list)
     responses: str = ""
@@ -73,9 +79,10 @@ class LearnerConfig:
     skip_first_tokens: int = -1
     is_cap: float = -1.0  # 0: off
     token_clip: float = -1.0  # 0: off
-    ce_weight: float = -1.0  # cross-entropy on the (teacher-regenerated) response text
+    distill_weight: float = -1.0  # the teacher–student divergence term (0: no teacher at all)
+    ce_weight: float = -1.0  # cross-entropy on the response text (teacher's answer or signal)
     # Rehearsal anchor: distil the model's own answers to past prompts nobody asked to change.
-    anchor_weight: float = 1.0
+    anchor_weight: float = -1.0
     anchor_prompts: int = 24
     # Teacher regeneration (responses = teacher | mix).
     regen_samples: int = 4
@@ -92,13 +99,17 @@ class LearnerConfig:
     batch_size: int = 1
     grad_clip: float = 1.0
     chunk_size: int = 128
+    checkpoint_every: int = 50  # training steps between resumable checkpoints (0: none)
     seed: int = 0
     # Gate.
     retention_max_drop: float = 2.0  # accuracy points on the retention set, candidate vs base
     drift_max: float = 0.1  # mean per-token KL(base || candidate) on neutral prompts
+    gate_samples: int = 2  # teacher answers per signal drawn for the gate, never trained on
+    enforce_gate: bool = True  # False: record the verdict but publish anyway (benchmarks only)
     # Daemon.
     interval_s: float = 60.0
     min_episodes: int = 1
+    metrics_port: int = 8001  # the daemon's Prometheus /metrics on 127.0.0.1 (0: any, -1: off)
 
 
 @dataclass(frozen=True)
@@ -129,6 +140,7 @@ class Knobs:
     responses: str
     teacher: TeacherMode
     loss: TokenLossConfig
+    distill_weight: float
     ce_weight: float
     anchor_weight: float
 
@@ -138,7 +150,8 @@ class Knobs:
             "teacher": str(self.teacher), "divergence": str(self.loss.divergence),
             "support": str(self.loss.support), "skip_first_tokens": self.loss.skip_first_tokens,
             "is_cap": self.loss.is_cap, "token_clip": self.loss.token_clip,
-            "ce_weight": self.ce_weight, "anchor_weight": self.anchor_weight,
+            "distill_weight": self.distill_weight, "ce_weight": self.ce_weight,
+            "anchor_weight": self.anchor_weight,
         }
 
 
@@ -163,15 +176,16 @@ def resolve(cfg: LearnerConfig) -> Knobs:
         teacher = TeacherMode.parse(knobs["teacher"])
     except ValueError as exc:
         raise ValueError(f"learner: {exc}") from None
-    for name in ("is_cap", "token_clip", "ce_weight"):
+    for name in ("is_cap", "token_clip", "distill_weight", "ce_weight", "anchor_weight"):
         if knobs[name] < 0:
             raise ValueError(f"learner.{name}: must be >= 0, got {knobs[name]}")
-    if cfg.anchor_weight < 0:
-        raise ValueError(f"learner.anchor_weight: must be >= 0, got {cfg.anchor_weight}")
+    if not (knobs["distill_weight"] or knobs["ce_weight"]):
+        raise ValueError("learner: distill_weight and ce_weight are both 0: nothing to train on")
     loss = TokenLossConfig(
         divergence=divergence, support=support, skip_first_tokens=int(knobs["skip_first_tokens"]),
         is_cap=knobs["is_cap"] or None, token_clip=knobs["token_clip"] or None,
         chunk_size=cfg.chunk_size,
     )
     return Knobs(cfg.preset, tuple(knobs["context"]), knobs["responses"], teacher, loss,
-                 float(knobs["ce_weight"]), float(cfg.anchor_weight))
+                 float(knobs["distill_weight"]), float(knobs["ce_weight"]),
+                 float(knobs["anchor_weight"]))

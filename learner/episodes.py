@@ -5,11 +5,18 @@ and the signals c that say how it should have gone: explicit corrections, critiq
 environment errors, demonstrations, the user's follow-up, or a sibling success — a
 well-rated answer to the same prompt. A rating alone carries no context: it only selects
 episodes (and finds sibling successes).
+
+A follow-up that opens by rejecting the answer ("No, that's not right. The capital of X is Y.")
+is the user correcting the model in plain chat: it becomes a `correction` whose text is what
+follows the rejection, so it gets the correction's teacher placement (the best measured on the
+embedded model) rather than the follow-up's hindsight note. Where `correction` is not a wanted
+source it stays a `followup`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -36,6 +43,28 @@ ORDER BY signal_at, completion_id
 
 _TEXT_FEEDBACK = ("correction", "critique", "env_error", "demonstration")
 _NEGATIVE = ("correction", "critique", "env_error")
+# A rejection at the start of a follow-up, with the punctuation after it.
+_REJECTION = re.compile(
+    r"^\s*(?:no(?:pe)?|wrong|incorrect|false|not (?:quite|really|true|right|correct)|actually"
+    r"|(?:that|this|it)(?:'s| is| was) (?:not (?:quite )?(?:right|true|correct)|wrong|incorrect|false))"
+    r"\b[\s,.;:!-]*", re.IGNORECASE)
+
+
+def correction_text(followup: str) -> str | None:
+    """The corrected statement of a follow-up that rejects the answer, else None.
+
+    "No, that's not right. The capital of X is Y." -> "The capital of X is Y."; a bare "No."
+    carries nothing to learn from and is not a correction.
+    """
+    text, rejected = followup.strip(), False
+    while match := _REJECTION.match(text):
+        if not match.group(0):
+            break
+        text, rejected = text[match.end():], True
+    text = text.strip()
+    if not rejected or len(text) < 3:
+        return None
+    return text[0].upper() + text[1:]
 
 
 @dataclass(frozen=True)
@@ -74,8 +103,13 @@ def build_episodes(result: QueryResult, sources: Iterable[str]) -> list[Episode]
         )
         ep.signals = [Signal(f["type"], f["text"]) for f in feedback
                       if f.get("type") in _TEXT_FEEDBACK and (f.get("text") or "").strip()]
-        ep.signals += [Signal("followup", f["text"]) for f in _as_list(row["followups"])
-                       if (f.get("text") or "").strip()]
+        for f in _as_list(row["followups"]):
+            text = (f.get("text") or "").strip()
+            corrected = correction_text(text) if "correction" in wanted else None
+            if corrected:
+                ep.signals.append(Signal("correction", corrected))
+            elif text:
+                ep.signals.append(Signal("followup", text))
         episodes.append(ep)
         by_prompt[context_hash(ep.messages)].append(ep)
 

@@ -3,7 +3,9 @@
 - `logged`: the stored reply's exact token ids (what the engine produced).
 - `teacher`: the feedback-conditioned teacher regenerates the answer in its own words (SDFT's
   generate-from-teacher); several samples, kept only when they agree with the feedback.
-- `on_policy`: a fresh sample from the current student.
+- `on_policy`: a fresh sample from the current version, drawn by the serving engine when one
+  is running (its token ids and log-probabilities kept, for the truncated importance weight
+  between the engine that sampled and the trainer that learns), else by the trainer's model.
 
 The consistency filter knows nothing of any evaluation: a regenerated answer is kept when it
 contains at least half of the content words the signal adds to the question — the words of the
@@ -12,7 +14,10 @@ correction that the question did not already have.
 
 from __future__ import annotations
 
+import json
 import re
+import urllib.request
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,6 +67,37 @@ def sample(model: Any, tokenizer: Any, messages: list[dict[str, Any]], n: int,
             row = row[: row.index(eos) + 1]
         responses.append(row)
     return responses
+
+
+@dataclass(frozen=True)
+class EnginePolicy:
+    """Where on-policy samples come from: the running engine and the name it serves the
+    current version under."""
+
+    url: str
+    model: str
+
+    @classmethod
+    def of(cls, engine_url: str, version: str) -> EnginePolicy:
+        if version != "base":
+            return cls(engine_url, version)
+        with urllib.request.urlopen(f"{engine_url}/v1/models", timeout=30) as resp:
+            models = json.loads(resp.read())["data"]
+        return cls(engine_url, next(m["id"] for m in models if not m.get("parent")))
+
+    def sample(self, prompt: list[int], n: int, temperature: float, max_new_tokens: int,
+               seed: int = 0) -> list[tuple[list[int], list[float]]]:
+        """`n` samples after the (already templated) prompt ids: token ids, end-of-turn kept,
+        each with the engine's log-probability of that token."""
+        body = {"model": self.model, "prompt": prompt, "n": n, "temperature": temperature,
+                "max_tokens": max_new_tokens, "logprobs": 0, "return_token_ids": True,
+                "seed": seed}
+        req = urllib.request.Request(f"{self.url}/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            choices = json.loads(resp.read())["choices"]
+        return [(list(c["token_ids"]), [float(x) for x in c["logprobs"]["token_logprobs"]])
+                for c in choices if c.get("token_ids")]
 
 
 def teacher_regenerations(model: Any, tokenizer: Any, student_messages: list[dict[str, Any]],

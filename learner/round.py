@@ -2,30 +2,38 @@
 
 The round reads the store and publishes through the running server (serving.client), so it
 runs beside `sdloop serve` in its own process. Its progress mark (the newest episode it has
-used) is saved only when the round is over: a round that crashes is simply done again, and the
-version folder is written atomically, so a half-trained adapter is never published.
+used) is saved only when the round is over: a round that crashes is done again, resuming from
+its workspace (learner.checkpoint) when it would do the same work; the version folder is
+written atomically, so a half-trained adapter is never published.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from learner.checkpoint import RoundWorkspace, plan_key
 from learner.config import Knobs, LearnerConfig, TeacherMode, resolve
 from learner.contexts import Template, load_template
 from learner.episodes import Episode, collect
-from learner.gate import evaluate, generate_greedy
+from learner.gate import GateResult, evaluate, generate_greedy
 from learner.publish import write_version
-from learner.responses import sample, teacher_regenerations
-from learner.spec import Support
-from learner.trainer import AnchorItem, SelfDistillationTrainer, TrainItem, load_student
+from learner.responses import EnginePolicy, sample, teacher_regenerations
+from learner.spec import Divergence, Support, TokenLossConfig
+from learner.trainer import (
+    AnchorItem,
+    SelfDistillationTrainer,
+    TrainItem,
+    TrainResult,
+    load_student,
+    prompt_ids,
+)
 from serving.client import admin_call, server_state, store_query
 from serving.config import Config
 from serving.model_cache import ensure_embedded_model
@@ -38,6 +46,7 @@ _ANSWER_SOURCES = ("correction", "demonstration", "sibling_success")
 _PAST_PROMPTS_SQL = """
 SELECT messages FROM episodes
 WHERE NOT has_signal AND status = 'ok'
+  AND completion_id NOT IN (SELECT next_completion_id FROM followups)
 ORDER BY created_at DESC LIMIT ?
 """
 _CURRENT_SQL = """
@@ -70,34 +79,61 @@ def run_round(cfg: Config, max_steps: int | None = None, progress: bool = True) 
     current = query(_CURRENT_SQL, [alias]).rows
     parent, parent_path = (current[0][0], current[0][1]) if current else ("base", None)
     model_dir = cfg.engine.model or str(ensure_embedded_model(cfg.model_cache_path, progress))
-    model, tokenizer = load_student(model_dir, lcfg, parent_path)
+    with RoundWorkspace(cfg.data_path / "learner" / "round") as work:
+        key = plan_key({"parent": parent, "knobs": knobs.as_dict(), "learner": asdict(lcfg),
+                        "max_steps": max_steps, "model": model_dir,
+                        "episodes": [(e.completion_id, e.signal_at) for e in episodes]})
+        model, tokenizer = load_student(model_dir, lcfg, parent_path)
+        trainer = SelfDistillationTrainer(model, tokenizer, lcfg, knobs)
+        judge = SelfDistillationTrainer(model, tokenizer, lcfg, judge_knobs(knobs))
+        plan = work.load_plan(key)
+        if plan is None:
+            policy = _engine_policy(cfg, parent) if knobs.responses == "on_policy" else None
+            items = _train_items(model, tokenizer, episodes, knobs, template, lcfg, policy)
+            gate_items = _gate_items(model, tokenizer, episodes, template, lcfg)
+            if not items or not gate_items:  # these knobs will never train on them: move on
+                _write_state(state_path, {"last_signal_at": max(e.signal_at for e in episodes),
+                                          "rounds": state.get("rounds", 0)})
+                return {**summary, "status": "skipped", "reason": "no training example could "
+                        "be built (no response passed the filter)"}
+            anchors = _anchors(model, tokenizer, query, lcfg) if knobs.anchor_weight else []
+            before = judge.divergence(gate_items)
+            work.save_plan(key, items, gate_items, anchors, before)
+        else:
+            items, gate_items, anchors, before = (plan["items"], plan["gate_items"],
+                                                  plan["anchors"], plan["before"])
+        result = trainer.train(items, anchors, max_steps=max_steps, progress=progress,
+                               resume=work.load_checkpoint() if plan else None,
+                               save=work.save_checkpoint)
+        after = judge.divergence(gate_items)
+        gate = evaluate(model, tokenizer, before, after, lcfg.retention_max_drop, lcfg.drift_max)
+        status, version, folder = _publish(cfg, query, model, tokenizer, model_dir, parent,
+                                           episodes, knobs, items, gate_items, anchors, result,
+                                           gate)
+        work.clear()
+    _write_state(state_path, {"last_signal_at": max(e.signal_at for e in episodes),
+                              "rounds": state.get("rounds", 0) + 1})
+    return {**summary, "status": status, "version": version, "parent": parent,
+            "path": str(folder), "steps": result.steps, "resumed_at_step": result.resumed_at,
+            "items": len(items), "responses_from": _responses_from(knobs, items),
+            "loss_first": result.losses[0] if result.losses else None,
+            "loss_last": result.losses[-1] if result.losses else None, "gate": gate.as_dict(),
+            "seconds": round(time.monotonic() - started, 1)}
 
-    heldout, train = _split(episodes)
-    items = _train_items(model, tokenizer, train, knobs, template, lcfg)
-    heldout_items = _train_items(model, tokenizer, heldout, replace(knobs, responses="logged"),
-                                 template, lcfg)
-    if not items or not heldout_items:
-        return {**summary, "status": "skipped",
-                "reason": "no training example could be built (no response passed the filter)"}
-    anchors = _anchors(model, tokenizer, query, lcfg) if knobs.anchor_weight else []
 
-    trainer = SelfDistillationTrainer(model, tokenizer, lcfg, knobs)
-    # Judged on the full vocabulary against the frozen teacher, whatever the training knobs.
-    judge = SelfDistillationTrainer(model, tokenizer, lcfg, replace(
-        knobs, teacher=TeacherMode("frozen"),
-        loss=replace(knobs.loss, support=Support("full_vocab"), is_cap=None)))
-    before = judge.divergence(heldout_items)
-    result = trainer.train(items, anchors, max_steps=max_steps, progress=progress)
-    after = judge.divergence(heldout_items)
-    gate = evaluate(model, tokenizer, before, after, lcfg.retention_max_drop, lcfg.drift_max)
-
+def _publish(cfg: Config, query: Any, model: Any, tokenizer: Any, model_dir: str, parent: str,
+             episodes: list[Episode], knobs: Knobs, items: list[TrainItem],
+             gate_items: list[TrainItem], anchors: list[AnchorItem], result: TrainResult,
+             gate: GateResult) -> tuple[str, str, Path]:
+    """Write the version folder, then hand it to the running server (promoted if it passed)."""
+    lcfg, alias = cfg.learner, DEFAULT_ALIAS
     version = _next_version(query, cfg.adapters_path, alias)
     record = {
         "preset": lcfg.preset, "knobs": knobs.as_dict(),
         "episodes": [e.completion_id for e in episodes],
-        "heldout_episodes": [e.completion_id for e in heldout],
-        "heldout_is_train": heldout is train,
-        "train": {"steps": result.steps, "items": len(items), "anchors": len(anchors),
+        "train": {"steps": result.steps, "resumed_at_step": result.resumed_at,
+                  "responses_from": _responses_from(knobs, items),
+                  "items": len(items), "gate_items": len(gate_items), "anchors": len(anchors),
                   "loss_first": result.losses[0] if result.losses else None,
                   "loss_last": result.losses[-1] if result.losses else None},
         "gate": gate.as_dict(),
@@ -105,35 +141,76 @@ def run_round(cfg: Config, max_steps: int | None = None, progress: bool = True) 
     folder = write_version(model, tokenizer, cfg.adapters_path, version, model_dir, parent,
                            [(it.student_messages, it.response) for it in items], record)
     server = server_state(cfg)
-    if server is not None:
-        answer = admin_call(server, "POST", "/admin/adapters/publish",
-                            {"path": str(folder), "promote": gate.passed})
-        status = answer["status"] if gate.passed else "rejected"
-    else:
-        status = "written"  # no server to publish to: `sdloop adapters publish` later
-    _write_state(state_path, {"last_signal_at": max(e.signal_at for e in episodes),
-                              "rounds": state.get("rounds", 0) + 1})
-    return {**summary, "status": status, "version": version, "parent": parent,
-            "path": str(folder), "steps": result.steps, "items": len(items),
-            "gate": gate.as_dict(), "seconds": round(time.monotonic() - started, 1)}
+    if server is None:
+        return "written", version, folder  # no server to publish to: `sdloop adapters publish`
+    publish = gate.passed or not lcfg.enforce_gate
+    answer = admin_call(server, "POST", "/admin/adapters/publish",
+                        {"path": str(folder), "promote": publish})
+    return (answer["status"] if publish else "rejected"), version, folder
 
 
-def _split(episodes: list[Episode]) -> tuple[list[Episode], list[Episode]]:
-    """Every fifth episode (by a hash of its id) is held out, once there are five or more;
-    with fewer, the training episodes are also the held-out ones (recorded as such)."""
-    if len(episodes) < 5:
-        return episodes, episodes
-    held = [e for e in episodes if int(hashlib.sha256(e.completion_id.encode()).hexdigest(), 16) % 5 == 0]
-    held = held or episodes[:1]
-    return held, [e for e in episodes if e not in held]
+def judge_knobs(knobs: Knobs) -> Knobs:
+    """What the gate measures, whatever the training knobs: forward KL(teacher ‖ student) over
+    the full vocabulary against the frozen teacher, on the teacher's own answers — a Monte
+    Carlo estimate of the sequence-level KL that the feedback asks the student to close."""
+    loss = TokenLossConfig(divergence=Divergence("forward_kl"), support=Support("full_vocab"),
+                           chunk_size=knobs.loss.chunk_size)
+    return replace(knobs, teacher=TeacherMode("frozen"), loss=loss, distill_weight=1.0,
+                   ce_weight=0.0, anchor_weight=0.0)
 
 
-def _train_items(model: Any, tokenizer: Any, episodes: list[Episode], knobs: Knobs,
-                 template: Template, lcfg: LearnerConfig) -> list[TrainItem]:
+def _gate_items(model: Any, tokenizer: Any, episodes: list[Episode], template: Template,
+                lcfg: LearnerConfig) -> list[TrainItem]:
+    """Held-out answers: for every signal, `gate_samples` fresh answers of the frozen teacher
+    (another seed than training's, unfiltered), never trained on. Holding out whole episodes
+    instead would withhold those users' corrections and measure nothing: a fact taught in one
+    episode does not move the divergence of another."""
     items = []
     for ep in episodes:
         for signal in ep.signals:
             teacher = template.teacher_messages(ep.messages, signal.source, signal.text)
+            with model.disable_adapter():
+                answers = sample(model, tokenizer, teacher, lcfg.gate_samples,
+                                 lcfg.regen_temperature or 1.0, lcfg.max_new_tokens,
+                                 lcfg.seed + 1)
+            items += [TrainItem(ep.messages, teacher, a, signal.source, ep.completion_id)
+                      for a in answers if a]
+    return items
+
+
+def _responses_from(knobs: Knobs, items: list[TrainItem]) -> str:
+    if knobs.responses != "on_policy":
+        return knobs.responses
+    return "engine" if any(it.engine_logprobs is not None for it in items) else "trainer"
+
+
+def _engine_policy(cfg: Config, version: str) -> EnginePolicy | None:
+    """The serving engine, to sample on-policy answers from the version being improved; None
+    (sample with the trainer's own model) when no server runs or it cannot be asked."""
+    server = server_state(cfg)
+    if server is None or not server.get("engine_url"):
+        return None
+    try:
+        return EnginePolicy.of(server["engine_url"], version)
+    except (OSError, ValueError, KeyError, StopIteration) as exc:
+        log.warning("on-policy samples from the trainer's model: the engine did not answer (%s)", exc)
+        return None
+
+
+def _train_items(model: Any, tokenizer: Any, episodes: list[Episode], knobs: Knobs,
+                 template: Template, lcfg: LearnerConfig,
+                 policy: EnginePolicy | None = None) -> list[TrainItem]:
+    items = []
+    for ep in episodes:
+        for signal in ep.signals:
+            teacher = template.teacher_messages(ep.messages, signal.source, signal.text)
+            if knobs.responses == "on_policy" and policy is not None:
+                samples = policy.sample(prompt_ids(tokenizer, ep.messages), lcfg.regen_samples,
+                                        lcfg.regen_temperature or 1.0, lcfg.max_new_tokens,
+                                        lcfg.seed)
+                items += [TrainItem(ep.messages, teacher, ids, signal.source, ep.completion_id,
+                                    engine_logprobs=lps) for ids, lps in samples]
+                continue
             for response in _responses(model, tokenizer, ep, signal, teacher, knobs, lcfg):
                 items.append(TrainItem(ep.messages, teacher, response, signal.source,
                                        ep.completion_id))
@@ -150,18 +227,25 @@ def _responses(model: Any, tokenizer: Any, ep: Episode, signal: Any,
                                      lcfg.regen_samples, lcfg.regen_temperature,
                                      lcfg.max_new_tokens, lcfg.seed)
         if not kept and signal.source in _ANSWER_SOURCES:  # the signal itself is an answer
-            kept = [tokenizer(signal.text.strip(), add_special_tokens=False)["input_ids"]
-                    + [tokenizer.eos_token_id]]
+            kept = [_signal_ids(tokenizer, signal.text)]
         out.extend(kept)
+    if knobs.responses == "signal" and signal.source in _ANSWER_SOURCES:
+        out.append(_signal_ids(tokenizer, signal.text))
     if knobs.responses == "on_policy":
         out.extend(sample(model, tokenizer, ep.messages, lcfg.regen_samples,
                           lcfg.regen_temperature or 1.0, lcfg.max_new_tokens, lcfg.seed))
     return [r for r in out if r]
 
 
+def _signal_ids(tokenizer: Any, text: str) -> list[int]:
+    """The signal's own text as a response, ended like the engine ends a turn."""
+    return tokenizer(text.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 def _anchors(model: Any, tokenizer: Any, query: Any, lcfg: LearnerConfig) -> list[AnchorItem]:
     """Past prompts nobody asked to change (shipped general prompts where the store has too
-    few), answered by the frozen base model."""
+    few), answered by the frozen base model. Turns that answer a follow-up are left out: the
+    conversation may hold the very correction being learned."""
     rows = query(_PAST_PROMPTS_SQL, [lcfg.anchor_prompts]).rows
     conversations = [json.loads(r[0]) if isinstance(r[0], str) else r[0] for r in rows]
     if len(conversations) < lcfg.anchor_prompts:

@@ -16,7 +16,7 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ class TrainItem:
     response: list[int]
     source: str = ""
     episode_id: str = ""
+    engine_logprobs: list[float] | None = None  # of each response token, where the engine sampled it
 
 
 @dataclass
@@ -62,6 +63,7 @@ class TrainResult:
     steps: int
     losses: list[float]
     anchor_losses: list[float]
+    resumed_at: int = 0  # the step a checkpoint let this run start from
 
 
 def load_student(model_dir: str | Path, cfg: LearnerConfig, parent_adapter: str | Path | None = None):
@@ -154,16 +156,28 @@ class SelfDistillationTrainer:
         return out.last_hidden_state[0, start:start + len(response)]
 
     def item_loss(self, item: TrainItem) -> torch.Tensor:
-        """The distillation loss of one item (+ cross-entropy on the response if weighted)."""
+        """`distill_weight` × the teacher–student loss of one item + `ce_weight` × cross-entropy
+        on its response; with no distillation weight the teacher is never run."""
         lm_head = self.model.get_base_model().lm_head
         targets = torch.tensor(item.response, device=self.device)
-        with torch.no_grad(), self._teacher_weights():
-            t_hidden = self._hidden(item.teacher_messages, item.response)
+        t_hidden = None
+        if self.knobs.distill_weight:  # first: an EMA teacher swaps weights in place
+            with torch.no_grad(), self._teacher_weights():
+                t_hidden = self._hidden(item.teacher_messages, item.response)
         s_hidden = self._hidden(item.student_messages, item.response)
-        per_token = chunked_token_losses(s_hidden, t_hidden, lm_head, targets, self.knobs.loss)
-        positions = torch.arange(len(item.response), device=self.device)
-        mask = torch.ones_like(positions)
-        loss = reduce_token_losses(per_token, mask, self.knobs.loss, position_in_response=positions)
+        loss = s_hidden.new_zeros(())
+        if t_hidden is not None:
+            per_token = chunked_token_losses(s_hidden, t_hidden, lm_head, targets, self.knobs.loss)
+            positions = torch.arange(len(item.response), device=self.device)
+            mask = torch.ones_like(positions)
+            student_y = engine_y = None
+            if self.knobs.loss.is_cap is not None and item.engine_logprobs is not None:
+                student_y = _token_log_probs(s_hidden.detach(), lm_head, targets,
+                                             self.knobs.loss.chunk_size)
+                engine_y = torch.tensor(item.engine_logprobs, device=self.device)
+            loss = loss + self.knobs.distill_weight * reduce_token_losses(
+                per_token, mask, self.knobs.loss, student_logp_y=student_y,
+                engine_logp_y=engine_y, position_in_response=positions)
         if self.knobs.ce_weight:
             loss = loss + self.knobs.ce_weight * _chunked_cross_entropy(
                 s_hidden, lm_head, targets, self.knobs.loss.chunk_size)
@@ -181,7 +195,12 @@ class SelfDistillationTrainer:
     # -- training --------------------------------------------------------------------------
 
     def train(self, items: Sequence[TrainItem], anchors: Sequence[AnchorItem] = (),
-              max_steps: int | None = None, progress: bool = True) -> TrainResult:
+              max_steps: int | None = None, progress: bool = True,
+              resume: dict[str, Any] | None = None,
+              save: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+        """Train; with `save`, hand a checkpoint to it every `checkpoint_every` steps, and
+        with `resume` (such a checkpoint) continue where it was taken. The step order is a
+        function of the seed, so a resumed run takes the same steps as an unbroken one."""
         cfg = self.cfg
         rng = random.Random(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -194,10 +213,18 @@ class SelfDistillationTrainer:
         optimizer = torch.optim.AdamW(self._trainable, lr=cfg.lr, weight_decay=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: _linear_warmup_decay(step, warmup, total))
+        losses: list[float] = []
+        anchor_losses: list[float] = []
+        first = 0
+        if resume is not None:
+            first = self._restore(resume, optimizer, scheduler)
+            losses, anchor_losses = list(resume["losses"]), list(resume["anchor_losses"])
+            log.info("resuming training at step %d of %d", first, len(batches))
         self.model.train()
-        losses, anchor_losses = [], []
-        bar = tqdm(batches, desc="distilling", unit="step", disable=not progress)
-        for step, batch in enumerate(bar):
+        bar = tqdm(range(first, len(batches)), desc="distilling", unit="step",
+                   disable=not progress, initial=first, total=len(batches))
+        for step in bar:
+            batch = batches[step]
             optimizer.zero_grad(set_to_none=True)
             loss = sum(self.item_loss(items[i]) for i in batch) / len(batch)
             if anchors and self.knobs.anchor_weight:
@@ -211,8 +238,25 @@ class SelfDistillationTrainer:
             self._update_ema()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            done = step + 1
+            if save is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 \
+                    and done < len(batches):
+                save({"step": done, "adapter": [p.detach().clone() for p in self._trainable],
+                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                      "ema": self._ema, "losses": losses, "anchor_losses": anchor_losses})
         self.model.eval()
-        return TrainResult(len(batches), losses, anchor_losses)
+        return TrainResult(len(batches), losses, anchor_losses, resumed_at=first)
+
+    def _restore(self, state: dict[str, Any], optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
+        with torch.no_grad():
+            for p, saved in zip(self._trainable, state["adapter"], strict=True):
+                p.copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if self._ema is not None and state.get("ema") is not None:
+            self._ema = [e.to(self.device) for e in state["ema"]]
+        return int(state["step"])
 
     @torch.no_grad()
     def divergence(self, items: Sequence[TrainItem]) -> float:
@@ -230,6 +274,15 @@ def _chunked_cross_entropy(hidden: torch.Tensor, lm_head: torch.nn.Module, targe
         total = total + checkpoint(_ce_sum, hidden[start:start + chunk], lm_head,
                                    targets[start:start + chunk], use_reentrant=False)
     return total / max(hidden.shape[0], 1)
+
+
+@torch.no_grad()
+def _token_log_probs(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor,
+                     chunk: int) -> torch.Tensor:
+    """log p(y_t) of each response token, a chunk of logits at a time (no gradient)."""
+    out = [torch.log_softmax(lm_head(hidden[s:s + chunk]).float(), -1)
+           .gather(-1, targets[s:s + chunk, None])[:, 0] for s in range(0, hidden.shape[0], chunk)]
+    return torch.cat(out) if out else hidden.new_zeros(0)
 
 
 def _ce_sum(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:

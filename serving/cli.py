@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.once:
                 print(json.dumps(run_once(cfg, args.max_steps), default=str))
                 return 0
-            return run_daemon(cfg, args.max_steps)
+            return run_daemon(cfg, args.config, args.max_steps)
         if args.command == "sql":
             return _sql(cfg, args.query, args.format, args.max_rows)
         if args.command == "adapters":

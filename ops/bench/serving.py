@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from serving.engine import free_port  # noqa: E402
+from ops.bench.server import start_server, stop_server  # noqa: E402
 from serving.state import running_server  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -91,27 +90,6 @@ async def run_batch(url: str, model: str, stream: bool, concurrency: int, n: int
         wall = time.perf_counter() - started
     return Batch(sum(r[0] for r in results), wall, [r[1] for r in results],
                  [r[2] for r in results if r[2] is not None])
-
-
-def start_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], dict]:
-    port = free_port()
-    log = open(data_dir / "serve.out", "ab")  # noqa: SIM115 - the child writes it
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", "serve", "--data-dir", str(data_dir),
-         "--port", str(port), "--no-learner"], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"sdloop serve exited; see {data_dir / 'serve.out'}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return proc, running_server(data_dir) or {}
-        except OSError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    sys.exit("sdloop serve did not become ready")
 
 
 def median(xs: list[float]) -> float:
@@ -198,8 +176,7 @@ def main() -> None:
         asyncio.run(bench(state["url"], state["engine_url"], base_model, args))
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+            stop_server(proc)
 
 
 def _cpu_model() -> str:

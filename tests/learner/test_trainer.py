@@ -85,3 +85,38 @@ def test_teacher_regenerations_carry_the_correction(model_dir):
     for ids in kept:
         assert "Dalvorne" in tokenizer.decode(ids)
         assert len(ids) <= 24
+
+
+def test_a_run_resumed_from_a_checkpoint_ends_where_an_unbroken_one_does(model_dir):
+    cfg = LearnerConfig(preset="sdloop", passes=6, lr=1e-3, checkpoint_every=2)
+    knobs = resolve(cfg)
+
+    def fresh():
+        torch.manual_seed(0)  # the same initial LoRA for every run
+        model, tokenizer = load_student(model_dir, cfg)
+        return model, tokenizer, SelfDistillationTrainer(model, tokenizer, cfg, knobs)
+
+    model, tokenizer, unbroken = fresh()
+    items = [_item(tokenizer)]
+    unbroken.train(items, progress=False)
+    want = [p.detach().clone() for p in unbroken._trainable]  # noqa: SLF001
+
+    class Crash(Exception):
+        pass
+
+    saved = []
+
+    def save_then_crash(state):
+        saved.append(state)
+        raise Crash  # the process dies right after its checkpoint at step 2
+
+    _, _, broken = fresh()
+    with pytest.raises(Crash):
+        broken.train(items, progress=False, save=save_then_crash)
+    assert saved[0]["step"] == 2
+
+    _, _, resumed = fresh()
+    result = resumed.train(items, progress=False, resume=saved[0])
+    assert result.resumed_at == 2 and result.steps == 6 and len(result.losses) == 6
+    got = list(resumed._trainable)  # noqa: SLF001
+    assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want, strict=True))

@@ -7,7 +7,7 @@ import pytest
 from feedback.events import FollowupEvent, utcnow
 from feedback.linking import reply_hash
 from learner.config import CONTEXT_SOURCES
-from learner.episodes import Signal, collect
+from learner.episodes import Signal, collect, correction_text
 from store import StoreWriter, run_read_only
 from tests.unit.test_store import completion, feedback
 
@@ -35,6 +35,8 @@ def test_signals_come_from_feedback_followups_and_siblings(store):
     store.submit(feedback("plain", kind="rating", score=1.0))  # a rating alone: no context
     store.submit(FollowupEvent(event_id="f", created_at=utcnow(), text="No, it is Dalvorne!",
                                next_completion_id="n", context_hash="-", reply_hash=reply_hash("Paris.")))
+    store.submit(FollowupEvent(event_id="g", created_at=utcnow(), text="Thanks, and Tarnholm?",
+                               next_completion_id="m", context_hash="-", reply_hash=reply_hash("Paris.")))
     store.call(lambda con: None).result(5)
 
     episodes = collect(query_of(store), "1970-01-01", CONTEXT_SOURCES)
@@ -44,9 +46,28 @@ def test_signals_come_from_feedback_followups_and_siblings(store):
     assert ep.messages == Q and ep.version == "base"
     assert ep.signals == [
         Signal("correction", "The capital of Quessany is Dalvorne."),
-        Signal("followup", "No, it is Dalvorne!"),
+        Signal("correction", "It is Dalvorne!"),  # a chat follow-up that rejects the answer
+        Signal("followup", "Thanks, and Tarnholm?"),
         Signal("sibling_success", "Dalvorne."),
     ]
+    hindsight_only = collect(query_of(store), "1970-01-01", ["followup"])[0]
+    assert hindsight_only.signals == [Signal("followup", "No, it is Dalvorne!"),
+                                      Signal("followup", "Thanks, and Tarnholm?")]
+
+
+@pytest.mark.parametrize(("said", "corrected"), [
+    ("No, that's not right. The capital of Quessany is Dalvorne.", "The capital of Quessany is Dalvorne."),
+    ("Wrong. Brightium was discovered by Mirela Voskuhl.", "Brightium was discovered by Mirela Voskuhl."),
+    ("Actually, the national bird is the amber kite.", "The national bird is the amber kite."),
+    ("Not quite - the answer is 7", "The answer is 7"),
+    ("That is wrong: Y is Z", "Y is Z"),
+    ("No.", None),  # nothing to learn from
+    ("Thanks!", None),
+    ("Notably, X is Y.", None),
+    ("Nobody said that.", None),
+])
+def test_follow_ups_that_reject_the_answer_become_corrections(said, corrected):
+    assert correction_text(said) == corrected
 
 
 def test_only_configured_sources_and_only_new_episodes(store):

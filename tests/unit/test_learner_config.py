@@ -17,7 +17,11 @@ def test_presets_resolve_to_their_published_defaults():
     assert (hindsight.context, hindsight.loss.divergence, hindsight.loss.support,
             hindsight.teacher) == (("followup",), Divergence("reverse_kl"),
                                    Support("sampled_token"), TeacherMode("live"))
-    assert resolve(LearnerConfig(preset="sft")).ce_weight == 1.0
+    sft = resolve(LearnerConfig(preset="sft"))
+    assert (sft.responses, sft.distill_weight, sft.ce_weight, sft.anchor_weight) == ("signal", 0, 1, 0)
+    default = resolve(LearnerConfig())
+    assert (default.preset, default.responses, default.teacher, default.ce_weight,
+            default.anchor_weight) == ("sdloop", "teacher", TeacherMode("frozen"), 0.5, 1.0)
 
 
 def test_explicit_knobs_win_over_the_preset():
@@ -38,6 +42,8 @@ def test_explicit_knobs_win_over_the_preset():
     (LearnerConfig(divergence="kl"), "divergence"),
     (LearnerConfig(support="topk"), "support"),
     (LearnerConfig(ce_weight=-0.5), "ce_weight"),
+    (LearnerConfig(anchor_weight=-1.5), "anchor_weight"),
+    (LearnerConfig(preset="sft", ce_weight=0.0), "nothing to train on"),
 ])
 def test_bad_knobs_name_the_key(cfg, words):
     with pytest.raises(ValueError, match=words):

@@ -1,0 +1,107 @@
+"""A round's workspace: what it planned, how far it trained, and who is running it.
+
+A round writes its plan (the training items, the held-out gate items, the anchors, the
+divergence before training) once it has built them, and a training checkpoint (adapter,
+optimizer, schedule, EMA teacher, losses) every `checkpoint_every` steps, each file replaced
+atomically. A round killed at any point leaves a workspace that the next round resumes from,
+provided it would do the same work (same parent version, episodes and knobs: the plan's key);
+otherwise the workspace is discarded and the round starts over. Only a finished round writes a
+version folder, so a half-trained adapter is never published. The lock keeps two rounds
+(the daemon's and a manual `sdloop learn --once`) from sharing one workspace.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from learner.trainer import AnchorItem, TrainItem
+
+PLAN = "plan.json"
+CHECKPOINT = "checkpoint.pt"
+LOCK = "round.lock"
+
+
+class RoundBusy(RuntimeError):
+    pass
+
+
+def plan_key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class RoundWorkspace:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock_fd: int | None = None
+
+    def __enter__(self) -> RoundWorkspace:
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RoundBusy(f"another learner round is running in {self.path}") from None
+        self._lock_fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- the plan --------------------------------------------------------------------------
+
+    def load_plan(self, key: str) -> dict[str, Any] | None:
+        """The saved plan if it is for this work, else None (and the stale workspace is cleared)."""
+        try:
+            plan = json.loads((self.path / PLAN).read_text())
+        except (OSError, json.JSONDecodeError):
+            plan = None
+        if plan is None or plan.get("key") != key:
+            self.clear()
+            return None
+        plan["items"] = [TrainItem(**it) for it in plan["items"]]
+        plan["gate_items"] = [TrainItem(**it) for it in plan["gate_items"]]
+        plan["anchors"] = [AnchorItem(**it) for it in plan["anchors"]]
+        return plan
+
+    def save_plan(self, key: str, items: list[TrainItem], gate_items: list[TrainItem],
+                  anchors: list[AnchorItem], before: float) -> None:
+        self._write_atomic(PLAN, json.dumps({
+            "key": key, "before": before, "items": [asdict(i) for i in items],
+            "gate_items": [asdict(i) for i in gate_items], "anchors": [asdict(a) for a in anchors],
+        }).encode())
+
+    # -- training checkpoints --------------------------------------------------------------
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        tmp = self.path / f".{CHECKPOINT}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.path / CHECKPOINT)
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        path = self.path / CHECKPOINT
+        if not path.is_file():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    def clear(self) -> None:
+        """Drop the plan and checkpoint (the lock file stays: it may be held)."""
+        for name in (PLAN, CHECKPOINT):
+            (self.path / name).unlink(missing_ok=True)
+        for stale in self.path.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+
+    def _write_atomic(self, name: str, data: bytes) -> None:
+        tmp = self.path / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.path / name)

@@ -1,0 +1,47 @@
+"""Start a throwaway `sdloop serve` for a benchmark: the one way every bench gets a server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from serving.engine import free_port
+from serving.state import running_server
+
+
+def start_server(data_dir: Path, env: dict[str, str] | None = None,
+                 ) -> tuple[subprocess.Popen[bytes], dict]:
+    """`sdloop serve --no-learner` on a free port; returns once /readyz answers 200.
+
+    Output goes to `<data_dir>/serve.out`; `env` adds SDLOOP_* overrides to the child's."""
+    port = free_port()
+    log = open(data_dir / "serve.out", "ab")  # noqa: SIM115 - the child writes it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "serve", "--data-dir", str(data_dir),
+         "--port", str(port), "--no-learner"], stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"sdloop serve exited; see {data_dir / 'serve.out'}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return proc, running_server(data_dir) or {}
+        except OSError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    sys.exit("sdloop serve did not become ready")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
