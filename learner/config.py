@@ -83,7 +83,7 @@ class LearnerConfig:
     ce_weight: float = -1.0  # cross-entropy on the response text (teacher's answer or signal)
     # Rehearsal anchor: distil the model's own answers to past prompts nobody asked to change.
     anchor_weight: float = -1.0
-    anchor_prompts: int = 24
+    anchor_prompts: int = 48
     # Teacher regeneration (responses = teacher | mix).
     regen_samples: int = 4
     regen_temperature: float = 0.7

@@ -18,6 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from learner.checkpoint import RoundWorkspace, plan_key
 from learner.config import Knobs, LearnerConfig, TeacherMode, resolve
 from learner.contexts import Template, load_template
@@ -89,8 +91,9 @@ def run_round(cfg: Config, max_steps: int | None = None, progress: bool = True) 
         plan = work.load_plan(key)
         if plan is None:
             policy = _engine_policy(cfg, parent) if knobs.responses == "on_policy" else None
-            items = _train_items(model, tokenizer, episodes, knobs, template, lcfg, policy)
-            gate_items = _gate_items(model, tokenizer, episodes, template, lcfg)
+            items = _train_items(model, tokenizer, episodes, knobs, template, lcfg, policy,
+                                 progress)
+            gate_items = _gate_items(model, tokenizer, episodes, template, lcfg, progress)
             if not items or not gate_items:  # these knobs will never train on them: move on
                 _write_state(state_path, {"last_signal_at": max(e.signal_at for e in episodes),
                                           "rounds": state.get("rounds", 0)})
@@ -136,7 +139,7 @@ def _publish(cfg: Config, query: Any, model: Any, tokenizer: Any, model_dir: str
                   "items": len(items), "gate_items": len(gate_items), "anchors": len(anchors),
                   "loss_first": result.losses[0] if result.losses else None,
                   "loss_last": result.losses[-1] if result.losses else None},
-        "gate": gate.as_dict(),
+        "gate": {**gate.as_dict(), "enforced": lcfg.enforce_gate},
     }
     folder = write_version(model, tokenizer, cfg.adapters_path, version, model_dir, parent,
                            [(it.student_messages, it.response) for it in items], record)
@@ -160,13 +163,13 @@ def judge_knobs(knobs: Knobs) -> Knobs:
 
 
 def _gate_items(model: Any, tokenizer: Any, episodes: list[Episode], template: Template,
-                lcfg: LearnerConfig) -> list[TrainItem]:
+                lcfg: LearnerConfig, progress: bool = False) -> list[TrainItem]:
     """Held-out answers: for every signal, `gate_samples` fresh answers of the frozen teacher
     (another seed than training's, unfiltered), never trained on. Holding out whole episodes
     instead would withhold those users' corrections and measure nothing: a fact taught in one
     episode does not move the divergence of another."""
     items = []
-    for ep in episodes:
+    for ep in tqdm(episodes, desc="held-out answers", unit="episode", disable=not progress):
         for signal in ep.signals:
             teacher = template.teacher_messages(ep.messages, signal.source, signal.text)
             with model.disable_adapter():
@@ -199,9 +202,10 @@ def _engine_policy(cfg: Config, version: str) -> EnginePolicy | None:
 
 def _train_items(model: Any, tokenizer: Any, episodes: list[Episode], knobs: Knobs,
                  template: Template, lcfg: LearnerConfig,
-                 policy: EnginePolicy | None = None) -> list[TrainItem]:
+                 policy: EnginePolicy | None = None, progress: bool = False) -> list[TrainItem]:
     items = []
-    for ep in episodes:
+    for ep in tqdm(episodes, desc=f"responses ({knobs.responses})", unit="episode",
+                   disable=not progress):
         for signal in ep.signals:
             teacher = template.teacher_messages(ep.messages, signal.source, signal.text)
             if knobs.responses == "on_policy" and policy is not None:

@@ -147,7 +147,10 @@ class AdapterRegistry:
                 raise RegistryError(409, f"version {version} already exists ({known[0]}); "
                                          "versions are immutable, publish a new one")
             gate = manifest.get("gate") or {}
-            status = "rejected" if gate.get("passed") is False else "candidate"
+            # A failed gate is final unless the learner ran with its gate not enforced
+            # (benchmarks): then the verdict is only recorded.
+            failed = gate.get("passed") is False and gate.get("enforced", True)
+            status = "rejected" if failed else "candidate"
             await self._store(lambda con: con.execute(
                 "INSERT INTO adapter_versions VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [version, alias, manifest.get("parent"), str(path), status, utcnow(),

@@ -151,19 +151,25 @@ def main() -> None:
     parser.add_argument("--retention", type=Path, default=DATA / "retention.json")
     parser.add_argument("--rounds", type=int, default=2,
                         help="facts are taught in this many batches, a learner round after each")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a [learner] knob for every arm, e.g. --set lr=1e-3")
+    parser.add_argument("--set", action="append", default=[], metavar="[ARM.]KEY=VALUE",
+                        help="a [learner] knob for every arm (lr=1e-3) or for one (sdloop.lr=1e-3)")
     parser.add_argument("--out", type=Path, help="write every figure and answer here (JSON)")
     parser.add_argument("--keep", action="store_true", help="keep each arm's data dir")
     args = parser.parse_args()
-    overrides = dict(kv.split("=", 1) for kv in args.set)
+    overrides: dict[str, dict[str, str]] = {}
+    for kv in args.set:
+        key, value = kv.split("=", 1)
+        arm, _, knob = key.rpartition(".")
+        overrides.setdefault(arm, {})[knob] = value
     facts, retention = load_facts(args.facts), load_retention(args.retention)
     print(f"{len(facts)} facts x {len(facts[0]['probe'])} paraphrases, {len(retention)} retention "
           f"questions, {args.rounds} round(s); machine: {os.cpu_count()} cpus", flush=True)
 
     base, results = None, []
     for arm in args.arms.split(","):
-        result, base = run_arm(arm.strip(), facts, retention, args.rounds, overrides, args.keep, base)
+        arm = arm.strip()
+        knobs = {**overrides.get("", {}), **overrides.get(arm, {})}
+        result, base = run_arm(arm, facts, retention, args.rounds, knobs, args.keep, base)
         results.append(result)
 
     assert base is not None
