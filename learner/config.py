@@ -105,6 +105,7 @@ class LearnerConfig:
     retention_max_drop: float = 2.0  # accuracy points on the retention set, candidate vs base
     drift_max: float = 0.1  # mean per-token KL(base || candidate) on neutral prompts
     gate_samples: int = 2  # teacher answers per signal drawn for the gate, never trained on
+    retries: int = 1  # times a rejected round's episodes are tried again, with another seed
     enforce_gate: bool = True  # False: record the verdict but publish anyway (benchmarks only)
     # Daemon.
     interval_s: float = 60.0

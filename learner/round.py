@@ -61,17 +61,21 @@ def run_round(cfg: Config, max_steps: int | None = None, progress: bool = True) 
     """Run one round and return its JSON-able summary (status: published, rejected, written,
     or skipped)."""
     started = time.monotonic()
-    lcfg = cfg.learner
+    state_path = cfg.data_path / "learner" / STATE_FILE
+    state = _read_state(state_path)
+    # A rejected round's episodes come back `retries` times, each attempt with another seed
+    # (other teacher samples, order and gate answers): at this model size a candidate's
+    # retention moves by a few questions from seed to seed.
+    attempt = int(state.get("attempt", 0))
+    lcfg = replace(cfg.learner, seed=cfg.learner.seed + 1000 * attempt)
     knobs = resolve(lcfg)
     template = load_template(lcfg.template)
 
     def query(sql: str, params: list[Any]) -> Any:
         return store_query(cfg, sql, params)
 
-    state_path = cfg.data_path / "learner" / STATE_FILE
-    state = _read_state(state_path)
     episodes = collect(query, state["last_signal_at"], knobs.context)
-    summary: dict[str, Any] = {"preset": lcfg.preset, "episodes": len(episodes)}
+    summary: dict[str, Any] = {"preset": lcfg.preset, "episodes": len(episodes), "attempt": attempt}
     if len(episodes) < lcfg.min_episodes:
         return {**summary, "status": "skipped",
                 "reason": f"{len(episodes)} new episodes with a usable signal; "
@@ -110,13 +114,15 @@ def run_round(cfg: Config, max_steps: int | None = None, progress: bool = True) 
                                save=work.save_checkpoint)
         after = judge.divergence(gate_items)
         gate = evaluate(model, tokenizer, before, after, lcfg.retention_max_drop, lcfg.drift_max)
-        status, version, folder = _publish(cfg, query, model, tokenizer, model_dir, parent,
+        status, version, folder = _publish(cfg, lcfg, query, model, tokenizer, model_dir, parent,
                                            episodes, knobs, items, gate_items, anchors, result,
                                            gate)
         work.clear()
-    _write_state(state_path, {"last_signal_at": max(e.signal_at for e in episodes),
-                              "rounds": state.get("rounds", 0) + 1})
-    return {**summary, "status": status, "version": version, "parent": parent,
+    retry = status == "rejected" and attempt < lcfg.retries
+    _write_state(state_path, {
+        "last_signal_at": state["last_signal_at"] if retry else max(e.signal_at for e in episodes),
+        "rounds": state.get("rounds", 0) + 1, "attempt": attempt + 1 if retry else 0})
+    return {**summary, "retry_next_round": retry, "status": status, "version": version, "parent": parent,
             "path": str(folder), "steps": result.steps, "resumed_at_step": result.resumed_at,
             "items": len(items), "responses_from": _responses_from(knobs, items),
             "loss_first": result.losses[0] if result.losses else None,
@@ -124,15 +130,15 @@ def run_round(cfg: Config, max_steps: int | None = None, progress: bool = True) 
             "seconds": round(time.monotonic() - started, 1)}
 
 
-def _publish(cfg: Config, query: Any, model: Any, tokenizer: Any, model_dir: str, parent: str,
-             episodes: list[Episode], knobs: Knobs, items: list[TrainItem],
+def _publish(cfg: Config, lcfg: LearnerConfig, query: Any, model: Any, tokenizer: Any,
+             model_dir: str, parent: str, episodes: list[Episode], knobs: Knobs, items: list[TrainItem],
              gate_items: list[TrainItem], anchors: list[AnchorItem], result: TrainResult,
              gate: GateResult) -> tuple[str, str, Path]:
     """Write the version folder, then hand it to the running server (promoted if it passed)."""
-    lcfg, alias = cfg.learner, DEFAULT_ALIAS
+    alias = DEFAULT_ALIAS
     version = _next_version(query, cfg.adapters_path, alias)
     record = {
-        "preset": lcfg.preset, "knobs": knobs.as_dict(),
+        "preset": lcfg.preset, "knobs": knobs.as_dict(), "seed": lcfg.seed,
         "episodes": [e.completion_id for e in episodes],
         "train": {"steps": result.steps, "resumed_at_step": result.resumed_at,
                   "responses_from": _responses_from(knobs, items),
@@ -276,7 +282,7 @@ def _read_state(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        return {"last_signal_at": "1970-01-01 00:00:00", "rounds": 0}
+        return {"last_signal_at": "1970-01-01 00:00:00", "rounds": 0, "attempt": 0}
 
 
 def _write_state(path: Path, state: dict[str, Any]) -> None:

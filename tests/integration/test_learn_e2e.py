@@ -19,12 +19,13 @@ def _chat(server: Server) -> tuple[int, dict[str, str], dict]:
     return status, headers, json.loads(body)
 
 
-def _learn(server: Server, *args: str) -> dict:
+def _learn(server: Server, *args: str, **knobs: str) -> dict:
     env = {**os.environ, "SDLOOP_MODEL__CACHE_DIR": str(MODEL_CACHE),
            # a small, real round: teacher regenerations, a few anchors, a low learning rate
            "SDLOOP_LEARNER__RESPONSES": "teacher", "SDLOOP_LEARNER__TEACHER": "frozen",
            "SDLOOP_LEARNER__REGEN_SAMPLES": "2", "SDLOOP_LEARNER__ANCHOR_PROMPTS": "4",
-           "SDLOOP_LEARNER__LR": "1e-4", "SDLOOP_LEARNER__RETENTION_MAX_DROP": "10"}
+           "SDLOOP_LEARNER__LR": "1e-4", "SDLOOP_LEARNER__RETENTION_MAX_DROP": "10",
+           **{f"SDLOOP_LEARNER__{k.upper()}": v for k, v in knobs.items()}}
     out = subprocess.run([*SDLOOP, "learn", "--once", *args, "--data-dir", str(server.data_dir)],
                          capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -78,3 +79,24 @@ def test_correction_to_served_version_and_back(server: Server):
                           str(server.data_dir)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert _chat(server)[1]["x-sdloop-adapter-version"] == version
+
+
+def test_a_rejected_round_is_tried_once_more_with_another_seed(server: Server):
+    status, _, reply = _chat(server)
+    assert status == 200
+    status, _, _ = server.request("POST", "/v1/feedback", {
+        "completion_id": reply["id"], "type": "correction", "text": CORRECTION})
+    assert status == 201
+    before = _current(server)
+    # A bound no candidate can meet: every round is rejected.
+    impossible = {"retention_max_drop": "-1000", "regen_samples": "1", "anchor_prompts": "2"}
+    first = _learn(server, "--max-steps", "1", **impossible)
+    assert (first["status"], first["attempt"], first["retry_next_round"]) == ("rejected", 0, True)
+    second = _learn(server, "--max-steps", "1", **impossible)
+    assert (second["status"], second["attempt"], second["retry_next_round"]) == ("rejected", 1, False)
+    assert second["episodes"] == first["episodes"]
+    seeds = [server.admin_sql(f"SELECT manifest FROM adapter_versions WHERE version = '{r['version']}'"
+                              )[0]["manifest"]["seed"] for r in (first, second)]
+    assert seeds[0] != seeds[1]
+    assert _learn(server, **impossible)["status"] == "skipped"  # tried twice: moved on
+    assert _current(server) == before  # nothing rejected was ever served
