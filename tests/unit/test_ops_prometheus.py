@@ -1,8 +1,9 @@
-"""The shipped Prometheus config and alert rules speak the metric names sdloop exports and
-scrape the ports it listens on by default."""
+"""The shipped Prometheus config, alert rules and Grafana dashboard speak the metric names
+sdloop exports and scrape the ports it listens on by default."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ import store.metrics  # noqa: F401 - registers the store writer's
 from serving.config import load_config
 
 OPS = Path(__file__).resolve().parents[2] / "ops" / "prometheus"
+DASHBOARD = OPS.parent / "grafana" / "sdloop.json"
 _SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
              "gauge": ()}
 
@@ -42,6 +44,20 @@ def test_every_alert_uses_metrics_that_exist_and_says_what_happened():
         assert rule["alert"].startswith("Sdloop") and rule["annotations"]["summary"], rule
         used = set(re.findall(r"\bsdloop_[a-z_]+", rule["expr"]))
         assert used <= known, f"{rule['alert']} uses unknown metrics {used - known}"
+
+
+def test_every_dashboard_panel_queries_metrics_that_exist():
+    known = exported_names()
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    titles = " ".join(p["title"].lower() for p in panels)
+    for topic in ("latency", "first token", "tokens", "feedback", "loss", "divergence", "gate",
+                  "version", "swap"):
+        assert topic in titles, f"no panel on {topic}"
+    for p in panels:
+        assert p["targets"], p["title"]
+        for target in p["targets"]:
+            used = set(re.findall(r"\bsdloop_[a-z_]+", target["expr"]))
+            assert used and used <= known, f"{p['title']}: unknown metrics {used - known}"
 
 
 def test_scrape_targets_are_the_default_ports():
