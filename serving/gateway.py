@@ -501,13 +501,10 @@ async def admin_adapter_action(request: Request) -> Response:
     action = request.path_params["action"]
     try:
         if action == "publish":
-            path, promote = body.get("path"), body.get("promote", True)
+            path = body.get("path")
             if not isinstance(path, str) or not path:
                 raise APIError(422, "path: the version folder to publish", param="path")
-            if not isinstance(promote, bool):
-                raise APIError(422, "promote: true (load, probe and flip the alias) or false "
-                                    "(load and probe only)", param="promote")
-            result = await gw.registry.publish(path, promote=promote)
+            result = await gw.registry.publish(path, promote=bool(body.get("promote", True)))
         elif action == "promote":
             version = body.get("version")
             if not isinstance(version, str) or not version:

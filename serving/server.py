@@ -102,7 +102,7 @@ def _serve(cfg: Config, store: StoreWriter, model: str | None, config_path: str 
         finally:
             announcer.cancel()
             if learner_proc is not None:
-                await asyncio.to_thread(stop_child, learner_proc)
+                await asyncio.to_thread(_stop_learner, learner_proc)
             await engine.stop()
             await gateway.close()
 
@@ -132,11 +132,10 @@ def _start_learner(cfg: Config, config_path: str | None) -> subprocess.Popen[byt
     return proc
 
 
-def stop_child(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within `timeout_s`."""
+def _stop_learner(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     try:
-        proc.wait(timeout_s)
+        proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

@@ -10,7 +10,6 @@ import urllib.request
 from pathlib import Path
 
 from serving.engine import free_port
-from serving.server import stop_child
 from serving.state import running_server
 
 
@@ -41,4 +40,8 @@ def start_server(data_dir: Path, env: dict[str, str] | None = None,
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    stop_child(proc, timeout_s=60)
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
