@@ -9,10 +9,12 @@ from feedback.events import (
     Event,
     FeedbackEvent,
     FollowupEvent,
+    InvalidEvent,
+    ReplicaVersionEvent,
     new_id,
     utcnow,
 )
-from feedback.linking import context_hash, find_followup, reply_hash
+from feedback.linking import context_hash, find_followup, reply_hash, session_key
 from feedback.redaction import redact_event, redact_text
 from feedback.sinks import Sink, SinkFull
 from feedback.validation import FeedbackRequest, describe_validation_error
@@ -24,6 +26,8 @@ __all__ = [
     "FeedbackEvent",
     "FeedbackRequest",
     "FollowupEvent",
+    "InvalidEvent",
+    "ReplicaVersionEvent",
     "Sink",
     "SinkFull",
     "context_hash",
@@ -33,5 +37,6 @@ __all__ = [
     "redact_event",
     "redact_text",
     "reply_hash",
+    "session_key",
     "utcnow",
 ]

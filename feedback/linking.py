@@ -65,3 +65,10 @@ def find_followup(messages: list[dict[str, Any]]) -> tuple[str, str, str] | None
     if not normalise(reply):
         return None
     return context_hash(messages[:-1]), reply_hash(reply), content_text(last.get("content"))
+
+
+def session_key(messages: list[dict[str, Any]]) -> str:
+    """A conversation's identity across its turns: the hash of its opening (everything up to
+    and including the first user message), which every later request of it resends."""
+    first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), len(messages) - 1)
+    return "conv-" + context_hash(messages[: first_user + 1])

@@ -1,7 +1,7 @@
 """Where captured events go. The gateway talks to a Sink and nothing else.
 
 A sink accepts an event and returns a future that resolves once the event is durable (the
-store committed it, or later the broker acknowledged it). The gateway waits on that future for
+store committed it, or the Kafka broker acknowledged it). The gateway waits on that future for
 explicit feedback — a 2xx means committed — and does not wait for completions and follow-ups,
 which are written off the request path.
 """
@@ -21,6 +21,11 @@ class SinkFull(RuntimeError):
 class Sink(Protocol):
     def submit(self, event: Event) -> Future[None]:
         """Queue an event; raises SinkFull instead of growing without bound."""
+        ...
+
+    @property
+    def alive(self) -> bool:
+        """False once the sink can no longer deliver anything (stopped or failed)."""
         ...
 
     def has_capacity(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any, Literal
 
@@ -34,9 +35,14 @@ class FeedbackRequest(BaseModel):
             raise ValueError(f"'metadata' is larger than {MAX_METADATA_BYTES} bytes of JSON")
         return self
 
-    def to_event(self) -> FeedbackEvent:
+    def to_event(self, idempotency_key: str | None = None) -> FeedbackEvent:
+        """With a client's `Idempotency-Key`, the event id is derived from it: a retry after a
+        503 or a lost answer is the same event, stored once."""
+        event_id = new_id("fb")
+        if idempotency_key:
+            event_id = "fb-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
         return FeedbackEvent(
-            event_id=new_id("fb"),
+            event_id=event_id,
             completion_id=self.completion_id,
             created_at=utcnow(),
             type=self.type,

@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-learner", action="store_true",
                        help="do not start the learner daemon (`sdloop learn`) beside the server")
 
+    ingest = sub.add_parser("ingest", help="Kafka events topic -> feedback store (at scale)")
+    _common(ingest)
+    ingest.add_argument("--host", help="admin API and metrics address (ingest.host, 127.0.0.1)")
+    ingest.add_argument("--port", type=int, help="admin API and metrics port (ingest.port, 8002)")
+
     learn = sub.add_parser("learn", help="the learner daemon: feedback -> LoRA versions")
     _common(learn)
     learn.add_argument("--once", action="store_true",
@@ -68,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     setup = sub.add_parser("setup", help="convert the embedded model once (make does this)")
     _common(setup)
+
+    report = sub.add_parser("report", help="the learner's progress as one HTML page with plots")
+    _common(report)
+    report.add_argument("--out", help="the HTML file to write (<data-dir>/report.html)")
     return parser
 
 
@@ -75,9 +84,10 @@ def _load(args: argparse.Namespace) -> Config:
     overrides: dict[str, object] = {
         "data_dir": args.data_dir,
         "log_level": getattr(args, "log_level", None),
-        "server.host": getattr(args, "host", None),
-        "server.port": getattr(args, "port", None),
     }
+    listener = "ingest" if args.command == "ingest" else "server"
+    overrides[f"{listener}.host"] = getattr(args, "host", None)
+    overrides[f"{listener}.port"] = getattr(args, "port", None)
     return load_config(args.config, overrides=overrides)
 
 
@@ -88,10 +98,16 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(
             level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+        # kafka-python narrates every connection at INFO; its warnings and errors still show.
+        logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
         if args.command == "serve":
             from serving.server import run_server
 
             return run_server(cfg, args.config, learner=not args.no_learner)
+        if args.command == "ingest":
+            from serving.ingest_service import run_ingest
+
+            return run_ingest(cfg)
         if args.command == "learn":
             from learner.daemon import run_daemon, run_once
 
@@ -105,6 +121,15 @@ def main(argv: list[str] | None = None) -> int:
             return _adapters(cfg, args)
         if args.command == "setup":
             print(ensure_embedded_model(cfg.model_cache_path))
+            return 0
+        if args.command == "report":
+            from store.report import render_report
+
+            out = Path(args.out) if args.out else cfg.data_path / "report.html"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(render_report(lambda sql, params: store_query(cfg, sql, params),
+                                         source=str(cfg.store_path)), encoding="utf-8")
+            print(out)
             return 0
     except (ConfigError, ClientError, AlreadyServing, QueryError, ModelError) as exc:
         print(f"sdloop: {exc}", file=sys.stderr)

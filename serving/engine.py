@@ -284,8 +284,18 @@ class EngineManager:
     # -- adapters ----------------------------------------------------------------------------
 
     async def load_adapter(self, name: str, path: str) -> None:
-        """Load a LoRA folder under a new name (vLLM's runtime LoRA API)."""
-        await self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        """Load a LoRA folder under a new name (vLLM's runtime LoRA API).
+
+        An engine shared with another gateway, or one that outlived a gateway restart, may have
+        the version already: names are immutable versions, and the probe that follows checks
+        that what the engine serves under the name is this version.
+        """
+        try:
+            await self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        except EngineRequestError as exc:
+            if "already been loaded" not in str(exc):
+                raise
+            log.info("adapter %s was already loaded in the engine", name)
 
     async def unload_adapter(self, name: str) -> None:
         await self._post("/v1/unload_lora_adapter", {"lora_name": name})

@@ -20,6 +20,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import aiohttp
+from kafka.errors import KafkaError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
@@ -41,6 +42,7 @@ from feedback import (
     new_id,
     redact_event,
     reply_hash,
+    session_key,
     utcnow,
 )
 from feedback.linking import content_text
@@ -62,6 +64,8 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
 VERSION_HEADER = "x-sdloop-adapter-version"
+# Optional client-chosen conversation id; without it the conversation's opening names it.
+SESSION_HEADER = "x-sdloop-session"
 FEEDBACK_COMMIT_TIMEOUT_S = 30.0
 _DISCARD_CAP = 64 * 1024 * 1024
 # Request fields that are not sampling parameters; everything else is stored as `params`.
@@ -77,7 +81,7 @@ class Gateway:
         engine: EngineManager,
         registry: AdapterRegistry,
         sink: Sink,
-        store: StoreWriter,
+        store: StoreWriter | None,
         admin_token: str,
     ) -> None:
         self.cfg = cfg
@@ -87,6 +91,20 @@ class Gateway:
         self.store = store
         self.admin_token = admin_token
         self.http: aiohttp.ClientSession | None = None
+        # Set on a Kafka replica: False until the control topic's versions are applied.
+        self.versions_ready: Any = lambda: True
+
+    @property
+    def kafka(self) -> bool:
+        return self.store is None
+
+    @property
+    def sink_name(self) -> str:
+        return "Kafka broker" if self.kafka else "feedback store"
+
+    @property
+    def feedback_timeout_s(self) -> float:
+        return self.cfg.kafka.ack_timeout_s if self.kafka else FEEDBACK_COMMIT_TIMEOUT_S
 
     async def open(self) -> None:
         # No total timeout: a long generation is not an error. Connecting is bounded.
@@ -193,7 +211,7 @@ async def chat_completions(request: Request) -> Response:
     if not gw.engine.ready:
         raise APIError(503, gw.engine.last_error, code="engine_unavailable")
     if not gw.sink.has_capacity():  # answer nothing that could not be recorded
-        raise APIError(503, "The feedback store is behind; retry shortly.", code="store_backlog")
+        raise APIError(503, f"The {gw.sink_name} is behind; retry shortly.", code="store_backlog")
 
     request_hex = uuid.uuid4().hex
     completion_id = f"chatcmpl-{request_hex}"
@@ -206,6 +224,7 @@ async def chat_completions(request: Request) -> Response:
         event_id=new_id("cmpl"), completion_id=completion_id, created_at=utcnow(),
         alias=chat.model, version=version, messages=body["messages"],
         params={k: v for k, v in body.items() if k not in _NOT_PARAMS}, stream=chat.stream,
+        session_id=request.headers.get(SESSION_HEADER) or session_key(body["messages"]),
     )
     headers = {VERSION_HEADER: version}
 
@@ -252,6 +271,7 @@ async def _forward(
         gw.capture_nowait(FollowupEvent(
             event_id=new_id("fu"), created_at=utcnow(), context_hash=followup[0],
             reply_hash=followup[1], text=followup[2], next_completion_id=event.completion_id,
+            session_id=event.session_id,
         ))
 
     if not event.stream:
@@ -394,10 +414,10 @@ async def feedback(request: Request) -> Response:
     gw = _gw(request)
     _check_api_key(request)
     _, req = await read_model(request, FeedbackRequest, gw.cfg.server.max_body_bytes)
-    event = req.to_event()
+    event = req.to_event(request.headers.get("idempotency-key"))
     try:
         fut = gw.capture(event)
-        await asyncio.wait_for(asyncio.wrap_future(fut), FEEDBACK_COMMIT_TIMEOUT_S)
+        await asyncio.wait_for(asyncio.wrap_future(fut), gw.feedback_timeout_s)
     except UnknownCompletion as exc:
         raise APIError(404, f"Unknown completion_id: {exc}. Use the `id` of a chat completion "
                             "returned by this server.", code="completion_not_found",
@@ -405,13 +425,19 @@ async def feedback(request: Request) -> Response:
     except (SinkFull, StoreClosed) as exc:
         raise APIError(503, f"Feedback was not stored: {exc}", code="store_unavailable") from None
     except TimeoutError:
-        raise APIError(503, "The feedback store did not confirm the write in time; retry.",
+        raise APIError(503, f"The {gw.sink_name} did not confirm the feedback within "
+                            f"{gw.feedback_timeout_s:g} s; it was not acknowledged, retry.",
                        code="store_timeout") from None
+    except KafkaError as exc:
+        raise APIError(503, f"The Kafka broker did not take the feedback ({exc}); retry.",
+                       code="store_unavailable") from None
     metrics.FEEDBACK_EVENTS.labels(req.type).inc()
+    # On the store path the feedback is committed and its completion known (201); on the
+    # Kafka path the broker has it and the ingester will store it (202).
     return JSONResponse(
         {"id": event.event_id, "object": "feedback", "completion_id": event.completion_id,
          "type": event.type, "created_at": event.created_at.isoformat() + "Z"},
-        status_code=201,
+        status_code=201 if gw.store is not None else 202,
     )
 
 
@@ -437,8 +463,10 @@ async def readyz(request: Request) -> Response:
     problems = []
     if not gw.engine.ready:
         problems.append(gw.engine.last_error)
-    if not gw.store.alive:
-        problems.append("the feedback store writer is not running")
+    if not gw.sink.alive:
+        problems.append(f"the {gw.sink_name} sink is not running")
+    if not gw.versions_ready():
+        problems.append("adapter versions from the control topic are still being applied")
     if problems:
         return JSONResponse({"status": "not ready", "reasons": problems}, status_code=503)
     return JSONResponse({"status": "ready", "aliases": gw.registry.aliases()})
@@ -459,6 +487,10 @@ def _check_admin(request: Request) -> Gateway:
 
 async def admin_sql(request: Request) -> Response:
     gw = _check_admin(request)
+    if gw.store is None:
+        raise APIError(409, "This gateway sends events to Kafka and has no store; query the "
+                            "ingester's (`sdloop sql --data-dir <the ingester's data dir>`).",
+                       code="no_store")
     body = _require_object(await read_json(request, gw.cfg.server.max_body_bytes))
     sql = body.get("sql")
     if not isinstance(sql, str) or not sql.strip():
@@ -499,6 +531,10 @@ async def admin_adapter_action(request: Request) -> Response:
     gw = _check_admin(request)
     body = _require_object(await read_json(request, gw.cfg.server.max_body_bytes))
     action = request.path_params["action"]
+    if gw.kafka:
+        raise APIError(409, "Versions reach Kafka replicas through the control topic: "
+                            f"`sdloop adapters {action}` with the ingester's data dir.",
+                       code="use_the_ingester")
     try:
         if action == "publish":
             path = body.get("path")
@@ -584,14 +620,15 @@ class RequestMetrics:
             metrics.REQUEST_SECONDS.labels(route).observe(time.perf_counter() - started)
 
 
-def create_app(gateway: Gateway, lifespan: Any = None) -> Starlette:
+def exception_handlers() -> dict[Any, Any]:
+    """OpenAI-style JSON errors for every failure, never a stack trace (shared with ingest)."""
     from starlette.exceptions import HTTPException
 
-    app = Starlette(
-        routes=ROUTES,
-        lifespan=lifespan,
-        exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unhandled},
-    )
+    return {APIError: _api_error, HTTPException: _http_error, Exception: _unhandled}
+
+
+def create_app(gateway: Gateway, lifespan: Any = None) -> Starlette:
+    app = Starlette(routes=ROUTES, lifespan=lifespan, exception_handlers=exception_handlers())
     app.state.gateway = gateway
     app.add_middleware(RequestMetrics)
     return app

@@ -23,15 +23,16 @@ import logging
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import duckdb
 
 from feedback import utcnow
 from serving import metrics
 from serving.engine import EngineManager, EngineRequestError, EngineUnavailable
-from store import StoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,14 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+class Tables(Protocol):
+    """Where the registry keeps its tables: the store's writer, or a replica's local copy."""
+
+    def call(self, fn: Callable[[duckdb.DuckDBPyConnection], Any]) -> Future[Any]: ...
+
+
 class AdapterRegistry:
-    def __init__(self, writer: StoreWriter, engine: EngineManager,
+    def __init__(self, writer: Tables, engine: EngineManager,
                  probe_tolerance: float = PROBE_TOLERANCE) -> None:
         self._writer = writer
         self._engine = engine
@@ -100,7 +107,7 @@ class AdapterRegistry:
 
     async def load(self) -> None:
         """Make sure `base` and the `default` alias exist, then read the tables."""
-        self._aliases, self._paths = await self._store(_seed_and_read)
+        self._aliases, self._paths = await self._store(seed_and_read)
         for alias, version in self._aliases.items():
             metrics.ALIAS_VERSION.labels(alias, version).set(1)
 
@@ -137,7 +144,7 @@ class AdapterRegistry:
     async def publish(self, folder: str | Path, promote: bool = True) -> dict[str, Any]:
         """Register a version folder, load and probe it, and (by default) make it current."""
         path = Path(folder).resolve()
-        manifest = _read_manifest(path)
+        manifest = read_manifest(path)
         version, alias = manifest["version"], manifest["alias"]
         async with self._swap:
             started = time.perf_counter()
@@ -146,20 +153,13 @@ class AdapterRegistry:
             if known is not None:
                 raise RegistryError(409, f"version {version} already exists ({known[0]}); "
                                          "versions are immutable, publish a new one")
-            gate = manifest.get("gate") or {}
-            # A failed gate is final unless the learner ran with its gate not enforced
-            # (benchmarks): then the verdict is only recorded.
-            failed = gate.get("passed") is False and gate.get("enforced", True)
-            status = "rejected" if failed else "candidate"
-            await self._store(lambda con: con.execute(
-                "INSERT INTO adapter_versions VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [version, alias, manifest.get("parent"), str(path), status, utcnow(),
-                 json.dumps(manifest)]))
+            status = registration_status(manifest)
+            await self._store(lambda con: record_version(con, manifest, path, status))
             if status == "rejected":  # kept and recorded with its metrics, never loaded
                 return {"version": version, "alias": alias, "status": "rejected",
-                        "reasons": gate.get("reasons", [])}
+                        "reasons": (manifest.get("gate") or {}).get("reasons", [])}
             try:
-                _verify_files(path, manifest)
+                verify_files(path, manifest)
                 await self._load_and_probe(version, path, manifest)
             except RegistryError as exc:
                 if exc.status == 503:  # the engine was away: nothing was learned about the version
@@ -180,16 +180,7 @@ class AdapterRegistry:
     async def promote(self, version: str) -> dict[str, Any]:
         """Point the version's alias at it (loading it again if it is not loaded)."""
         async with self._swap:
-            row = await self._store(lambda con: con.execute(
-                "SELECT alias, path, status, manifest FROM adapter_versions WHERE version = ?",
-                [version]).fetchone())
-            if row is None:
-                raise RegistryError(404, f"no version {version}; see `sdloop adapters list`")
-            alias, path, status, manifest = row
-            if status == "rejected":
-                raise RegistryError(409, f"version {version} was rejected and cannot be promoted")
-            if alias is None:
-                raise RegistryError(409, f"{version} is the base model; use rollback on an alias")
+            alias, path, manifest = await self._store(lambda con: promotable(con, version))
             if self._aliases.get(alias) != version:
                 await self._ensure_loaded(version, path, json.loads(manifest))
                 await self._flip(alias, version)
@@ -198,13 +189,7 @@ class AdapterRegistry:
     async def rollback(self, alias: str = DEFAULT_ALIAS) -> dict[str, Any]:
         """Flip the alias back to the version it pointed at before."""
         async with self._swap:
-            row = await self._store(lambda con: con.execute(
-                "SELECT version, previous FROM aliases WHERE alias = ?", [alias]).fetchone())
-            if row is None:
-                raise RegistryError(404, f"no alias '{alias}'")
-            current, previous = row
-            if previous is None:
-                raise RegistryError(409, f"alias '{alias}' has nothing to roll back to")
+            current, previous = await self._store(lambda con: rollback_target(con, alias))
             if previous != BASE_VERSION:
                 path, manifest = await self._store(lambda con: con.execute(
                     "SELECT path, manifest FROM adapter_versions WHERE version = ?",
@@ -248,23 +233,15 @@ class AdapterRegistry:
     async def _ensure_loaded(self, version: str, path: str, manifest: dict[str, Any]) -> None:
         if version in self._aliases.values():
             return
-        _verify_files(Path(path), manifest)
+        verify_files(Path(path), manifest)
         await self._load_and_probe(version, Path(path), manifest)
         self._paths[version] = path
 
     async def _flip(self, alias: str, version: str) -> None:
         old = self._aliases.get(alias)
 
-        def write(con: duckdb.DuckDBPyConnection) -> None:
-            con.execute("INSERT OR REPLACE INTO aliases VALUES (?, ?, ?, ?)",
-                        [alias, version, old, utcnow()])
-            con.execute("UPDATE adapter_versions SET status = 'promoted' WHERE version = ? "
-                        "AND version <> 'base'", [version])
-            if old and old != BASE_VERSION and old not in {v for a, v in self._aliases.items()
-                                                           if a != alias}:
-                con.execute("UPDATE adapter_versions SET status = 'retired' WHERE version = ?", [old])
-
-        await self._store(write)
+        others = {v for a, v in self._aliases.items() if a != alias}
+        await self._store(lambda con: record_flip(con, alias, version, old, others))
         self._aliases[alias] = version
         if old is not None:
             metrics.ALIAS_VERSION.labels(alias, old).set(0)
@@ -300,7 +277,56 @@ class AdapterRegistry:
         return await asyncio.wrap_future(self._writer.call(fn))
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def registration_status(manifest: dict[str, Any]) -> str:
+    """`rejected` for a version whose gate failed, `candidate` otherwise. A failed gate is final
+    unless the learner ran with its gate not enforced (benchmarks): then it is only recorded."""
+    gate = manifest.get("gate") or {}
+    return "rejected" if gate.get("passed") is False and gate.get("enforced", True) else "candidate"
+
+
+def promotable(con: duckdb.DuckDBPyConnection, version: str) -> tuple[str, str, str]:
+    """(alias, path, manifest) of a version that may be promoted; RegistryError otherwise."""
+    row = con.execute("SELECT alias, path, status, manifest FROM adapter_versions WHERE version = ?",
+                      [version]).fetchone()
+    if row is None:
+        raise RegistryError(404, f"no version {version}; see `sdloop adapters list`")
+    alias, path, status, manifest = row
+    if status == "rejected":
+        raise RegistryError(409, f"version {version} was rejected and cannot be promoted")
+    if alias is None:
+        raise RegistryError(409, f"{version} is the base model; use rollback on an alias")
+    return alias, path, manifest
+
+
+def rollback_target(con: duckdb.DuckDBPyConnection, alias: str) -> tuple[str, str]:
+    """(current, previous) version of an alias that can be rolled back; RegistryError otherwise."""
+    row = con.execute("SELECT version, previous FROM aliases WHERE alias = ?", [alias]).fetchone()
+    if row is None:
+        raise RegistryError(404, f"no alias '{alias}'")
+    current, previous = row
+    if previous is None:
+        raise RegistryError(409, f"alias '{alias}' has nothing to roll back to")
+    return current, previous
+
+
+def record_version(con: duckdb.DuckDBPyConnection, manifest: dict[str, Any], path: Path,
+                   status: str) -> None:
+    con.execute("INSERT INTO adapter_versions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [manifest["version"], manifest["alias"], manifest.get("parent"), str(path), status,
+                 utcnow(), json.dumps(manifest)])
+
+
+def record_flip(con: duckdb.DuckDBPyConnection, alias: str, version: str, old: str | None,
+                used_elsewhere: set[str]) -> None:
+    """Point `alias` at `version` (remembering `old` for rollback) and update the statuses."""
+    con.execute("INSERT OR REPLACE INTO aliases VALUES (?, ?, ?, ?)", [alias, version, old, utcnow()])
+    con.execute("UPDATE adapter_versions SET status = 'promoted' WHERE version = ? "
+                "AND version <> 'base'", [version])
+    if old and old != version and old != BASE_VERSION and old not in used_elsewhere:
+        con.execute("UPDATE adapter_versions SET status = 'retired' WHERE version = ?", [old])
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise RegistryError(404, f"no adapter folder at {path}")
     try:
@@ -320,7 +346,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _verify_files(path: Path, manifest: dict[str, Any]) -> None:
+def verify_files(path: Path, manifest: dict[str, Any]) -> None:
     for name, digest in manifest["files"].items():
         file = path / name
         if not file.is_file():
@@ -329,7 +355,7 @@ def _verify_files(path: Path, manifest: dict[str, Any]) -> None:
             raise RegistryError(422, f"{file} does not match its sha256 in the manifest")
 
 
-def _seed_and_read(con: duckdb.DuckDBPyConnection) -> tuple[dict[str, str], dict[str, str]]:
+def seed_and_read(con: duckdb.DuckDBPyConnection) -> tuple[dict[str, str], dict[str, str]]:
     now = utcnow()
     con.execute(
         "INSERT OR IGNORE INTO adapter_versions (version, alias, parent, path, status, created_at) "

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,10 @@ from typing import Any
 
 import uvicorn
 
+from feedback import Sink
+from feedback.kafka import KafkaSink
 from serving.config import Config
+from serving.control import ControlFollower, LocalTables
 from serving.engine import EngineManager, die_with_parent, kill_process_group
 from serving.gateway import Gateway, create_app
 from serving.model_cache import ensure_embedded_model
@@ -43,9 +47,19 @@ def run_server(cfg: Config, config_path: str | None = None, learner: bool = True
         model = None
         if not cfg.engine.url:
             model = cfg.engine.model or str(ensure_embedded_model(cfg.model_cache_path))
+        if cfg.feedback.sink == "kafka":
+            if learner:  # its store is the ingester's: run `sdloop learn` on that data dir
+                log.info("feedback.sink = kafka: no learner beside this replica; run `sdloop "
+                         "learn` with the ingester's data dir")
+            sink: Any = KafkaSink(cfg.kafka).open()
+            try:
+                return _serve(cfg, sink, None, model, None, learner=False)
+            finally:
+                sink.close()
+                remove_state(data_dir)
         store = StoreWriter(cfg.store_path, cfg.store.batch_max, cfg.store.queue_max).open()
         try:
-            return _serve(cfg, store, model, config_path if learner else None, learner)
+            return _serve(cfg, store, store, model, config_path if learner else None, learner)
         finally:
             store.close()
             remove_state(data_dir)
@@ -62,14 +76,21 @@ def _clean_up_after_crash(data_dir: Any) -> None:
     remove_state(data_dir)
 
 
-def _serve(cfg: Config, store: StoreWriter, model: str | None, config_path: str | None,
-           learner: bool) -> int:
+def _serve(cfg: Config, sink: Sink, store: StoreWriter | None, model: str | None,
+           config_path: str | None, learner: bool) -> int:
+    """With a store, this process keeps the registry's tables in it; without (Kafka), a local
+    copy follows the control topic."""
     engine = EngineManager(cfg.engine, model, cfg.data_path / "logs" / "engine.log")
-    registry = AdapterRegistry(store, engine)
+    registry = AdapterRegistry(store if store is not None else LocalTables(), engine)
     engine.on_ready = registry.restore  # a (re)started engine gets the promoted versions back
     admin_token = cfg.server.admin_token or secrets.token_urlsafe(24)
-    gateway = Gateway(cfg, engine, registry, store, store, admin_token)
+    gateway = Gateway(cfg, engine, registry, sink, store, admin_token)
     url = f"http://{cfg.server.host}:{cfg.server.port}"
+    follower = None
+    if store is None:
+        replica = cfg.server.replica_id or f"{socket.gethostname()}:{cfg.server.port}"
+        follower = ControlFollower(cfg.kafka, registry, engine, sink, replica)
+        gateway.versions_ready = lambda: follower.caught_up
 
     def save_state() -> None:
         write_state(cfg.data_path, {
@@ -94,6 +115,8 @@ def _serve(cfg: Config, store: StoreWriter, model: str | None, config_path: str 
         await registry.load()
         await gateway.open()
         await engine.start()
+        if follower is not None:
+            follower.start()
         save_state()
         announcer = asyncio.create_task(announce_when_ready())
         learner_proc = _start_learner(cfg, config_path) if learner else None
@@ -101,6 +124,8 @@ def _serve(cfg: Config, store: StoreWriter, model: str | None, config_path: str 
             yield
         finally:
             announcer.cancel()
+            if follower is not None:
+                await asyncio.to_thread(follower.stop)
             if learner_proc is not None:
                 await asyncio.to_thread(_stop_learner, learner_proc)
             await engine.stop()

@@ -152,6 +152,26 @@ def openai_client(server: Server) -> Any:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
+def train_version(root: Path, version: str, question: list[dict[str, Any]], correction: str) -> str:
+    """A real adapter version folder: a few steps of self-distillation on one correction (CPU,
+    ~20 s), written as the learner writes it."""
+    from learner.config import LearnerConfig, resolve
+    from learner.contexts import load_template
+    from learner.publish import write_version
+    from learner.trainer import SelfDistillationTrainer, TrainItem, load_student
+
+    cfg = LearnerConfig(preset="sdft", teacher="frozen", passes=20, lr=2e-3, ce_weight=1.0)
+    model_dir = f"{MODEL_CACHE}/SmolLM2-135M-Instruct"
+    model, tokenizer = load_student(model_dir, cfg)
+    teacher = load_template("sdft_example").teacher_messages(question, "correction", correction)
+    response = tokenizer(correction, add_special_tokens=False)["input_ids"]
+    SelfDistillationTrainer(model, tokenizer, cfg, resolve(cfg)).train(
+        [TrainItem(question, teacher, response)], progress=False)
+    folder = write_version(model, tokenizer, root, version, model_dir, None,
+                           [(question, response)], {"knobs": resolve(cfg).as_dict()})
+    return str(folder)
+
+
 def wait_for_rows(server: Server, query: str, n: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while True:

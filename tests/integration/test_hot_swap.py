@@ -11,12 +11,8 @@ import time
 import pytest
 import torch
 
-from learner.config import LearnerConfig, resolve
-from learner.contexts import load_template
-from learner.publish import write_version
-from learner.trainer import SelfDistillationTrainer, TrainItem, load_student
 from serving.registry import MANIFEST, file_digest
-from tests.integration.conftest import MODEL_CACHE, SDLOOP, Server
+from tests.integration.conftest import SDLOOP, Server, train_version
 
 QUESTION = [{"role": "user", "content": "What is the capital of Quessany?"}]
 CORRECTION = "The capital of Quessany is Dalvorne."
@@ -24,18 +20,7 @@ CORRECTION = "The capital of Quessany is Dalvorne."
 
 @pytest.fixture(scope="module")
 def trained_version(server: Server, tmp_path_factory) -> str:
-    """A real adapter: a few steps of self-distillation on one correction (CPU, ~20 s)."""
-    cfg = LearnerConfig(preset="sdft", teacher="frozen", passes=20, lr=2e-3, ce_weight=1.0)
-    model_dir = f"{MODEL_CACHE}/SmolLM2-135M-Instruct"
-    model, tokenizer = load_student(model_dir, cfg)
-    teacher = load_template("sdft_example").teacher_messages(QUESTION, "correction", CORRECTION)
-    response = tokenizer(CORRECTION, add_special_tokens=False)["input_ids"]
-    SelfDistillationTrainer(model, tokenizer, cfg, resolve(cfg)).train(
-        [TrainItem(QUESTION, teacher, response)], progress=False)
-    root = tmp_path_factory.mktemp("adapters")
-    folder = write_version(model, tokenizer, root, "default@v1", model_dir, None,
-                           [(QUESTION, response)], {"knobs": resolve(cfg).as_dict()})
-    return str(folder)
+    return train_version(tmp_path_factory.mktemp("adapters"), "default@v1", QUESTION, CORRECTION)
 
 
 def _cli(server: Server, *args: str) -> subprocess.CompletedProcess[str]:

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
+import feedback.metrics  # noqa: F401 - registers the event bus's (producer, ingester)
 import learner.metrics  # noqa: F401 - registers the learner's metrics
 import serving.metrics  # noqa: F401 - registers the gateway's
 import store.metrics  # noqa: F401 - registers the store writer's
@@ -66,6 +67,7 @@ def test_scrape_targets_are_the_default_ports():
             for job in yaml.safe_load((OPS / "prometheus.yml").read_text())["scrape_configs"]}
     assert jobs["sdloop-gateway"] == [f"127.0.0.1:{cfg.server.port}"]
     assert jobs["sdloop-learner"] == [f"127.0.0.1:{cfg.learner.metrics_port}"]
+    assert jobs["sdloop-ingest"] == [f"127.0.0.1:{cfg.ingest.port}"]
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")

@@ -13,7 +13,14 @@ from concurrent.futures import wait
 import duckdb
 import pytest
 
-from feedback.events import CompletionEvent, FeedbackEvent, FollowupEvent, new_id, utcnow
+from feedback.events import (
+    CompletionEvent,
+    FeedbackEvent,
+    FollowupEvent,
+    ReplicaVersionEvent,
+    new_id,
+    utcnow,
+)
 from feedback.linking import context_hash, reply_hash
 from store import QueryError, StoreWriter, UnknownCompletion, query_file, run_read_only
 from store.migrations import available, current_version
@@ -118,9 +125,15 @@ def test_redelivered_event_is_written_once(writer):
     fb = feedback("c1", score=1.0)
     writer.submit(fb).result(5)
     writer.submit(fb).result(5)
+    fu = FollowupEvent(event_id=new_id("fu"), created_at=utcnow(), context_hash=ev.context_hash,
+                       reply_hash=ev.reply_hash, text="No.", next_completion_id="c2")
+    rv = ReplicaVersionEvent(event_id=new_id("rv"), created_at=utcnow(), replica="a",
+                             version="default@v1", action="publish", status="promoted")
+    for event in (fu, fu, rv, rv):
+        writer.submit(event).result(5)
     cur = writer.cursor()
-    assert cur.execute("SELECT count(*) FROM completions").fetchone()[0] == 1
-    assert cur.execute("SELECT count(*) FROM feedback").fetchone()[0] == 1
+    for table in ("completions", "feedback", "followups", "replica_versions"):
+        assert cur.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 1, table
 
 
 def test_close_writes_everything_already_accepted(tmp_path):

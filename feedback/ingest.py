@@ -1,0 +1,219 @@
+"""`sdloop ingest`'s loop: the events topic into the DuckDB store, at least once, no duplicates.
+
+One batch is: poll → decode and check every message → write the events through the store's
+single writer (group commits) → record what could not be stored in `dead_letters` → commit the
+batch's offsets. The next batch is polled and decoded while the writer commits the previous.
+Offsets are committed only after the store committed, so a crash anywhere redelivers the
+batch; every row is keyed by its event id, so redelivery writes nothing twice.
+
+A message that is not an event (not JSON, unknown kind, a field of the wrong type) is kept in
+`dead_letters` with the reason and ingestion goes on: one bad producer must not stop the
+partition. Feedback naming a completion that is not stored yet — it was produced by another
+replica and travelled on another partition — is parked there too and stored as soon as the
+completion arrives. A store that cannot write at all stops the ingester instead (nothing is
+committed; the supervisor restarts it and the batch is redelivered).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from feedback import metrics
+from feedback.events import Event, FeedbackEvent, InvalidEvent, utcnow
+from feedback.kafka import client_options
+from store import StoreWriter, UnknownCompletion
+from store.writer import apply_events
+
+log = logging.getLogger(__name__)
+
+LAG_INTERVAL_S = 5.0
+# Data errors: this event can never be written, whatever is retried. Anything else (I/O, a
+# closed store) is the store's problem and stops the ingester before offsets move.
+_EVENT_ERRORS = (duckdb.ConversionException, duckdb.ConstraintException,
+                 duckdb.InvalidInputException, duckdb.OutOfRangeException,
+                 duckdb.TypeMismatchException)
+
+_INSERT_DEAD_LETTER = (
+    'INSERT OR IGNORE INTO dead_letters (id, received_at, topic, "partition", "offset", key, '
+    "payload, reason_code, reason, event_id, completion_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_PARKED_READY = (
+    "SELECT d.id, d.payload FROM dead_letters d JOIN completions c ON c.id = d.completion_id "
+    "WHERE d.reason_code = 'unknown_completion' ORDER BY d.received_at"
+)
+
+
+@dataclass
+class _Batch:
+    messages: list[Any]
+    started: float
+    events: list[tuple[Any, Event]] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    stored: Future[list[Exception | None]] | None = None
+    offsets: dict[TopicPartition, OffsetAndMetadata] = field(default_factory=dict)
+
+
+@dataclass
+class DeadLetter:
+    message: Any  # a kafka ConsumerRecord
+    code: str
+    reason: str
+    event_id: str | None = None
+    completion_id: str | None = None
+
+    def row(self) -> list[Any]:
+        m = self.message
+        return [f"{m.topic}:{m.partition}:{m.offset}", utcnow(), m.topic, m.partition, m.offset,
+                _text(m.key), _text(m.value) or "", self.code, self.reason, self.event_id,
+                self.completion_id]
+
+
+def _text(raw: bytes | None) -> str | None:
+    return None if raw is None else raw.decode("utf-8", errors="replace")
+
+
+class Ingester:
+    def __init__(self, kafka: Any, writer: StoreWriter) -> None:
+        self.kafka = kafka
+        self.writer = writer
+        self._consumer: KafkaConsumer | None = None
+        self._lag_checked = 0.0
+        self._in_flight: _Batch | None = None
+        self.batches = 0
+
+    def open(self) -> Ingester:
+        session_ms = int(self.kafka.session_timeout_s * 1000)
+        self._consumer = KafkaConsumer(
+            self.kafka.events_topic,
+            **client_options(self.kafka),
+            group_id=self.kafka.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.kafka.max_poll_records,
+            session_timeout_ms=session_ms,
+            heartbeat_interval_ms=max(session_ms // 3, 100),
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        return self
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()  # leaves the group: the others take its partitions at once
+            self._consumer = None
+
+    def run(self, stop: threading.Event) -> None:
+        """Ingest until `stop` is set; the batches in hand are finished first."""
+        try:
+            while not stop.is_set():
+                self.step()
+        finally:
+            self.drain()
+
+    def step(self, timeout_ms: int = 500) -> int:
+        """Poll and hand one batch to the store; returns how many messages it had.
+
+        Two batches overlap: this one is decoded and queued while the writer still commits
+        the previous one, whose offsets are committed as soon as its rows are.
+        """
+        assert self._consumer is not None
+        polled = self._consumer.poll(timeout_ms=timeout_ms)
+        messages = [m for records in polled.values() for m in records]
+        batch = self._submit(messages) if messages else None
+        self.drain()
+        self._in_flight = batch
+        if time.monotonic() - self._lag_checked > LAG_INTERVAL_S:
+            self._report_lag()
+        return len(messages)
+
+    def drain(self) -> None:
+        """Finish the batch in flight: wait for the store, record dead letters, commit offsets."""
+        batch, self._in_flight = self._in_flight, None
+        if batch is None:
+            return
+        self._finish(batch)
+        assert self._consumer is not None
+        try:
+            self._consumer.commit(batch.offsets)
+        except CommitFailedError as exc:  # rebalanced meanwhile: redelivered, written once
+            log.warning("offsets not committed (%s); the batch will be redelivered", exc)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - batch.started)
+        metrics.BATCH_SIZE.observe(len(batch.messages))
+        self.batches += 1
+
+    def _submit(self, messages: list[Any]) -> _Batch:
+        batch = _Batch(messages, time.perf_counter())
+        for m in messages:
+            try:
+                batch.events.append((m, Event.from_json(m.value)))
+            except InvalidEvent as exc:
+                batch.dead.append(DeadLetter(m, exc.code, str(exc)))
+            tp = TopicPartition(m.topic, m.partition)
+            batch.offsets[tp] = OffsetAndMetadata(m.offset + 1, "", -1)
+        batch.stored = self.writer.submit_batch([ev for _, ev in batch.events])
+        return batch
+
+    def _finish(self, batch: _Batch) -> None:
+        dead = batch.dead
+        errors = batch.stored.result() if batch.stored is not None else []
+        for (m, ev), exc in zip(batch.events, errors, strict=True):
+            if exc is None:
+                metrics.INGESTED.labels(ev.kind).inc()
+            elif isinstance(exc, UnknownCompletion):
+                assert isinstance(ev, FeedbackEvent)
+                dead.append(DeadLetter(m, "unknown_completion", f"parked: {exc}", ev.event_id,
+                                       ev.completion_id))
+            elif isinstance(exc, _EVENT_ERRORS):
+                dead.append(DeadLetter(m, "write_failed", f"{type(exc).__name__}: {exc}",
+                                       ev.event_id))
+            else:  # the store cannot write: stop before any offset moves
+                raise exc
+        # Parked feedback whose completion came in this batch is stored in the same step.
+        self.writer.call(lambda con: self._record(con, dead)).result()
+
+    def _record(self, con: duckdb.DuckDBPyConnection, dead: list[DeadLetter]) -> None:
+        if dead:
+            con.executemany(_INSERT_DEAD_LETTER, [d.row() for d in dead])
+            for d in dead:
+                metrics.DEAD_LETTERS.labels(d.code).inc()
+                if d.code != "unknown_completion":
+                    log.warning("dead letter %s: %s", d.row()[0], d.reason)
+        ready = con.execute(_PARKED_READY).fetchall()
+        if not ready:
+            return
+        events = [Event.from_json(payload) for _, payload in ready]
+        errors = apply_events(con, events)
+        stored = [row_id for (row_id, _), err in zip(ready, errors, strict=True) if err is None]
+        con.execute("DELETE FROM dead_letters WHERE id IN (SELECT unnest(?::VARCHAR[]))", [stored])
+        metrics.UNPARKED.inc(len(stored))
+
+    def _report_lag(self) -> None:
+        self._lag_checked = time.monotonic()
+        try:
+            for partition, lag in self.lag().items():
+                metrics.LAG.labels(str(partition)).set(lag)
+        except KafkaError as exc:
+            log.warning("could not measure the consumer lag: %s", exc)
+
+    def lag(self) -> dict[int, int]:
+        """Messages not committed yet, per assigned partition: the partition's high-water mark
+        from the last fetch (a ListOffsets request where none was fetched yet) minus the
+        group's committed offset."""
+        assert self._consumer is not None
+        assigned = list(self._consumer.assignment())
+        missing = [tp for tp in assigned if self._consumer.highwater(tp) is None]
+        ends = self._consumer.end_offsets(missing) if missing else {}
+        return {tp.partition: max((self._consumer.highwater(tp) or ends.get(tp, 0))
+                                  - (self._consumer.committed(tp) or 0), 0)
+                for tp in assigned}

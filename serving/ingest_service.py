@@ -1,0 +1,144 @@
+"""`sdloop ingest`: the Kafka ingester as a service — the store's one writer at scale.
+
+It owns the data dir the way `serve` does on one machine (the lock, the state file, the DuckDB
+file), so `sdloop sql`, `sdloop adapters` and `sdloop learn` pointed at the same data dir work
+unchanged: they reach the store through this process's admin API. Adapter actions sent there
+are recorded in the store and become control-topic commands for every replica
+(`serving.control`). It also answers /healthz, /readyz and /metrics (ingest rate, lag, dead
+letters, store write latency).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from feedback.ingest import Ingester
+from feedback.kafka import ensure_topics
+from serving.config import Config
+from serving.control import ControlPublisher
+from serving.gateway import (
+    admin_adapter_action,
+    admin_adapters,
+    admin_sql,
+    exception_handlers,
+    healthz,
+    prometheus,
+)
+from serving.state import ServeLock, remove_state, write_state
+from store import StoreWriter
+
+log = logging.getLogger("sdloop.ingest")
+
+
+class IngestService:
+    """What the shared admin routes read off `app.state.gateway`."""
+
+    kafka = False  # adapter actions are this process's to take
+
+    def __init__(self, cfg: Config, store: StoreWriter, registry: ControlPublisher,
+                 admin_token: str) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.registry = registry
+        self.admin_token = admin_token
+        self.stop = threading.Event()
+        self.failure: str | None = None
+        self.ingester: Ingester | None = None
+
+
+async def readyz(request: Request) -> Response:
+    svc: IngestService = request.app.state.gateway
+    problems = []
+    if svc.failure:
+        problems.append(svc.failure)
+    if not svc.store.alive:
+        problems.append("the feedback store writer is not running")
+    if svc.ingester is None:
+        problems.append("not connected to the Kafka broker yet")
+    if problems:
+        return JSONResponse({"status": "not ready", "reasons": problems}, status_code=503)
+    return JSONResponse({"status": "ready", "batches": svc.ingester.batches if svc.ingester else 0})
+
+
+ROUTES = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", prometheus, methods=["GET"]),
+    Route("/admin/sql", admin_sql, methods=["POST"]),
+    Route("/admin/adapters", admin_adapters, methods=["GET"]),
+    Route("/admin/adapters/{action}", admin_adapter_action, methods=["POST"]),
+]
+
+
+def run_ingest(cfg: Config) -> int:
+    """Ingest until SIGTERM/SIGINT; exit 1 if the store or the broker failed for good."""
+    lock = ServeLock(cfg.data_path)
+    lock.acquire()
+    store = StoreWriter(cfg.store_path, cfg.store.batch_max, cfg.store.queue_max).open()
+    try:
+        ensure_topics(cfg.kafka)
+        publisher = ControlPublisher(store, cfg.kafka)
+        svc = IngestService(cfg, store, publisher,
+                            cfg.server.admin_token or secrets.token_urlsafe(24))
+        return _serve(cfg, svc)
+    finally:
+        store.close()
+        remove_state(cfg.data_path)
+        lock.release()
+
+
+def _serve(cfg: Config, svc: IngestService) -> int:
+    url = f"http://{cfg.ingest.host}:{cfg.ingest.port}"
+    server: uvicorn.Server | None = None
+
+    def consume() -> None:
+        try:
+            svc.ingester = Ingester(cfg.kafka, svc.store).open()
+            svc.ingester.run(svc.stop)
+        except Exception as exc:  # noqa: BLE001 - reported, then the process exits non-zero
+            log.exception("ingestion stopped")
+            svc.failure = f"ingestion stopped: {type(exc).__name__}: {exc}"
+            if server is not None:
+                server.should_exit = True
+        finally:
+            if svc.ingester is not None:
+                svc.ingester.close()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        await svc.registry.load()
+        worker = threading.Thread(target=consume, name="sdloop-ingest", daemon=True)
+        worker.start()
+        write_state(cfg.data_path, {
+            "pid": os.getpid(), "url": url, "admin_token": svc.admin_token, "role": "ingest",
+            "store": str(cfg.store_path), "started_at": time.time(),
+        })
+        print(f"sdloop ingesting {cfg.kafka.events_topic} from {cfg.kafka.bootstrap_servers} "
+              f"into {cfg.store_path}; admin API and metrics on {url}", flush=True)
+        try:
+            yield
+        finally:
+            svc.stop.set()
+            worker.join(60)
+            svc.registry.close()
+
+    app = Starlette(routes=ROUTES, lifespan=lifespan, exception_handlers=exception_handlers())
+    app.state.gateway = svc
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=cfg.ingest.host, port=cfg.ingest.port, log_level=cfg.log_level,
+        access_log=False, lifespan="on"))
+    server.run()
+    return 1 if svc.failure or not server.started else 0
