@@ -62,14 +62,16 @@ class Event:
             raise InvalidEvent("invalid_event", f"unknown event kind {kind!r}; expected one of "
                                                 f"{', '.join(sorted(EVENT_TYPES))}")
         checks = _field_checks(cls)
-        unknown = sorted(data.keys() - checks.keys())
+        unknown = data.keys() - checks.keys()
         if unknown:
-            raise InvalidEvent("invalid_event", f"{kind}: unknown field(s) {', '.join(unknown)}")
-        missing = sorted(_required(cls) - data.keys())
+            raise InvalidEvent("invalid_event", f"{kind}: unknown field(s) {', '.join(sorted(unknown))}")
+        missing = _required(cls) - data.keys()
         if missing:
-            raise InvalidEvent("invalid_event", f"{kind}: missing field '{missing[0]}'")
+            raise InvalidEvent("invalid_event", f"{kind}: missing field '{min(missing)}'")
         for name, value in data.items():
-            data[name] = checks[name].checked(kind, name, value)
+            check = checks[name]
+            if type(value) not in check.as_is:  # the common case costs one set lookup
+                data[name] = check.checked(kind, name, value)
         if cls is FeedbackEvent and data["type"] not in FEEDBACK_TYPES:
             raise InvalidEvent("invalid_event", f"feedback.type: {data['type']!r} is not one of "
                                                 f"{', '.join(FEEDBACK_TYPES)}")
@@ -192,6 +194,13 @@ class _FieldCheck:
     declared: str
     timestamp: bool = False
     literals: tuple[Any, ...] = ()
+
+    @functools.cached_property
+    def as_is(self) -> frozenset[type]:
+        """Types taken without conversion or further checks."""
+        if self.timestamp or self.literals:
+            return frozenset()
+        return self.accepts - {int} if float in self.accepts else self.accepts
 
     def checked(self, kind: str, name: str, value: Any) -> Any:
         """The value if it fits the field's declared type (datetimes arrive as ISO text)."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
@@ -61,7 +61,7 @@ class _Batch:
     events: list[tuple[Any, Event]] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     stored: Future[list[Exception | None]] | None = None
-    offsets: dict[TopicPartition, OffsetAndMetadata] = field(default_factory=dict)
+    offsets: dict[Any, OffsetAndMetadata] = field(default_factory=dict)  # TopicPartition ->
 
 
 @dataclass
@@ -105,6 +105,8 @@ class Ingester:
             heartbeat_interval_ms=max(session_ms // 3, 100),
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=8 * 1024 * 1024,
+            fetch_min_bytes=1024 * 1024,  # fewer, larger fetches under load
+            fetch_max_wait_ms=100,
         )
         return self
 
@@ -130,7 +132,9 @@ class Ingester:
         assert self._consumer is not None
         polled = self._consumer.poll(timeout_ms=timeout_ms)
         messages = [m for records in polled.values() for m in records]
-        batch = self._submit(messages) if messages else None
+        batch = self._submit(messages, {tp: OffsetAndMetadata(records[-1].offset + 1, "", -1)
+                                        for tp, records in polled.items() if records}) \
+            if messages else None
         self.drain()
         self._in_flight = batch
         if time.monotonic() - self._lag_checked > LAG_INTERVAL_S:
@@ -152,15 +156,13 @@ class Ingester:
         metrics.BATCH_SIZE.observe(len(batch.messages))
         self.batches += 1
 
-    def _submit(self, messages: list[Any]) -> _Batch:
-        batch = _Batch(messages, time.perf_counter())
+    def _submit(self, messages: list[Any], offsets: dict[Any, OffsetAndMetadata]) -> _Batch:
+        batch = _Batch(messages, time.perf_counter(), offsets=offsets)
         for m in messages:
             try:
                 batch.events.append((m, Event.from_json(m.value)))
             except InvalidEvent as exc:
                 batch.dead.append(DeadLetter(m, exc.code, str(exc)))
-            tp = TopicPartition(m.topic, m.partition)
-            batch.offsets[tp] = OffsetAndMetadata(m.offset + 1, "", -1)
         batch.stored = self.writer.submit_batch([ev for _, ev in batch.events])
         return batch
 
