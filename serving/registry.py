@@ -42,8 +42,10 @@ MANIFEST = "manifest.json"
 VERSION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*@v[0-9]+$")
 # Mean |Δ(adapter − base) log-prob| per probe token, engine vs trainer: what the adapter
 # changes must be what the trainer measured. bf16 serving of an fp32-trained adapter measured
-# about 0.001 on confident tokens; base vs adapter on the probe is usually > 1.
-PROBE_TOLERANCE = 0.1
+# about 0.001 on confident tokens, but 0.02–0.105 on the uncertain tokens of the small
+# model's answers (clean-clone test runs); an adapter with other weights than the manifest's
+# is far off.
+PROBE_TOLERANCE = 0.25
 DRAIN_TIMEOUT_S = 120.0
 
 
