@@ -1,4 +1,5 @@
-"""A round's workspace: what it planned, how far it trained, and who is running it.
+"""The learner's workspace: how far it has learned, what the current round planned, how far
+that round trained, and who is running it.
 
 A round writes its plan (the training items, the held-out gate items, the anchors, the
 divergence before training) once it has built them, and a training checkpoint (adapter,
@@ -6,14 +7,17 @@ optimizer, schedule, EMA teacher, losses) every `checkpoint_every` steps, each f
 atomically. A round killed at any point leaves a workspace that the next round resumes from,
 provided it would do the same work (same parent version, episodes and knobs: the plan's key);
 otherwise the workspace is discarded and the round starts over. Only a finished round writes a
-version folder, so a half-trained adapter is never published. The lock keeps two rounds
-(the daemon's and a manual `sdloop learn --once`) from sharing one workspace.
+version folder, so a half-trained adapter is never published. The progress mark (the newest
+signal learned from, the round count, the retry attempt) is read and written under the same
+lock, which keeps two rounds (the daemon's and a manual `sdloop learn --once`) from sharing one
+workspace or learning the same episodes twice.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import os
 from dataclasses import asdict
@@ -27,6 +31,8 @@ from learner.trainer import AnchorItem, TrainItem
 PLAN = "plan.json"
 CHECKPOINT = "checkpoint.pt"
 LOCK = "round.lock"
+PROGRESS = "progress.json"
+NO_PROGRESS = {"last_signal_at": "1970-01-01 00:00:00", "rounds": 0, "attempt": 0}
 
 
 class RoundBusy(RuntimeError):
@@ -58,6 +64,17 @@ class RoundWorkspace:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    # -- progress across rounds -------------------------------------------------------------
+
+    def progress(self) -> dict[str, Any]:
+        try:
+            return {**NO_PROGRESS, **json.loads((self.path / PROGRESS).read_text())}
+        except (OSError, json.JSONDecodeError):
+            return dict(NO_PROGRESS)
+
+    def save_progress(self, progress: dict[str, Any]) -> None:
+        self._write_atomic(PROGRESS, json.dumps(progress).encode())
+
     # -- the plan --------------------------------------------------------------------------
 
     def load_plan(self, key: str) -> dict[str, Any] | None:
@@ -84,9 +101,9 @@ class RoundWorkspace:
     # -- training checkpoints --------------------------------------------------------------
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        tmp = self.path / f".{CHECKPOINT}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.path / CHECKPOINT)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        self._write_atomic(CHECKPOINT, buffer.getvalue())
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         path = self.path / CHECKPOINT
@@ -95,7 +112,7 @@ class RoundWorkspace:
         return torch.load(path, map_location="cpu", weights_only=False)
 
     def clear(self) -> None:
-        """Drop the plan and checkpoint (the lock file stays: it may be held)."""
+        """Drop the plan and checkpoint (the progress mark and the lock file stay)."""
         for name in (PLAN, CHECKPOINT):
             (self.path / name).unlink(missing_ok=True)
         for stale in self.path.glob(".*.tmp"):

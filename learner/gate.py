@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from learner.trainer import prompt_ids, response_log_probs
+from learner.trainer import adapter_and_base_log_probs, prompt_ids
 
 
 @dataclass
@@ -72,10 +72,7 @@ def drift(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]],
     for conv, answer in zip(conversations, base_answers, strict=True):
         if not answer:
             continue
-        prompt = prompt_ids(tokenizer, conv)
-        cand = response_log_probs(model, prompt, answer)
-        with model.disable_adapter():
-            base = response_log_probs(model, prompt, answer)
+        cand, base = adapter_and_base_log_probs(model, prompt_ids(tokenizer, conv), answer)
         total += float((base.exp() * (base - cand)).sum())
         count += len(answer)
     return total / max(count, 1)

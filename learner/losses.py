@@ -83,9 +83,13 @@ def token_losses_from_logits(
     cfg: TokenLossConfig,
 ) -> torch.Tensor:
     """Per-position loss [N] from full logits [N, V] of both sides (teacher detached)."""
-    s_logp = torch.log_softmax(student_logits.float(), dim=-1)
     with torch.no_grad():
         t_logp = torch.log_softmax(teacher_logits.float(), dim=-1)
+    return _token_losses(torch.log_softmax(student_logits.float(), dim=-1), t_logp, targets, cfg)
+
+
+def _token_losses(s_logp: torch.Tensor, t_logp: torch.Tensor, targets: torch.Tensor,
+                  cfg: TokenLossConfig) -> torch.Tensor:
     if cfg.support.name == "full_vocab":
         return divergence(t_logp, s_logp, cfg.divergence, cfg.token_clip)
     if cfg.support.name == "topk":
@@ -114,31 +118,43 @@ def token_losses_from_teacher_topk(
 
 def chunked_token_losses(
     student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
     lm_head: torch.nn.Module,
     targets: torch.Tensor,
     cfg: TokenLossConfig,
-) -> torch.Tensor:
-    """Per-position loss [N] from final hidden states [N, H], `chunk_size` positions at a time.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position loss [N] from final hidden states [N, H], `chunk_size` positions at a time,
+    and the student's log-probability of each response token [N] from the same logits (with
+    gradient: cross-entropy is minus its mean; detached, it is the importance weight's
+    numerator). With no teacher the losses are zero and only the log-probabilities are made.
 
     Each chunk's logits are made, used and dropped; backward makes them again (activation
     checkpointing), so peak memory is chunk × vocabulary whatever the batch and length.
     """
-    out = []
+    losses, logp_y = [], []
     for start in range(0, student_hidden.shape[0], cfg.chunk_size):
         stop = start + cfg.chunk_size
-        out.append(checkpoint(
-            _chunk_losses, student_hidden[start:stop], teacher_hidden[start:stop], lm_head,
+        loss, lp = checkpoint(
+            _chunk_losses, student_hidden[start:stop],
+            None if teacher_hidden is None else teacher_hidden[start:stop], lm_head,
             targets[start:stop], cfg, use_reentrant=False,
-        ))
-    return torch.cat(out) if out else student_hidden.new_zeros(0)
+        )
+        losses.append(loss)
+        logp_y.append(lp)
+    if not losses:
+        return student_hidden.new_zeros(0), student_hidden.new_zeros(0)
+    return torch.cat(losses), torch.cat(logp_y)
 
 
-def _chunk_losses(s_hidden: torch.Tensor, t_hidden: torch.Tensor, lm_head: torch.nn.Module,
-                  targets: torch.Tensor, cfg: TokenLossConfig) -> torch.Tensor:
+def _chunk_losses(s_hidden: torch.Tensor, t_hidden: torch.Tensor | None, lm_head: torch.nn.Module,
+                  targets: torch.Tensor, cfg: TokenLossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    s_logp = torch.log_softmax(lm_head(s_hidden).float(), dim=-1)
+    s_y = s_logp.gather(-1, targets[:, None])[:, 0]
+    if t_hidden is None:
+        return torch.zeros_like(s_y), s_y
     with torch.no_grad():
-        t_logits = lm_head(t_hidden)
-    return token_losses_from_logits(lm_head(s_hidden), t_logits, targets, cfg)
+        t_logp = torch.log_softmax(lm_head(t_hidden).float(), dim=-1)
+    return _token_losses(s_logp, t_logp, targets, cfg), s_y
 
 
 def reduce_token_losses(

@@ -24,16 +24,11 @@ import torch
 
 from feedback import utcnow
 from learner.gate import generate_greedy
-from learner.trainer import prompt_ids, response_log_probs
+from learner.trainer import adapter_and_base_log_probs, prompt_ids
 from serving.registry import MANIFEST, file_digest
 
 MAX_PROBE_CANDIDATES = 8
 PROBE_TOKENS = 16
-
-
-def _logprobs(model: Any, prompt: list[int], response: list[int]) -> list[float]:
-    logp = response_log_probs(model, prompt, response)
-    return logp.gather(-1, torch.tensor(response, device=logp.device)[:, None])[:, 0].tolist()
 
 
 def choose_probe(model: Any, tokenizer: Any,
@@ -58,9 +53,9 @@ def choose_probe(model: Any, tokenizer: Any,
         if not response:
             continue
         prompt = prompt_ids(tokenizer, messages)
-        tuned = _logprobs(model, prompt, response)
-        with model.disable_adapter():
-            base = _logprobs(model, prompt, response)
+        ids = torch.tensor(response)[:, None]
+        tuned, base = (logp.gather(-1, ids.to(logp.device))[:, 0].tolist()
+                       for logp in adapter_and_base_log_probs(model, prompt, response))
         gap = sum(abs(a - b) for a, b in zip(tuned, base, strict=True)) / len(response)
         if best is None or gap > best["adapter_base_gap"]:
             best = {"prompt_token_ids": prompt, "response_token_ids": response,

@@ -24,7 +24,7 @@ from learner.checkpoint import RoundWorkspace, plan_key
 from learner.config import Knobs, LearnerConfig, TeacherMode, resolve
 from learner.contexts import Template, load_template
 from learner.episodes import Episode, collect
-from learner.gate import GateResult, evaluate, generate_greedy
+from learner.gate import evaluate, generate_greedy
 from learner.publish import write_version
 from learner.responses import EnginePolicy, sample, teacher_regenerations
 from learner.spec import Divergence, Support, TokenLossConfig
@@ -32,7 +32,6 @@ from learner.trainer import (
     AnchorItem,
     SelfDistillationTrainer,
     TrainItem,
-    TrainResult,
     load_student,
     prompt_ids,
 )
@@ -43,7 +42,6 @@ from serving.registry import DEFAULT_ALIAS
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.json"
 _ANSWER_SOURCES = ("correction", "demonstration", "sibling_success")
 _PAST_PROMPTS_SQL = """
 SELECT messages FROM episodes
@@ -58,104 +56,99 @@ WHERE a.alias = ?
 
 
 def run_round(cfg: Config, max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run one round and return its JSON-able summary (status: published, rejected, written,
-    or skipped)."""
+    """Run one round and return its JSON-able summary (status: promoted, candidate, rejected,
+    written, or skipped)."""
     started = time.monotonic()
-    state_path = cfg.data_path / "learner" / STATE_FILE
-    state = _read_state(state_path)
-    # A rejected round's episodes come back `retries` times, each attempt with another seed
-    # (other teacher samples, order and gate answers): at this model size a candidate's
-    # retention moves by a few questions from seed to seed.
-    attempt = int(state.get("attempt", 0))
-    lcfg = replace(cfg.learner, seed=cfg.learner.seed + 1000 * attempt)
+    with RoundWorkspace(cfg.data_path / "learner") as work:
+        mark = work.progress()
+        # A rejected round's episodes come back `retries` times, each attempt with another
+        # seed (other teacher samples, order and gate answers): at this model size a
+        # candidate's retention moves by a few questions from seed to seed.
+        attempt = int(mark["attempt"])
+        lcfg = replace(cfg.learner, seed=cfg.learner.seed + 1000 * attempt)
+        summary, learned_up_to = _round(cfg, lcfg, work, mark["last_signal_at"], max_steps,
+                                        progress)
+        summary["attempt"] = attempt
+        if learned_up_to is None:
+            return summary
+        retry = summary["status"] == "rejected" and attempt < lcfg.retries
+        work.save_progress({
+            "last_signal_at": mark["last_signal_at"] if retry else learned_up_to,
+            "rounds": mark["rounds"] + (summary["status"] != "skipped"),
+            "attempt": attempt + 1 if retry else 0})
+    return {**summary, "retry_next_round": retry, "seconds": round(time.monotonic() - started, 1)}
+
+
+def _round(cfg: Config, lcfg: LearnerConfig, work: RoundWorkspace, since: str,
+           max_steps: int | None, progress: bool) -> tuple[dict[str, Any], str | None]:
+    """The round's summary, and the newest signal it consumed (None: nothing was consumed)."""
     knobs = resolve(lcfg)
     template = load_template(lcfg.template)
 
     def query(sql: str, params: list[Any]) -> Any:
         return store_query(cfg, sql, params)
 
-    episodes = collect(query, state["last_signal_at"], knobs.context)
-    summary: dict[str, Any] = {"preset": lcfg.preset, "episodes": len(episodes), "attempt": attempt}
+    episodes = collect(query, since, knobs.context)
+    summary: dict[str, Any] = {"preset": lcfg.preset, "episodes": len(episodes)}
     if len(episodes) < lcfg.min_episodes:
         return {**summary, "status": "skipped",
                 "reason": f"{len(episodes)} new episodes with a usable signal; "
-                          f"learner.min_episodes is {lcfg.min_episodes}"}
+                          f"learner.min_episodes is {lcfg.min_episodes}"}, None
+    newest = max(e.signal_at for e in episodes)
 
-    alias = DEFAULT_ALIAS
-    current = query(_CURRENT_SQL, [alias]).rows
+    current = query(_CURRENT_SQL, [DEFAULT_ALIAS]).rows
     parent, parent_path = (current[0][0], current[0][1]) if current else ("base", None)
     model_dir = cfg.engine.model or str(ensure_embedded_model(cfg.model_cache_path, progress))
-    with RoundWorkspace(cfg.data_path / "learner" / "round") as work:
-        key = plan_key({"parent": parent, "knobs": knobs.as_dict(), "learner": asdict(lcfg),
-                        "max_steps": max_steps, "model": model_dir,
-                        "episodes": [(e.completion_id, e.signal_at) for e in episodes]})
-        model, tokenizer = load_student(model_dir, lcfg, parent_path)
-        trainer = SelfDistillationTrainer(model, tokenizer, lcfg, knobs)
-        judge = SelfDistillationTrainer(model, tokenizer, lcfg, judge_knobs(knobs))
-        plan = work.load_plan(key)
-        if plan is None:
-            policy = _engine_policy(cfg, parent) if knobs.responses == "on_policy" else None
-            items = _train_items(model, tokenizer, episodes, knobs, template, lcfg, policy,
-                                 progress)
-            gate_items = _gate_items(model, tokenizer, episodes, template, lcfg, progress)
-            if not items or not gate_items:  # these knobs will never train on them: move on
-                _write_state(state_path, {"last_signal_at": max(e.signal_at for e in episodes),
-                                          "rounds": state.get("rounds", 0)})
-                return {**summary, "status": "skipped", "reason": "no training example could "
-                        "be built (no response passed the filter)"}
-            anchors = _anchors(model, tokenizer, query, lcfg) if knobs.anchor_weight else []
-            before = judge.divergence(gate_items)
-            work.save_plan(key, items, gate_items, anchors, before)
-        else:
-            items, gate_items, anchors, before = (plan["items"], plan["gate_items"],
-                                                  plan["anchors"], plan["before"])
-        result = trainer.train(items, anchors, max_steps=max_steps, progress=progress,
-                               resume=work.load_checkpoint() if plan else None,
-                               save=work.save_checkpoint)
-        after = judge.divergence(gate_items)
-        gate = evaluate(model, tokenizer, before, after, lcfg.retention_max_drop, lcfg.drift_max)
-        status, version, folder = _publish(cfg, lcfg, query, model, tokenizer, model_dir, parent,
-                                           episodes, knobs, items, gate_items, anchors, result,
-                                           gate)
-        work.clear()
-    retry = status == "rejected" and attempt < lcfg.retries
-    _write_state(state_path, {
-        "last_signal_at": state["last_signal_at"] if retry else max(e.signal_at for e in episodes),
-        "rounds": state.get("rounds", 0) + 1, "attempt": attempt + 1 if retry else 0})
-    return {**summary, "retry_next_round": retry, "status": status, "version": version, "parent": parent,
-            "path": str(folder), "steps": result.steps, "resumed_at_step": result.resumed_at,
-            "items": len(items), "responses_from": _responses_from(knobs, items),
-            "loss_first": result.losses[0] if result.losses else None,
-            "loss_last": result.losses[-1] if result.losses else None, "gate": gate.as_dict(),
-            "seconds": round(time.monotonic() - started, 1)}
-
-
-def _publish(cfg: Config, lcfg: LearnerConfig, query: Any, model: Any, tokenizer: Any,
-             model_dir: str, parent: str, episodes: list[Episode], knobs: Knobs, items: list[TrainItem],
-             gate_items: list[TrainItem], anchors: list[AnchorItem], result: TrainResult,
-             gate: GateResult) -> tuple[str, str, Path]:
-    """Write the version folder, then hand it to the running server (promoted if it passed)."""
-    alias = DEFAULT_ALIAS
-    version = _next_version(query, cfg.adapters_path, alias)
-    record = {
-        "preset": lcfg.preset, "knobs": knobs.as_dict(), "seed": lcfg.seed,
-        "episodes": [e.completion_id for e in episodes],
-        "train": {"steps": result.steps, "resumed_at_step": result.resumed_at,
-                  "responses_from": _responses_from(knobs, items),
-                  "items": len(items), "gate_items": len(gate_items), "anchors": len(anchors),
-                  "loss_first": result.losses[0] if result.losses else None,
-                  "loss_last": result.losses[-1] if result.losses else None},
-        "gate": {**gate.as_dict(), "enforced": lcfg.enforce_gate},
-    }
+    key = plan_key({"parent": parent, "knobs": knobs.as_dict(), "learner": asdict(lcfg),
+                    "max_steps": max_steps, "model": model_dir,
+                    "episodes": [(e.completion_id, e.signal_at) for e in episodes]})
+    model, tokenizer = load_student(model_dir, lcfg, parent_path)
+    trainer = SelfDistillationTrainer(model, tokenizer, lcfg, knobs)
+    judge = SelfDistillationTrainer(model, tokenizer, lcfg, judge_knobs(knobs))
+    plan = work.load_plan(key)
+    if plan is None:
+        policy = _engine_policy(cfg, parent) if knobs.responses == "on_policy" else None
+        items = _train_items(model, tokenizer, episodes, knobs, template, lcfg, policy, progress)
+        gate_items = _gate_items(model, tokenizer, episodes, template, lcfg, progress)
+        if not items or not gate_items:  # these knobs will never train on them: move on
+            return {**summary, "status": "skipped", "reason": "no training example could be "
+                    "built (no response passed the filter)"}, newest
+        anchors = _anchors(model, tokenizer, query, lcfg) if knobs.anchor_weight else []
+        before = judge.divergence(gate_items)
+        work.save_plan(key, items, gate_items, anchors, before)
+    else:
+        items, gate_items, anchors, before = (plan["items"], plan["gate_items"], plan["anchors"],
+                                              plan["before"])
+    result = trainer.train(items, anchors, max_steps=max_steps, progress=progress,
+                           resume=work.load_checkpoint() if plan else None,
+                           save=work.save_checkpoint)
+    after = judge.divergence(gate_items)
+    gate = evaluate(model, tokenizer, before, after, lcfg.retention_max_drop, lcfg.drift_max)
+    train = {"steps": result.steps, "resumed_at_step": result.resumed_at,
+             "responses_from": _responses_from(knobs, items), "items": len(items),
+             "gate_items": len(gate_items), "anchors": len(anchors),
+             "loss_first": result.losses[0] if result.losses else None,
+             "loss_last": result.losses[-1] if result.losses else None}
+    version = _next_version(query, cfg.adapters_path, DEFAULT_ALIAS)
+    record = {"preset": lcfg.preset, "knobs": knobs.as_dict(), "seed": lcfg.seed,
+              "episodes": [e.completion_id for e in episodes], "train": train,
+              "gate": {**gate.as_dict(), "enforced": lcfg.enforce_gate}}
     folder = write_version(model, tokenizer, cfg.adapters_path, version, model_dir, parent,
                            [(it.student_messages, it.response) for it in items], record)
+    status = _publish(cfg, folder, gate.passed or not lcfg.enforce_gate)
+    work.clear()
+    return {**summary, "status": status, "version": version, "parent": parent,
+            "path": str(folder), **train, "gate": gate.as_dict()}, newest
+
+
+def _publish(cfg: Config, folder: Path, promote: bool) -> str:
+    """Hand a written version folder to the running server (promoted if `promote`)."""
     server = server_state(cfg)
     if server is None:
-        return "written", version, folder  # no server to publish to: `sdloop adapters publish`
-    publish = gate.passed or not lcfg.enforce_gate
+        return "written"  # no server to publish to: `sdloop adapters publish` later
     answer = admin_call(server, "POST", "/admin/adapters/publish",
-                        {"path": str(folder), "promote": publish})
-    return (answer["status"] if publish else "rejected"), version, folder
+                        {"path": str(folder), "promote": promote})
+    return answer["status"] if promote else "rejected"
 
 
 def judge_knobs(knobs: Knobs) -> Knobs:
@@ -214,21 +207,18 @@ def _train_items(model: Any, tokenizer: Any, episodes: list[Episode], knobs: Kno
                    disable=not progress):
         for signal in ep.signals:
             teacher = template.teacher_messages(ep.messages, signal.source, signal.text)
-            if knobs.responses == "on_policy" and policy is not None:
-                samples = policy.sample(prompt_ids(tokenizer, ep.messages), lcfg.regen_samples,
-                                        lcfg.regen_temperature or 1.0, lcfg.max_new_tokens,
-                                        lcfg.seed)
-                items += [TrainItem(ep.messages, teacher, ids, signal.source, ep.completion_id,
-                                    engine_logprobs=lps) for ids, lps in samples]
-                continue
-            for response in _responses(model, tokenizer, ep, signal, teacher, knobs, lcfg):
-                items.append(TrainItem(ep.messages, teacher, response, signal.source,
-                                       ep.completion_id))
+            items += [TrainItem(ep.messages, teacher, ids, signal.source, ep.completion_id,
+                                engine_logprobs=logprobs)
+                      for ids, logprobs in _responses(model, tokenizer, ep, signal, teacher,
+                                                      knobs, lcfg, policy)]
     return items
 
 
 def _responses(model: Any, tokenizer: Any, ep: Episode, signal: Any,
-               teacher: list[dict[str, Any]], knobs: Knobs, lcfg: LearnerConfig) -> list[list[int]]:
+               teacher: list[dict[str, Any]], knobs: Knobs, lcfg: LearnerConfig,
+               policy: EnginePolicy | None) -> list[tuple[list[int], list[float] | None]]:
+    """Response token ids for one signal, each with the engine's log-probabilities where the
+    serving engine sampled it."""
     out: list[list[int]] = []
     if knobs.responses in ("logged", "mix") and ep.token_ids:
         out.append(list(ep.token_ids))
@@ -241,10 +231,14 @@ def _responses(model: Any, tokenizer: Any, ep: Episode, signal: Any,
         out.extend(kept)
     if knobs.responses == "signal" and signal.source in _ANSWER_SOURCES:
         out.append(_signal_ids(tokenizer, signal.text))
+    if knobs.responses == "on_policy" and policy is not None:
+        return [(ids, lps) for ids, lps in policy.sample(
+            prompt_ids(tokenizer, ep.messages), lcfg.regen_samples,
+            lcfg.regen_temperature or 1.0, lcfg.max_new_tokens, lcfg.seed) if ids]
     if knobs.responses == "on_policy":
         out.extend(sample(model, tokenizer, ep.messages, lcfg.regen_samples,
                           lcfg.regen_temperature or 1.0, lcfg.max_new_tokens, lcfg.seed))
-    return [r for r in out if r]
+    return [(r, None) for r in out if r]
 
 
 def _signal_ids(tokenizer: Any, text: str) -> list[int]:
@@ -276,17 +270,3 @@ def _next_version(query: Any, adapters: Path, alias: str) -> str:
         pattern = re.compile(rf"^\.?{re.escape(alias)}@v(\d+)(\.partial)?$")
         numbers += [int(m.group(1)) for p in adapters.iterdir() if (m := pattern.match(p.name))]
     return f"{alias}@v{max(numbers) + 1}"
-
-
-def _read_state(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {"last_signal_at": "1970-01-01 00:00:00", "rounds": 0, "attempt": 0}
-
-
-def _write_state(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
-    tmp.replace(path)

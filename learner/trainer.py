@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from learner.config import Knobs, LearnerConfig
@@ -92,10 +91,20 @@ def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
 @torch.no_grad()
 def response_log_probs(model: Any, prompt: list[int], response: list[int]) -> torch.Tensor:
     """Next-token log-distributions [len(response), V] at the positions that predict the
-    response, teacher-forced: what the probe and the gate's drift score."""
+    response, teacher-forced."""
     ids = torch.tensor([prompt + response], device=next(model.parameters()).device)
     start = len(prompt) - 1
     return torch.log_softmax(model(input_ids=ids).logits[0, start:start + len(response)].float(), -1)
+
+
+@torch.no_grad()
+def adapter_and_base_log_probs(model: Any, prompt: list[int],
+                               response: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_log_probs` with the adapter and without it: what the probe and the gate's
+    drift compare."""
+    tuned = response_log_probs(model, prompt, response)
+    with model.disable_adapter():
+        return tuned, response_log_probs(model, prompt, response)
 
 
 class SelfDistillationTrainer:
@@ -108,8 +117,11 @@ class SelfDistillationTrainer:
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._ema = ([p.detach().clone() for p in self._trainable]
                      if knobs.teacher.name == "ema" else None)
-        # Every item is scored once per pass: template its prompts once.
+        # Every item is scored once per pass: template its prompts once, and keep the hidden
+        # states of the weights that never change (the base model: a frozen teacher, the
+        # anchor's reference) instead of running them again every step.
         self._prompts: dict[str, list[int]] = {}
+        self._frozen: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
 
     # -- teacher weights -------------------------------------------------------------------
 
@@ -144,16 +156,30 @@ class SelfDistillationTrainer:
 
     # -- scoring ---------------------------------------------------------------------------
 
-    def _hidden(self, messages: list[dict[str, Any]], response: list[int]) -> torch.Tensor:
-        """Final hidden states at the positions that predict each response token."""
+    def _prompt(self, messages: list[dict[str, Any]]) -> tuple[str, list[int]]:
         key = json.dumps(messages, sort_keys=True)
         prompt = self._prompts.get(key)
         if prompt is None:
             prompt = self._prompts[key] = prompt_ids(self.tokenizer, messages)
+        return key, prompt
+
+    def _hidden(self, messages: list[dict[str, Any]], response: list[int]) -> torch.Tensor:
+        """Final hidden states at the positions that predict each response token."""
+        _, prompt = self._prompt(messages)
         ids = torch.tensor([prompt + response], device=self.device)
         out = self.model.get_base_model().model(input_ids=ids)
         start = len(prompt) - 1
         return out.last_hidden_state[0, start:start + len(response)]
+
+    @torch.no_grad()
+    def _base_hidden(self, messages: list[dict[str, Any]], response: list[int]) -> torch.Tensor:
+        """`_hidden` under the base weights (adapter off), computed once per (prompt, response)."""
+        key = (self._prompt(messages)[0], tuple(response))
+        hidden = self._frozen.get(key)
+        if hidden is None:
+            with self.model.disable_adapter():
+                hidden = self._frozen[key] = self._hidden(messages, response)
+        return hidden
 
     def item_loss(self, item: TrainItem) -> torch.Tensor:
         """`distill_weight` × the teacher–student loss of one item + `ce_weight` × cross-entropy
@@ -161,35 +187,33 @@ class SelfDistillationTrainer:
         lm_head = self.model.get_base_model().lm_head
         targets = torch.tensor(item.response, device=self.device)
         t_hidden = None
-        if self.knobs.distill_weight:  # first: an EMA teacher swaps weights in place
+        if self.knobs.distill_weight and self.knobs.teacher.name == "frozen":
+            t_hidden = self._base_hidden(item.teacher_messages, item.response)
+        elif self.knobs.distill_weight:  # first: an EMA teacher swaps weights in place
             with torch.no_grad(), self._teacher_weights():
                 t_hidden = self._hidden(item.teacher_messages, item.response)
         s_hidden = self._hidden(item.student_messages, item.response)
+        per_token, student_y = chunked_token_losses(s_hidden, t_hidden, lm_head, targets,
+                                                    self.knobs.loss)
         loss = s_hidden.new_zeros(())
         if t_hidden is not None:
-            per_token = chunked_token_losses(s_hidden, t_hidden, lm_head, targets, self.knobs.loss)
             positions = torch.arange(len(item.response), device=self.device)
-            mask = torch.ones_like(positions)
-            student_y = engine_y = None
-            if self.knobs.loss.is_cap is not None and item.engine_logprobs is not None:
-                student_y = _token_log_probs(s_hidden.detach(), lm_head, targets,
-                                             self.knobs.loss.chunk_size)
-                engine_y = torch.tensor(item.engine_logprobs, device=self.device)
+            engine_y = (None if item.engine_logprobs is None
+                        else torch.tensor(item.engine_logprobs, device=self.device))
             loss = loss + self.knobs.distill_weight * reduce_token_losses(
-                per_token, mask, self.knobs.loss, student_logp_y=student_y,
-                engine_logp_y=engine_y, position_in_response=positions)
+                per_token, torch.ones_like(positions), self.knobs.loss,
+                student_logp_y=student_y.detach(), engine_logp_y=engine_y,
+                position_in_response=positions)
         if self.knobs.ce_weight:
-            loss = loss + self.knobs.ce_weight * _chunked_cross_entropy(
-                s_hidden, lm_head, targets, self.knobs.loss.chunk_size)
+            loss = loss - self.knobs.ce_weight * student_y.mean()
         return loss
 
     def anchor_loss(self, item: AnchorItem) -> torch.Tensor:
         lm_head = self.model.get_base_model().lm_head
-        with torch.no_grad(), self.model.disable_adapter():
-            base_hidden = self._hidden(item.messages, item.response)
+        base_hidden = self._base_hidden(item.messages, item.response)
         s_hidden = self._hidden(item.messages, item.response)
         targets = torch.tensor(item.response, device=self.device)
-        per_token = chunked_token_losses(s_hidden, base_hidden, lm_head, targets, _ANCHOR_LOSS)
+        per_token, _ = chunked_token_losses(s_hidden, base_hidden, lm_head, targets, _ANCHOR_LOSS)
         return per_token.mean()
 
     # -- training --------------------------------------------------------------------------
@@ -264,29 +288,6 @@ class SelfDistillationTrainer:
         self.model.eval()
         values = [float(self.item_loss(it)) for it in items]
         return sum(values) / len(values) if values else float("nan")
-
-
-def _chunked_cross_entropy(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor,
-                           chunk: int) -> torch.Tensor:
-    """Mean token cross-entropy, logits made per chunk and remade in backward (checkpointed)."""
-    total = hidden.new_zeros(())
-    for start in range(0, hidden.shape[0], chunk):
-        total = total + checkpoint(_ce_sum, hidden[start:start + chunk], lm_head,
-                                   targets[start:start + chunk], use_reentrant=False)
-    return total / max(hidden.shape[0], 1)
-
-
-@torch.no_grad()
-def _token_log_probs(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor,
-                     chunk: int) -> torch.Tensor:
-    """log p(y_t) of each response token, a chunk of logits at a time (no gradient)."""
-    out = [torch.log_softmax(lm_head(hidden[s:s + chunk]).float(), -1)
-           .gather(-1, targets[s:s + chunk, None])[:, 0] for s in range(0, hidden.shape[0], chunk)]
-    return torch.cat(out) if out else hidden.new_zeros(0)
-
-
-def _ce_sum(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
 
 
 def _linear_warmup_decay(step: int, warmup: int, total: int) -> float:

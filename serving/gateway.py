@@ -537,10 +537,13 @@ async def admin_adapter_action(request: Request) -> Response:
                        code="use_the_ingester")
     try:
         if action == "publish":
-            path = body.get("path")
+            path, promote = body.get("path"), body.get("promote", True)
             if not isinstance(path, str) or not path:
                 raise APIError(422, "path: the version folder to publish", param="path")
-            result = await gw.registry.publish(path, promote=bool(body.get("promote", True)))
+            if not isinstance(promote, bool):
+                raise APIError(422, "promote: true (load, probe and flip the alias) or false "
+                                    "(load and probe only)", param="promote")
+            result = await gw.registry.publish(path, promote=promote)
         elif action == "promote":
             version = body.get("version")
             if not isinstance(version, str) or not version:

@@ -127,7 +127,7 @@ def _serve(cfg: Config, sink: Sink, store: StoreWriter | None, model: str | None
             if follower is not None:
                 await asyncio.to_thread(follower.stop)
             if learner_proc is not None:
-                await asyncio.to_thread(_stop_learner, learner_proc)
+                await asyncio.to_thread(stop_child, learner_proc)
             await engine.stop()
             await gateway.close()
 
@@ -157,10 +157,11 @@ def _start_learner(cfg: Config, config_path: str | None) -> subprocess.Popen[byt
     return proc
 
 
-def _stop_learner(proc: subprocess.Popen[bytes]) -> None:
+def stop_child(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout_s`."""
     proc.terminate()
     try:
-        proc.wait(30)
+        proc.wait(timeout_s)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -133,7 +134,7 @@ def run_arm(arm: str, facts: list[dict[str, Any]], retention: list[dict[str, Any
     finally:
         stop_server(proc)
     if not keep:
-        subprocess.run(["rm", "-rf", str(data_dir)], check=False)
+        shutil.rmtree(data_dir, ignore_errors=True)
     last_gate = summaries[-1].get("gate", {})
     result.update(arm=arm, rounds=summaries, learn_seconds=learn_s,
                   drift=last_gate.get("drift"), gate=",".join(

@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 from serving.engine import free_port
+from serving.server import stop_child
 from serving.state import running_server
 
 
@@ -40,8 +41,4 @@ def start_server(data_dir: Path, env: dict[str, str] | None = None,
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_child(proc, timeout_s=60)

@@ -88,6 +88,30 @@ def test_bad_sql_through_admin_api_is_400(server: Server):
     assert status == 400 and "parse" in json.loads(payload)["error"]["message"]
 
 
+@pytest.mark.parametrize(("path", "body", "status", "words"), [
+    ("/admin/sql", {"sql": "SELECT ?", "params": "x"}, 422, "params"),
+    ("/admin/sql", {"sql": "SELECT ?, ?", "params": [1]}, 400, ""),
+    ("/admin/adapters/publish", {}, 422, "path"),
+    ("/admin/adapters/publish", {"path": "/nowhere/default@v9", "promote": "yes"}, 422, "promote"),
+    ("/admin/adapters/publish", {"path": "/nowhere/default@v9"}, 404, "no adapter folder"),
+    ("/admin/adapters/publish", b"{not json", 400, "json"),
+    ("/admin/adapters/promote", {"version": 3}, 422, "version"),
+    ("/admin/adapters/promote", {"version": "default@v999"}, 404, "no version"),
+    ("/admin/adapters/rollback", {"alias": 7}, 422, "alias"),
+    ("/admin/adapters/rollback", {"alias": "nope"}, 404, "no alias"),
+    ("/admin/adapters/explode", {}, 404, "publish, promote or rollback"),
+])
+def test_malformed_admin_requests_say_what_to_fix_and_change_nothing(server: Server, path, body,
+                                                                      status, words):
+    auth = {"authorization": f"Bearer {server.state()['admin_token']}"}
+    aliases = server.admin_sql("SELECT alias, version FROM aliases ORDER BY alias")
+    got, _, payload = server.request("POST", path, raw=body if isinstance(body, bytes) else None,
+                                     body=None if isinstance(body, bytes) else body, headers=auth)
+    message = json.loads(payload)["error"]["message"]
+    assert got == status and message and words.lower() in message.lower(), (got, message)
+    assert server.admin_sql("SELECT alias, version FROM aliases ORDER BY alias") == aliases
+
+
 def test_nothing_accepted_is_lost_and_the_server_still_serves(server: Server, accepted):
     for route, body, _, _ in CASES:  # all of them again, back to back
         server.request("POST", route, raw=body if isinstance(body, bytes) else json.dumps(body).encode())

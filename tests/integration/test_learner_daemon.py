@@ -42,7 +42,7 @@ def test_a_killed_round_is_resumed_by_the_next_and_the_daemon_lives_on(server: S
         "SDLOOP_LEARNER__ANCHOR_PROMPTS": "4", "SDLOOP_LEARNER__LR": "1e-4",
         "SDLOOP_LEARNER__ENFORCE_GATE": "false"})
     log = gw.data_dir / "logs" / "learner.log"
-    checkpoint = gw.data_dir / "learner" / "round" / "checkpoint.pt"
+    checkpoint = gw.data_dir / "learner" / "checkpoint.pt"
     try:
         question = [{"role": "user", "content": "What is the capital of Quessany?"}]
         status, _, body = gw.request("POST", "/v1/chat/completions", {

@@ -27,6 +27,15 @@ def test_a_plan_comes_back_for_the_same_work_only(tmp_path):
         assert work.load_checkpoint() is None and work.load_plan(key) is None
 
 
+def test_the_progress_mark_outlives_a_cleared_round(tmp_path):
+    with RoundWorkspace(tmp_path / "learner") as work:
+        assert work.progress()["last_signal_at"] == "1970-01-01 00:00:00"
+        work.save_progress({"last_signal_at": "2026-11-27 10:00:00", "rounds": 3, "attempt": 1})
+        work.clear()
+    with RoundWorkspace(tmp_path / "learner") as work:
+        assert work.progress() == {"last_signal_at": "2026-11-27 10:00:00", "rounds": 3, "attempt": 1}
+
+
 def test_two_rounds_cannot_share_a_workspace(tmp_path):
     with RoundWorkspace(tmp_path / "round"), pytest.raises(RoundBusy, match="another learner round"):
         RoundWorkspace(tmp_path / "round").__enter__()
