@@ -171,10 +171,6 @@ class KafkaSink:
     def alive(self) -> bool:
         return self._producer is not None
 
-    @property
-    def pending(self) -> int:
-        return self._pending
-
     def has_capacity(self) -> bool:
         return self._pending < self.buffer_max * 0.9
 

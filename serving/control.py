@@ -107,11 +107,6 @@ class ControlPublisher:
         manifest = read_manifest(path)
         version, alias = manifest["version"], manifest["alias"]
         async with self._lock:
-            known = await self._store(lambda con: con.execute(
-                "SELECT status FROM adapter_versions WHERE version = ?", [version]).fetchone())
-            if known is not None:
-                raise RegistryError(409, f"version {version} already exists ({known[0]}); "
-                                         "versions are immutable, publish a new one")
             status = registration_status(manifest)
             if status != "rejected":
                 verify_files(path, manifest)  # before any replica is asked to load it

@@ -563,16 +563,20 @@ async def admin_adapter_action(request: Request) -> Response:
 
 # -- the app ----------------------------------------------------------------------------------
 
-ROUTES = [
-    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-    Route("/v1/feedback", feedback, methods=["POST"]),
-    Route("/v1/models", list_models, methods=["GET"]),
+# Served by `sdloop ingest` too (its own /readyz beside them).
+SHARED_ROUTES = [
     Route("/healthz", healthz, methods=["GET"]),
-    Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", prometheus, methods=["GET"]),
     Route("/admin/sql", admin_sql, methods=["POST"]),
     Route("/admin/adapters", admin_adapters, methods=["GET"]),
     Route("/admin/adapters/{action}", admin_adapter_action, methods=["POST"]),
+]
+ROUTES = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/feedback", feedback, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    *SHARED_ROUTES,
 ]
 _ROUTE_PATHS = {r.path for r in ROUTES}
 

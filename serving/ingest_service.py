@@ -29,14 +29,7 @@ from feedback.ingest import Ingester
 from feedback.kafka import ensure_topics
 from serving.config import Config
 from serving.control import ControlPublisher
-from serving.gateway import (
-    admin_adapter_action,
-    admin_adapters,
-    admin_sql,
-    exception_handlers,
-    healthz,
-    prometheus,
-)
+from serving.gateway import SHARED_ROUTES, exception_handlers
 from serving.state import ServeLock, remove_state, write_state
 from store import StoreWriter
 
@@ -73,14 +66,7 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready", "batches": svc.ingester.batches if svc.ingester else 0})
 
 
-ROUTES = [
-    Route("/healthz", healthz, methods=["GET"]),
-    Route("/readyz", readyz, methods=["GET"]),
-    Route("/metrics", prometheus, methods=["GET"]),
-    Route("/admin/sql", admin_sql, methods=["POST"]),
-    Route("/admin/adapters", admin_adapters, methods=["GET"]),
-    Route("/admin/adapters/{action}", admin_adapter_action, methods=["POST"]),
-]
+ROUTES = [Route("/readyz", readyz, methods=["GET"]), *SHARED_ROUTES]
 
 
 def run_ingest(cfg: Config) -> int:

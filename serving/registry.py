@@ -150,11 +150,6 @@ class AdapterRegistry:
         version, alias = manifest["version"], manifest["alias"]
         async with self._swap:
             started = time.perf_counter()
-            known = await self._store(lambda con: con.execute(
-                "SELECT status FROM adapter_versions WHERE version = ?", [version]).fetchone())
-            if known is not None:
-                raise RegistryError(409, f"version {version} already exists ({known[0]}); "
-                                         "versions are immutable, publish a new one")
             status = registration_status(manifest)
             await self._store(lambda con: record_version(con, manifest, path, status))
             if status == "rejected":  # kept and recorded with its metrics, never loaded
@@ -313,6 +308,12 @@ def rollback_target(con: duckdb.DuckDBPyConnection, alias: str) -> tuple[str, st
 
 def record_version(con: duckdb.DuckDBPyConnection, manifest: dict[str, Any], path: Path,
                    status: str) -> None:
+    """Add a version row; 409 if the name exists (versions are immutable)."""
+    known = con.execute("SELECT status FROM adapter_versions WHERE version = ?",
+                        [manifest["version"]]).fetchone()
+    if known is not None:
+        raise RegistryError(409, f"version {manifest['version']} already exists ({known[0]}); "
+                                 "versions are immutable, publish a new one")
     con.execute("INSERT INTO adapter_versions VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [manifest["version"], manifest["alias"], manifest.get("parent"), str(path), status,
                  utcnow(), json.dumps(manifest)])

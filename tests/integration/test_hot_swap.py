@@ -43,6 +43,8 @@ def test_publish_probe_flip_serve_and_roll_back(server: Server, trained_version:
     out = _cli(server, "publish", trained_version)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["status"] == "promoted"
+    again = _cli(server, "publish", trained_version)  # versions are immutable
+    assert again.returncode == 2 and "already exists" in again.stderr, again.stderr
 
     version, answer = _chat(server)
     assert version == "default@v1" and "Dalvorne" in answer  # served by the new weights

@@ -311,6 +311,10 @@ def test_a_published_version_reaches_every_replica_on_its_own_engine(
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["status"] == "promoted"  # the learner publishes once
+        again = subprocess.run([*SDLOOP, "adapters", "publish", kafka_version,
+                                "--data-dir", str(ingest.data_dir)],
+                               capture_output=True, text=True, timeout=120)
+        assert again.returncode == 2 and "already exists" in again.stderr, again.stderr
 
         for replica in (one, two):
             deadline = time.monotonic() + 120
