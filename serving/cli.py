@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+from kafka.errors import KafkaError
 
 from serving.client import ClientError, admin_call, server_state, store_query
 from serving.config import Config, ConfigError, load_config
@@ -133,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except (ConfigError, ClientError, AlreadyServing, QueryError, ModelError) as exc:
         print(f"sdloop: {exc}", file=sys.stderr)
+        return 2
+    except KafkaError as exc:  # at start: no broker to create topics or fetch metadata from
+        print(f"sdloop: the Kafka broker at {cfg.kafka.bootstrap_servers} cannot be reached "
+              f"({exc}); check kafka.bootstrap_servers and that the broker runs", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
