@@ -6,6 +6,7 @@ Public surface: the events, `FeedbackRequest`, `redact_event`, the linking hashe
 from feedback.events import (
     FEEDBACK_TYPES,
     CompletionEvent,
+    EncodedIds,
     Event,
     FeedbackEvent,
     FollowupEvent,
@@ -22,6 +23,7 @@ from feedback.validation import FeedbackRequest, describe_validation_error
 __all__ = [
     "FEEDBACK_TYPES",
     "CompletionEvent",
+    "EncodedIds",
     "Event",
     "FeedbackEvent",
     "FeedbackRequest",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,9 +170,10 @@ class Ingester:
     def _finish(self, batch: _Batch) -> None:
         dead = batch.dead
         errors = batch.stored.result() if batch.stored is not None else []
+        ingested: Counter[str] = Counter()
         for (m, ev), exc in zip(batch.events, errors, strict=True):
             if exc is None:
-                metrics.INGESTED.labels(ev.kind).inc()
+                ingested[ev.kind] += 1
             elif isinstance(exc, UnknownCompletion):
                 assert isinstance(ev, FeedbackEvent)
                 dead.append(DeadLetter(m, "unknown_completion", f"parked: {exc}", ev.event_id,
@@ -181,6 +183,8 @@ class Ingester:
                                        ev.event_id))
             else:  # the store cannot write: stop before any offset moves
                 raise exc
+        for kind, n in ingested.items():
+            metrics.INGESTED.labels(kind).inc(n)
         # Parked feedback whose completion came in this batch is stored in the same step.
         self.writer.call(lambda con: self._record(con, dead)).result()
 
@@ -195,7 +199,8 @@ class Ingester:
         if not ready:
             return
         events = [Event.from_json(payload) for _, payload in ready]
-        errors = apply_events(con, events)
+        # A redelivered copy of a parked feedback may have been stored meanwhile.
+        errors = apply_events(con, events, skip_duplicates=True).errors
         stored = [row_id for (row_id, _), err in zip(ready, errors, strict=True) if err is None]
         con.execute("DELETE FROM dead_letters WHERE id IN (SELECT unnest(?::VARCHAR[]))", [stored])
         metrics.UNPARKED.inc(len(stored))

@@ -183,7 +183,7 @@ class KafkaSink:
                                "acknowledgement (kafka.buffer_max); is the broker reachable?")
             self._pending += 1
         fut: Future[None] = Future()
-        item = _Outgoing(event, self._key(event).encode(), event.to_json().encode(), fut,
+        item = _Outgoing(event, self._key(event).encode(), event.to_json(), fut,
                          time.monotonic())
         try:
             self._send(item)

@@ -10,6 +10,9 @@ The same generated events go through both paths, fresh store (and fresh topic) p
 - kafka ingest: the ingester's loop (`feedback.ingest.Ingester`: poll, decode and check, group
   commits, dead letters, offset commit) over the backlog, until every event is stored.
 The broker is `tansu` (in memory) on loopback, on the same cores as everything else.
+The process collects garbage as `sdloop serve` and `sdloop ingest` do (`serving.cli.tune_gc`,
+after the events are generated: they are the harness's input, alive throughout, and would
+otherwise be walked by every full collection, which a serving process never holds).
 
 Events look like real traffic: 60 % completions (a short multi-turn prompt, ~150 prompt and ~60
 response token ids), 25 % follow-ups linked to an earlier completion, 15 % feedback.
@@ -39,6 +42,7 @@ from feedback.events import (  # noqa: E402
 from feedback.ingest import Ingester  # noqa: E402
 from feedback.kafka import KafkaSink  # noqa: E402
 from feedback.linking import context_hash, reply_hash  # noqa: E402
+from serving.cli import tune_gc  # noqa: E402
 from serving.config import load_config  # noqa: E402
 from store import StoreWriter  # noqa: E402
 from tests.broker import Broker  # noqa: E402
@@ -141,6 +145,7 @@ def main() -> None:
     args = parser.parse_args()
 
     events = make_events(args.events)
+    tune_gc()
     rates: dict[str, list[float]] = {"direct": [], "produce": [], "ingest": []}
     with tempfile.TemporaryDirectory(prefix="sdloop-bench-ingest-") as tmp_name:
         tmp = Path(tmp_name)

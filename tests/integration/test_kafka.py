@@ -228,7 +228,7 @@ def test_poison_messages_are_dead_lettered_and_ingestion_goes_on(broker: Broker,
                                    created_at=utcnow(), type="rating", score=-1.0)
     try:
         for value in (b"\xff\xfenot json", b"[1, 2]", b'{"kind": "feedback", "event_id": "x"}',
-                      b'{"kind": "telemetry"}', early_feedback.to_json().encode()):
+                      b'{"kind": "telemetry"}', early_feedback.to_json()):
             producer.send(topic, key=b"poison", value=value).get(10)
         assert wait_count(ingest, "SELECT count(*) FROM dead_letters", 5) == 5
         rows = {r["reason_code"]: r for r in ingest.sql(
@@ -239,7 +239,7 @@ def test_poison_messages_are_dead_lettered_and_ingestion_goes_on(broker: Broker,
         assert ingest.request("GET", "/readyz")[0] == 200  # still ingesting
 
         # The completion the parked feedback waited for arrives: both are stored.
-        producer.send(topic, key=b"other", value=completion.to_json().encode()).get(10)
+        producer.send(topic, key=b"other", value=completion.to_json()).get(10)
         assert wait_count(ingest, "SELECT count(*) FROM feedback", 1) == 1
         left = ingest.sql("SELECT reason_code FROM dead_letters")
         assert sorted(r["reason_code"] for r in left) == ["invalid_event", "invalid_event",

@@ -4,11 +4,13 @@ that is not a well-formed event is refused with a reason the dead-letter table c
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 import pytest
 
 from feedback import (
     CompletionEvent,
+    EncodedIds,
     Event,
     FeedbackEvent,
     FollowupEvent,
@@ -42,13 +44,24 @@ def test_every_event_kind_survives_the_wire(event: Event):
     assert back == event and type(back) is type(event)
 
 
+def test_token_ids_off_the_wire_stay_json_until_read():
+    event = _events()[0]
+    back = Event.from_json(event.to_json())
+    assert isinstance(back.token_ids, EncodedIds) and back.token_ids.json == "[1,2]"
+    assert back.token_ids == [1, 2] and list(back.token_ids) == [1, 2]
+    assert Event.from_json(back.to_json()) == event  # and go out again as they came
+
+
 @pytest.mark.parametrize(("raw", "code", "says"), [
     (b"\xff\xfe", "not_json", "not a JSON document"),
     (b"{not json", "not_json", "not a JSON document"),
-    (b"[1, 2]", "invalid_event", "expected a JSON object"),
-    (b'{"event_id": "x"}', "invalid_event", "unknown event kind None"),
-    (b'{"kind": "telemetry"}', "invalid_event", "unknown event kind 'telemetry'"),
-    (b'{"kind": "feedback", "event_id": "x"}', "invalid_event", "missing field 'completion_id'"),
+    (b"[1, 2]", "invalid_event", "Expected `object`, got `array`"),
+    (b'{"event_id": "x"}', "invalid_event", "missing required field `kind`; kind must be one of"),
+    (b'{"kind": "telemetry"}', "invalid_event", "Invalid value 'telemetry' - at `$.kind`"),
+    (b'{"kind": "feedback", "event_id": "x"}', "invalid_event",
+     "missing required field `completion_id`"),
+    (b'{"kind": "feedback", "event_id": 5, "text": "cut sh', "invalid_event",
+     "Expected `str`, got `int` - at `$.event_id`; and not a JSON document"),
 ])
 def test_what_is_not_an_event_is_refused_with_a_reason(raw: bytes, code: str, says: str):
     with pytest.raises(InvalidEvent) as err:
@@ -57,20 +70,36 @@ def test_what_is_not_an_event_is_refused_with_a_reason(raw: bytes, code: str, sa
 
 
 @pytest.mark.parametrize(("field", "value", "says"), [
-    ("type", "thumbs", "is not one of"),
-    ("type", 5, "feedback.type"),
-    ("score", "high", "feedback.score"),
-    ("score", True, "feedback.score"),
-    ("created_at", "yesterday", "feedback.created_at"),
-    ("completion_id", None, "must not be null"),
-    ("colour", "red", "unknown field(s) colour"),
+    ("type", "thumbs", "feedback: Invalid enum value 'thumbs' - at `$.type`; type must be one of"),
+    ("type", 5, "feedback: Expected `str`, got `int` - at `$.type`"),
+    ("score", "high", "feedback: Expected `float | null`, got `str` - at `$.score`"),
+    ("score", True, "got `bool` - at `$.score`"),
+    ("created_at", "yesterday", "feedback: Invalid RFC3339 encoded datetime - at `$.created_at`"),
+    ("completion_id", None, "got `null` - at `$.completion_id`"),
+    ("colour", "red", "unknown field `colour`"),
 ])
 def test_a_field_of_the_wrong_type_is_named(field: str, value: object, says: str):
     data = json.loads(_events()[2].to_json())
     data[field] = value
     with pytest.raises(InvalidEvent) as err:
         Event.from_json(json.dumps(data))
-    assert says in str(err.value)
+    assert err.value.code == "invalid_event" and says in str(err.value)
+
+
+@pytest.mark.parametrize("ids", ['["a"]', "[1.5]", '"1,2"', "{}"])
+def test_token_ids_must_be_an_array_of_integers(ids: str):
+    data = json.loads(_events()[0].to_json())
+    data["token_ids"] = json.loads(ids)
+    with pytest.raises(InvalidEvent) as err:
+        Event.from_json(json.dumps(data))
+    assert "completion: Expected an array of integers" in str(err.value)
+    assert "`$.token_ids`" in str(err.value)
+
+
+def test_timestamps_with_an_offset_are_stored_as_utc():
+    data = json.loads(_events()[2].to_json())
+    data["created_at"] = "2026-11-28T03:00:00+02:00"
+    assert Event.from_json(json.dumps(data)).created_at == datetime(2026, 11, 28, 1, 0)
 
 
 def test_a_conversation_keeps_its_session_key_across_turns():

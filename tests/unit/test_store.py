@@ -136,6 +136,47 @@ def test_redelivered_event_is_written_once(writer):
         assert cur.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 1, table
 
 
+def test_redelivered_batch_stores_its_new_events_and_skips_the_rest(writer):
+    # Large enough for the staged insert; half of it is stored already (a redelivered poll
+    # batch), and one event comes twice within the batch itself.
+    first = [completion(f"c{i}") for i in range(400)]
+    assert writer.submit_batch(first).result(10) == [None] * 400
+    fresh = [completion(f"n{i}") for i in range(400)]
+    again = first[200:] + fresh + fresh[:1]
+    assert writer.submit_batch(again).result(10) == [None] * len(again)
+    cur = writer.cursor()
+    assert cur.execute("SELECT count(*), count(DISTINCT id) FROM completions").fetchone() == (800, 800)
+
+
+def test_large_batches_store_the_same_rows_as_single_events(writer):
+    # Large batches take the bulk path (numpy columns), lone events the bound-list one.
+    from store.writer import BULK_MIN_ROWS
+
+    def full(cid: str) -> CompletionEvent:
+        ev = completion(cid, text="Paris, \u00e9t\u00e9 \U0001f600")
+        ev.session_id, ev.latency_ms, ev.ttft_ms, ev.prompt_tokens = "s1", 12.5, 3.0, 2
+        ev.response_message = {"role": "assistant", "content": ev.response_text,
+                               "tool_calls": [{"id": "t", "arguments": "{}"}]}
+        return ev
+
+    writer.submit(full("single")).result(5)
+    batch = [full(f"bulk{i}") for i in range(BULK_MIN_ROWS)]
+    batch[1].status, batch[1].error, batch[1].token_ids = "engine_error", "boom", None
+    assert writer.submit_batch(batch).result(10) == [None] * len(batch)
+    cur = writer.cursor()
+
+    def row(cid: str) -> tuple:
+        return cur.execute("SELECT * EXCLUDE (id, event_id, created_at) FROM completions "
+                           "WHERE id = ?", [cid]).fetchone()
+
+    assert row("bulk0") == row("single")
+    assert cur.execute("SELECT status, error, token_ids FROM completions WHERE id = 'bulk1'"
+                       ).fetchone() == ("engine_error", "boom", None)
+    types = cur.execute("SELECT typeof(created_at), typeof(token_ids), typeof(messages) "
+                        "FROM completions WHERE id = 'bulk0'").fetchone()
+    assert types == ("TIMESTAMP", "INTEGER[]", "JSON")
+
+
 def test_close_writes_everything_already_accepted(tmp_path):
     path = tmp_path / "s.duckdb"
     w = StoreWriter(path).open()
