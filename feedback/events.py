@@ -66,17 +66,16 @@ class Event:
             if value is not None and value.tzinfo is not None:
                 data[name] = value.astimezone(UTC).replace(tzinfo=None)
         for name in _ENCODED_IDS.get(cls, ()):
-            raw = data[name]
-            if raw is None:
+            if data[name] is None:
                 continue
-            text = bytes(raw)
-            if text == b"null":
+            ids = bytes(data[name])
+            if ids == b"null":
                 data[name] = None
-            elif text.translate(None, _INT_LIST_CHARS) == b"[]":  # valid JSON already
-                data[name] = EncodedIds(text.decode())
+            elif ids.translate(None, _INT_LIST_CHARS) == b"[]":  # valid JSON already
+                data[name] = EncodedIds(ids.decode())
             else:
                 raise InvalidEvent("invalid_event", f"{cls.kind}: Expected an array of integers, "
-                                                    f"got {text[:40]!r} - at `$.{name}`")
+                                                    f"got {ids[:40]!r} - at `$.{name}`")
         return cls(**data)
 
 
@@ -226,6 +225,8 @@ def json_text(value: Any) -> str | None:
     if type(value) is EncodedIds:
         return value.json
     return _ENCODER.encode(value).decode()
+
+
 # Valid JSON that is one pair of brackets around only these is an array of integers (a regex
 # is ~15x slower on 200 ids).
 _INT_LIST_CHARS = b"0123456789,- \t\n\r"
