@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from learner.trainer import AnchorItem, TrainItem
 PLAN = "plan.json"
 CHECKPOINT = "checkpoint.pt"
 LOCK = "round.lock"
-PROGRESS = "progress.json"
+PROGRESS = "state.json"  # the name earlier versions kept it under, in the same folder
 NO_PROGRESS = {"last_signal_at": "1970-01-01 00:00:00", "rounds": 0, "attempt": 0}
 
 
@@ -73,7 +73,7 @@ class RoundWorkspace:
             return dict(NO_PROGRESS)
 
     def save_progress(self, progress: dict[str, Any]) -> None:
-        self._write_atomic(PROGRESS, json.dumps(progress).encode())
+        self._write_atomic(PROGRESS, lambda tmp: tmp.write_text(json.dumps(progress)))
 
     # -- the plan --------------------------------------------------------------------------
 
@@ -93,17 +93,16 @@ class RoundWorkspace:
 
     def save_plan(self, key: str, items: list[TrainItem], gate_items: list[TrainItem],
                   anchors: list[AnchorItem], before: float) -> None:
-        self._write_atomic(PLAN, json.dumps({
+        plan = json.dumps({
             "key": key, "before": before, "items": [asdict(i) for i in items],
             "gate_items": [asdict(i) for i in gate_items], "anchors": [asdict(a) for a in anchors],
-        }).encode())
+        })
+        self._write_atomic(PLAN, lambda tmp: tmp.write_text(plan))
 
     # -- training checkpoints --------------------------------------------------------------
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        self._write_atomic(CHECKPOINT, buffer.getvalue())
+        self._write_atomic(CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         path = self.path / CHECKPOINT
@@ -118,7 +117,7 @@ class RoundWorkspace:
         for stale in self.path.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
 
-    def _write_atomic(self, name: str, data: bytes) -> None:
+    def _write_atomic(self, name: str, write: Callable[[Path], Any]) -> None:
         tmp = self.path / f".{name}.tmp"
-        tmp.write_bytes(data)
+        write(tmp)
         os.replace(tmp, self.path / name)

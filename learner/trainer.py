@@ -127,11 +127,7 @@ class SelfDistillationTrainer:
 
     @contextlib.contextmanager
     def _teacher_weights(self) -> Iterator[None]:
-        mode = self.knobs.teacher.name
-        if mode == "frozen":
-            with self.model.disable_adapter():
-                yield
-        elif mode == "live":
+        if self.knobs.teacher.name == "live":
             yield
         else:  # ema: swap the averaged adapter in for the teacher's forward pass
             assert self._ema is not None
@@ -178,20 +174,23 @@ class SelfDistillationTrainer:
         hidden = self._frozen.get(key)
         if hidden is None:
             with self.model.disable_adapter():
-                hidden = self._frozen[key] = self._hidden(messages, response)
+                # A copy: the slice is a view that would keep the whole forward's states.
+                hidden = self._frozen[key] = self._hidden(messages, response).clone()
         return hidden
+
+    def _teacher_hidden(self, item: TrainItem) -> torch.Tensor:
+        if self.knobs.teacher.name == "frozen":
+            return self._base_hidden(item.teacher_messages, item.response)
+        with torch.no_grad(), self._teacher_weights():
+            return self._hidden(item.teacher_messages, item.response)
 
     def item_loss(self, item: TrainItem) -> torch.Tensor:
         """`distill_weight` × the teacher–student loss of one item + `ce_weight` × cross-entropy
         on its response; with no distillation weight the teacher is never run."""
         lm_head = self.model.get_base_model().lm_head
         targets = torch.tensor(item.response, device=self.device)
-        t_hidden = None
-        if self.knobs.distill_weight and self.knobs.teacher.name == "frozen":
-            t_hidden = self._base_hidden(item.teacher_messages, item.response)
-        elif self.knobs.distill_weight:  # first: an EMA teacher swaps weights in place
-            with torch.no_grad(), self._teacher_weights():
-                t_hidden = self._hidden(item.teacher_messages, item.response)
+        # The teacher first: an EMA teacher swaps weights in place.
+        t_hidden = self._teacher_hidden(item) if self.knobs.distill_weight else None
         s_hidden = self._hidden(item.student_messages, item.response)
         per_token, student_y = chunked_token_losses(s_hidden, t_hidden, lm_head, targets,
                                                     self.knobs.loss)
