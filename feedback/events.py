@@ -53,19 +53,20 @@ class Event:
         JSON text (`EncodedIds`).
         """
         try:
-            decoder, classes = _wire()
+            decoder, kinds = _wire()
             wire = decoder.decode(text)
         except msgspec.ValidationError as exc:
             raise InvalidEvent("invalid_event", _explain(text, exc)) from None
         except msgspec.DecodeError as exc:
             raise InvalidEvent("not_json", f"not a JSON document: {exc}") from None
-        cls = classes[type(wire)]
+        kind = kinds[type(wire)]
+        cls = kind.cls
         data = msgspec.structs.asdict(wire)
-        for name in _TIMESTAMPS[cls]:  # the store keeps naive UTC
+        for name in kind.timestamps:  # the store keeps naive UTC
             value = data[name]
             if value is not None and value.tzinfo is not None:
                 data[name] = value.astimezone(UTC).replace(tzinfo=None)
-        for name in _ENCODED_IDS.get(cls, ()):
+        for name in kind.encoded_ids:
             if data[name] is None:
                 continue
             ids = bytes(data[name])
@@ -254,17 +255,32 @@ def _wire_type(typ: Any) -> Any:
     return msgspec.Raw if EncodedIds in options else typ
 
 
+@dataclass(frozen=True)
+class _WireKind:
+    """How one event kind comes off the wire: its class, and the fields decoding leaves to
+    finish (timestamps to bring to naive UTC, token-id lists kept as JSON text)."""
+
+    cls: type[Event]
+    timestamps: tuple[str, ...]
+    encoded_ids: tuple[str, ...]
+
+
 @functools.cache
-def _wire() -> tuple[msgspec.json.Decoder, dict[type, type[Event]]]:
+def _wire() -> tuple[msgspec.json.Decoder, dict[type, _WireKind]]:
     """One decoder for every kind (a tagged union of structs mirroring the event dataclasses,
-    so the wire is checked against the same declarations the code uses), and the event class
-    of each struct."""
-    structs: dict[type, type[Event]] = {}
+    so the wire is checked against the same declarations the code uses), and per struct what
+    it decodes to."""
+    kinds: dict[type, _WireKind] = {}
     for kind, cls in EVENT_TYPES.items():
         hints = typing.get_type_hints(cls)
         fields: list[tuple[Any, ...]] = []
+        timestamps, encoded_ids = [], []
         for f in dataclasses.fields(cls):
             wire = _wire_type(hints[f.name])
+            if hints[f.name] is datetime:
+                timestamps.append(f.name)
+            if wire is msgspec.Raw:
+                encoded_ids.append(f.name)
             if f.default is not dataclasses.MISSING:
                 fields.append((f.name, wire, f.default))
             elif f.default_factory is not dataclasses.MISSING:
@@ -273,16 +289,8 @@ def _wire() -> tuple[msgspec.json.Decoder, dict[type, type[Event]]]:
                 fields.append((f.name, wire))
         struct = msgspec.defstruct(f"Wire{cls.__name__}", fields, kw_only=True,
                                    tag_field="kind", tag=kind, forbid_unknown_fields=True)
-        structs[struct] = cls
-    return msgspec.json.Decoder(typing.Union[tuple(structs)]), structs  # noqa: UP007
-
-
-_TIMESTAMPS = {cls: tuple(f.name for f in dataclasses.fields(cls)
-                          if typing.get_type_hints(cls)[f.name] is datetime)
-               for cls in EVENT_TYPES.values()}
-_ENCODED_IDS = {cls: names for cls in EVENT_TYPES.values()
-                if (names := tuple(f.name for f in dataclasses.fields(cls)
-                                   if _wire_type(typing.get_type_hints(cls)[f.name]) is msgspec.Raw))}
+        kinds[struct] = _WireKind(cls, tuple(timestamps), tuple(encoded_ids))
+    return msgspec.json.Decoder(typing.Union[tuple(kinds)]), kinds  # noqa: UP007
 
 
 def monotonic_ms() -> float:

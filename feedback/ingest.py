@@ -30,7 +30,7 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from feedback import metrics
-from feedback.events import Event, FeedbackEvent, InvalidEvent, utcnow
+from feedback.events import CompletionEvent, Event, FeedbackEvent, InvalidEvent, utcnow
 from feedback.kafka import client_options
 from store import StoreWriter, UnknownCompletion
 from store.writer import apply_events
@@ -49,20 +49,21 @@ _INSERT_DEAD_LETTER = (
     "payload, reason_code, reason, event_id, completion_id) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# Parked feedback whose completion is among those just stored (no other can be ready).
 _PARKED_READY = (
-    "SELECT d.id, d.payload FROM dead_letters d JOIN completions c ON c.id = d.completion_id "
-    "WHERE d.reason_code = 'unknown_completion' ORDER BY d.received_at"
+    "SELECT id, payload FROM dead_letters WHERE reason_code = 'unknown_completion' "
+    "AND completion_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY received_at"
 )
 
 
 @dataclass
 class _Batch:
-    messages: list[Any]
+    size: int
     started: float
+    offsets: dict[Any, OffsetAndMetadata]  # TopicPartition ->
     events: list[tuple[Any, Event]] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
-    stored: Future[list[Exception | None]] | None = None
-    offsets: dict[Any, OffsetAndMetadata] = field(default_factory=dict)  # TopicPartition ->
+    recorded: Future[None] | None = None
 
 
 @dataclass
@@ -73,9 +74,14 @@ class DeadLetter:
     event_id: str | None = None
     completion_id: str | None = None
 
+    @property
+    def id(self) -> str:
+        m = self.message
+        return f"{m.topic}:{m.partition}:{m.offset}"
+
     def row(self) -> list[Any]:
         m = self.message
-        return [f"{m.topic}:{m.partition}:{m.offset}", utcnow(), m.topic, m.partition, m.offset,
+        return [self.id, utcnow(), m.topic, m.partition, m.offset,
                 _text(m.key), _text(m.value) or "", self.code, self.reason, self.event_id,
                 self.completion_id]
 
@@ -91,7 +97,7 @@ class Ingester:
         self._consumer: KafkaConsumer | None = None
         self._lag_checked = 0.0
         self._in_flight: _Batch | None = None
-        self.batches = 0
+        self.batches = 0  # committed ones, for /readyz
 
     def open(self) -> Ingester:
         session_ms = int(self.kafka.session_timeout_s * 1000)
@@ -127,8 +133,8 @@ class Ingester:
     def step(self, timeout_ms: int = 500) -> int:
         """Poll and hand one batch to the store; returns how many messages it had.
 
-        Two batches overlap: this one is decoded and queued while the writer still commits
-        the previous one, whose offsets are committed as soon as its rows are.
+        Two batches overlap: the next is polled and decoded while the writer commits this one,
+        whose offsets are committed once its rows and dead letters are.
         """
         assert self._consumer is not None
         polled = self._consumer.poll(timeout_ms=timeout_ms)
@@ -143,37 +149,45 @@ class Ingester:
         return len(messages)
 
     def drain(self) -> None:
-        """Finish the batch in flight: wait for the store, record dead letters, commit offsets."""
+        """Finish the batch in flight: wait for its rows and dead letters, commit its offsets."""
         batch, self._in_flight = self._in_flight, None
         if batch is None:
             return
-        self._finish(batch)
-        assert self._consumer is not None
+        assert batch.recorded is not None and self._consumer is not None
+        batch.recorded.result()
         try:
             self._consumer.commit(batch.offsets)
         except CommitFailedError as exc:  # rebalanced meanwhile: redelivered, written once
             log.warning("offsets not committed (%s); the batch will be redelivered", exc)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - batch.started)
-        metrics.BATCH_SIZE.observe(len(batch.messages))
+        metrics.BATCH_SIZE.observe(batch.size)
         self.batches += 1
 
     def _submit(self, messages: list[Any], offsets: dict[Any, OffsetAndMetadata]) -> _Batch:
-        batch = _Batch(messages, time.perf_counter(), offsets=offsets)
+        batch = _Batch(len(messages), time.perf_counter(), offsets)
         for m in messages:
             try:
                 batch.events.append((m, Event.from_json(m.value)))
             except InvalidEvent as exc:
                 batch.dead.append(DeadLetter(m, exc.code, str(exc)))
-        batch.stored = self.writer.submit_batch([ev for _, ev in batch.events])
+        stored = self.writer.submit_batch([ev for _, ev in batch.events])
+        # Queued right behind the rows, so the writer runs it as soon as they are committed
+        # (`stored` has resolved by then), without waiting for this thread.
+        batch.recorded = self.writer.call(lambda con: self._record(con, batch, stored.result()))
         return batch
 
-    def _finish(self, batch: _Batch) -> None:
+    def _record(self, con: duckdb.DuckDBPyConnection, batch: _Batch,
+                errors: list[Exception | None]) -> None:
+        """On the writer: the batch's dead letters, and the parked feedback its completions
+        free, in one transaction."""
         dead = batch.dead
-        errors = batch.stored.result() if batch.stored is not None else []
+        arrived: list[str] = []
         ingested: Counter[str] = Counter()
         for (m, ev), exc in zip(batch.events, errors, strict=True):
             if exc is None:
                 ingested[ev.kind] += 1
+                if isinstance(ev, CompletionEvent):
+                    arrived.append(ev.completion_id)
             elif isinstance(exc, UnknownCompletion):
                 assert isinstance(ev, FeedbackEvent)
                 dead.append(DeadLetter(m, "unknown_completion", f"parked: {exc}", ev.event_id,
@@ -185,23 +199,19 @@ class Ingester:
                 raise exc
         for kind, n in ingested.items():
             metrics.INGESTED.labels(kind).inc(n)
-        # Parked feedback whose completion came in this batch is stored in the same step.
-        self.writer.call(lambda con: self._record(con, dead)).result()
-
-    def _record(self, con: duckdb.DuckDBPyConnection, dead: list[DeadLetter]) -> None:
         if dead:
             con.executemany(_INSERT_DEAD_LETTER, [d.row() for d in dead])
             for d in dead:
                 metrics.DEAD_LETTERS.labels(d.code).inc()
                 if d.code != "unknown_completion":
-                    log.warning("dead letter %s: %s", d.row()[0], d.reason)
-        ready = con.execute(_PARKED_READY).fetchall()
+                    log.warning("dead letter %s: %s", d.id, d.reason)
+        ready = con.execute(_PARKED_READY, [arrived]).fetchall() if arrived else []
         if not ready:
             return
         events = [Event.from_json(payload) for _, payload in ready]
         # A redelivered copy of a parked feedback may have been stored meanwhile.
-        errors = apply_events(con, events, skip_duplicates=True).errors
-        stored = [row_id for (row_id, _), err in zip(ready, errors, strict=True) if err is None]
+        replayed = apply_events(con, events, skip_duplicates=True).errors
+        stored = [row_id for (row_id, _), err in zip(ready, replayed, strict=True) if err is None]
         con.execute("DELETE FROM dead_letters WHERE id IN (SELECT unnest(?::VARCHAR[]))", [stored])
         metrics.UNPARKED.inc(len(stored))
 

@@ -83,7 +83,7 @@ def ensure_topics(kafka: Any) -> None:
         admin.close()
 
 
-def new_producer(kafka: Any, **overrides: Any) -> KafkaProducer:
+def new_producer(kafka: Any) -> KafkaProducer:
     """An idempotent, acks=all producer. `max_block_ms` is short: `send` runs on the gateway's
     event loop and must not stall it when the broker's metadata cannot be had."""
     return KafkaProducer(
@@ -95,8 +95,7 @@ def new_producer(kafka: Any, **overrides: Any) -> KafkaProducer:
         max_in_flight_requests_per_connection=5,
         delivery_timeout_ms=int(kafka.delivery_timeout_s * 1000),
         request_timeout_ms=min(30_000, int(kafka.delivery_timeout_s * 1000)),
-        max_block_ms=overrides.pop("max_block_ms", 2_000),
-        **overrides,
+        max_block_ms=2_000,
     )
 
 

@@ -36,11 +36,13 @@ class FeedbackRequest(BaseModel):
         return self
 
     def to_event(self, idempotency_key: str | None = None) -> FeedbackEvent:
-        """With a client's `Idempotency-Key`, the event id is derived from it: a retry after a
-        503 or a lost answer is the same event, stored once."""
+        """With a client's `Idempotency-Key`, the event id is derived from it and the request:
+        a retry after a 503 or a lost answer is the same event, stored once; the same key reused
+        for other feedback is another event, not dropped as a duplicate."""
         event_id = new_id("fb")
         if idempotency_key:
-            event_id = "fb-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
+            request = json.dumps([idempotency_key, self.model_dump(mode="json")], sort_keys=True)
+            event_id = "fb-" + hashlib.sha256(request.encode()).hexdigest()[:32]
         return FeedbackEvent(
             event_id=event_id,
             completion_id=self.completion_id,

@@ -49,6 +49,7 @@ from serving.registry import (
 )
 from store import StoreWriter
 from store.migrations import migrate
+from store.writer import in_transaction
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +69,9 @@ class LocalTables:
         fut: Future[Any] = Future()
         with self._lock:
             try:
-                self._con.execute("BEGIN TRANSACTION")
-                result = fn(self._con)
-                self._con.execute("COMMIT")
+                fut.set_result(in_transaction(self._con, fn))
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                self._con.execute("ROLLBACK")
                 fut.set_exception(exc)
-            else:
-                fut.set_result(result)
         return fut
 
 

@@ -531,7 +531,7 @@ async def admin_adapter_action(request: Request) -> Response:
     gw = _check_admin(request)
     body = _require_object(await read_json(request, gw.cfg.server.max_body_bytes))
     action = request.path_params["action"]
-    if gw.kafka:
+    if gw.store is None:
         raise APIError(409, "Versions reach Kafka replicas through the control topic: "
                             f"`sdloop adapters {action}` with the ingester's data dir.",
                        code="use_the_ingester")

@@ -39,8 +39,6 @@ log = logging.getLogger("sdloop.ingest")
 class IngestService:
     """What the shared admin routes read off `app.state.gateway`."""
 
-    kafka = False  # adapter actions are this process's to take
-
     def __init__(self, cfg: Config, store: StoreWriter, registry: ControlPublisher,
                  admin_token: str) -> None:
         self.cfg = cfg

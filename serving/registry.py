@@ -33,11 +33,10 @@ import duckdb
 from feedback import utcnow
 from serving import metrics
 from serving.engine import EngineManager, EngineRequestError, EngineUnavailable
+from store import BASE_VERSION, DEFAULT_ALIAS
 
 log = logging.getLogger(__name__)
 
-BASE_VERSION = "base"
-DEFAULT_ALIAS = "default"
 MANIFEST = "manifest.json"
 VERSION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*@v[0-9]+$")
 # Mean |Δ(adapter − base) log-prob| per probe token, engine vs trainer: what the adapter

@@ -22,13 +22,11 @@ from html import escape
 from typing import Any
 
 from feedback.events import FEEDBACK_TYPES, utcnow
+from store import BASE_VERSION, DEFAULT_ALIAS
 from store.query import QueryResult
 
 Query = Callable[[str, list[Any]], QueryResult]
 
-BASE_VERSION = "base"
-# The registry seeds this alias to point at the base model before any version is promoted.
-DEFAULT_ALIAS = "default"
 
 STATUS_COLOURS = {
     "base": "#4e79a7", "promoted": "#2e7d32", "candidate": "#f0a202", "rejected": "#c62828",
@@ -211,22 +209,9 @@ def load_report_data(query: Query) -> ReportData:
     return data
 
 
-_REPLICA_COLUMNS = ("replica", "alias", "version", "action", "status", "detail")
-_REPLICA_TIME_COLUMNS = ("at", "created_at", "reported_at")
-
-
-def _load_replicas(store: _Store) -> list[dict[str, Any]] | None:
-    """Replica reports as rows with the keys of `_REPLICA_COLUMNS` plus `at`. The time column
-    is looked up rather than assumed (`at` is a reserved word in DuckDB, so the table may name
-    it otherwise); a missing optional column reads as NULL."""
-    columns = {str(r["column_name"]) for r in store.rows(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = 'replica_versions'")}
-    when = next((c for c in _REPLICA_TIME_COLUMNS if c in columns), None)
-    if when is None or not {"replica", "version", "status"} <= columns:
-        return None
-    picks = [f'"{c}"' if c in columns else f'NULL AS "{c}"' for c in _REPLICA_COLUMNS]
-    return store.rows(f'SELECT {", ".join(picks)}, "{when}" AS "at" FROM replica_versions '
-                      f'ORDER BY "{when}", replica')
+def _load_replicas(store: _Store) -> list[dict[str, Any]]:
+    return store.rows("SELECT replica, alias, version, action, status, detail, created_at AS at "
+                      "FROM replica_versions ORDER BY created_at, replica")
 
 
 def _order_types(counts: dict[str, int]) -> dict[str, int]:

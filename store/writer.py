@@ -249,6 +249,9 @@ class StoreWriter:
         if self._closed.is_set():
             raise StoreClosed("the feedback store is closed")
         fut: Future[Any] = Future()
+        # Accepted means written: a caller that gives up waiting (a feedback timeout cancels
+        # its future) must not make the writer's set_result fail for the whole batch.
+        fut.set_running_or_notify_cancel()
         with self._depth_lock:
             if self._depth >= self.queue_max:
                 raise SinkFull("the feedback store's write queue is full; retry shortly")
@@ -324,7 +327,8 @@ class StoreWriter:
         except Exception:
             # Find the event that broke the batch: the others are written one by one.
             singles = [Future() for _ in events]
-            self._write_events(list(zip(events, singles, strict=True)))
+            for single in zip(events, singles, strict=True):
+                self._write_events([single])
             fut.set_result([f.exception() for f in singles])
             return
         fut.set_result(errors)
@@ -332,7 +336,7 @@ class StoreWriter:
     def _run_call(self, fn: Callable[[duckdb.DuckDBPyConnection], Any], fut: Future[Any]) -> None:
         assert self._con is not None
         try:
-            result = _in_transaction(self._con, fn)
+            result = in_transaction(self._con, fn)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             fut.set_exception(exc)
             return
@@ -368,9 +372,9 @@ class StoreWriter:
         assert self._con is not None
         started = time.perf_counter()
         try:
-            applied = _in_transaction(self._con, lambda con: apply_events(con, events))
+            applied = in_transaction(self._con, lambda con: apply_events(con, events))
         except duckdb.ConstraintException:
-            applied = _in_transaction(
+            applied = in_transaction(
                 self._con, lambda con: apply_events(con, events, skip_duplicates=True))
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(events))
@@ -447,8 +451,9 @@ def _count_written(events: Iterable[Event]) -> None:
         metrics.EVENTS_WRITTEN.labels(kind).inc(n)
 
 
-def _in_transaction(con: duckdb.DuckDBPyConnection,
-                    fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+def in_transaction(con: duckdb.DuckDBPyConnection,
+                   fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+    """`fn(con)` in a transaction of its own: committed, or rolled back and raised."""
     con.execute("BEGIN TRANSACTION")
     try:
         result = fn(con)

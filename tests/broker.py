@@ -18,6 +18,7 @@ from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from serving.engine import free_port
+from serving.server import stop_child
 
 
 def tansu_binary() -> Path:
@@ -55,12 +56,7 @@ class Broker:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_child(self.proc, timeout_s=10)
         self.proc = None
 
     def restart(self) -> None:

@@ -90,13 +90,14 @@ class Server:
 
 
 def start_server(data_dir: Path, env: dict[str, str] | None = None, wait: bool = True,
-                 learner: bool = False) -> Server:
+                 learner: bool = False, command: str = "serve") -> Server:
+    """`sdloop serve` (or `command`: `ingest`, which has the same data dir, admin API, probes)."""
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
-    log = data_dir / "serve.out"
+    log = data_dir / f"{command}.out"
     proc = subprocess.Popen(
-        [*SDLOOP, "serve", "--data-dir", str(data_dir), "--port", str(port),
-         *([] if learner else ["--no-learner"])],
+        [*SDLOOP, command, "--data-dir", str(data_dir), "--port", str(port),
+         *([] if learner or command != "serve" else ["--no-learner"])],
         stdout=open(log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115 - child owns it
         env={**os.environ, "SDLOOP_MODEL__CACHE_DIR": MODEL_CACHE, **(env or {})},
     )

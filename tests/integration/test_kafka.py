@@ -22,7 +22,6 @@ from kafka import KafkaProducer
 from feedback.events import CompletionEvent, FeedbackEvent, new_id, utcnow
 from feedback.kafka import KafkaSink
 from serving.config import load_config
-from serving.engine import free_port
 from tests.broker import Broker
 from tests.integration.conftest import (
     SDLOOP,
@@ -30,7 +29,6 @@ from tests.integration.conftest import (
     start_server,
     stop_server,
     train_version,
-    wait_ready,
 )
 
 QUESTION = [{"role": "user", "content": "What is the capital of Veloria?"}]
@@ -58,17 +56,7 @@ def bus_env(broker: Broker) -> dict[str, str]:
 
 
 def start_ingest(data_dir: Path, env: dict[str, str]) -> Server:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = data_dir / "ingest.out"
-    proc = subprocess.Popen(
-        [*SDLOOP, "ingest", "--data-dir", str(data_dir), "--port", str(port)],
-        stdout=open(log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115 - child owns it
-        env={**os.environ, **env},
-    )
-    server = Server(f"http://127.0.0.1:{port}", data_dir, proc, log)
-    wait_ready(server, timeout=120)
-    return server
+    return start_server(data_dir, env=env, command="ingest")
 
 
 def start_replica(data_dir: Path, env: dict[str, str], engine_url: str | None) -> Server:

@@ -22,3 +22,13 @@ def test_invalid_feedback_explains_itself(body, words):
     with pytest.raises(ValidationError) as info:
         FeedbackRequest.model_validate(body)
     assert words in describe_validation_error(info.value)
+
+
+def test_an_idempotency_key_names_one_request_not_any_feedback_sent_with_it():
+    rating = FeedbackRequest(completion_id="chatcmpl-1", type="rating", score=1.0)
+    retry = FeedbackRequest(completion_id="chatcmpl-1", type="rating", score=1.0)
+    other = FeedbackRequest(completion_id="chatcmpl-2", type="rating", score=-1.0)
+    assert rating.to_event("k1").event_id == retry.to_event("k1").event_id
+    assert rating.to_event("k1").event_id != other.to_event("k1").event_id
+    assert rating.to_event("k1").event_id != rating.to_event("k2").event_id
+    assert rating.to_event().event_id != retry.to_event().event_id

@@ -118,17 +118,9 @@ def _add_versions(con: Any) -> None:
 
 
 def _add_replica_reports(con: Any) -> None:
-    # The table comes with a later migration; create it here when this store predates it, and
-    # use whichever name the migration gave the time column.
-    con.execute("CREATE TABLE IF NOT EXISTS replica_versions (id VARCHAR PRIMARY KEY, replica VARCHAR, "
-                "alias VARCHAR, version VARCHAR, action VARCHAR, status VARCHAR, detail VARCHAR, "
-                "created_at TIMESTAMP)")
-    columns = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
-                                         "WHERE table_name = 'replica_versions'").fetchall()}
-    when = "created_at" if "created_at" in columns else "at"
     for replica, version, action, status, at in REPLICA_REPORTS:
-        con.execute("INSERT INTO replica_versions (id, replica, alias, version, action, status, detail, "
-                    f'"{when}") VALUES (?, ?, \'default\', ?, ?, ?, ?, ?)',
+        con.execute("INSERT INTO replica_versions (id, replica, alias, version, action, status, "
+                    "detail, created_at) VALUES (?, ?, 'default', ?, ?, ?, ?, ?)",
                     [new_id("rv"), replica, version, action, status,
                      "engine refused <adapter>" if status == "failed" else None, at])
 

@@ -177,6 +177,15 @@ def test_large_batches_store_the_same_rows_as_single_events(writer):
     assert types == ("TIMESTAMP", "INTEGER[]", "JSON")
 
 
+def test_a_caller_giving_up_on_its_future_fails_nothing(writer):
+    # The gateway cancels a feedback future on timeout; the event is written all the same and
+    # the others committed with it still resolve.
+    futures = [writer.submit(completion(f"c{i}")) for i in range(50)]
+    futures[0].cancel()
+    assert [f.result(10) for f in futures] == [None] * 50
+    assert writer.cursor().execute("SELECT count(*) FROM completions").fetchone()[0] == 50
+
+
 def test_close_writes_everything_already_accepted(tmp_path):
     path = tmp_path / "s.duckdb"
     w = StoreWriter(path).open()
