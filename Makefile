@@ -46,8 +46,10 @@ test: $(STAMP)
 	SDLOOP_MODEL__CACHE_DIR=$(TEST_MODEL_CACHE) $(SDLOOP) setup
 	SDLOOP_MODEL__CACHE_DIR=$(TEST_MODEL_CACHE) $(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# ruff, then the import-direction check: feedback <- store <- serving <- learner <- ops.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 bench-serving: $(STAMP)
 	SDLOOP_MODEL__CACHE_DIR=$(TEST_MODEL_CACHE) $(PY) ops/bench/serving.py $(ARGS)

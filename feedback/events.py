@@ -1,15 +1,17 @@
 """What sdloop captures: one typed event per thing that happened.
 
-Events are the unit every sink carries (the DuckDB writer now, Kafka later) and they
+Events are the unit every sink carries (the DuckDB writer, the Kafka events topic) and they
 serialise to plain JSON, so a store can be rebuilt from a log of them. Each event has a
 globally unique `event_id`: a store that sees the same event twice keeps one row.
+
+`FEEDBACK_KINDS` is the one list of explicit feedback types: the HTTP validation, the wire
+format, the report and the learner's signal sources are all derived from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 import types
 import typing
 import uuid
@@ -20,8 +22,31 @@ from typing import Any, ClassVar, Literal
 
 import msgspec
 
-FeedbackType = Literal["rating", "correction", "critique", "env_error", "demonstration"]
-FEEDBACK_TYPES: tuple[str, ...] = ("rating", "correction", "critique", "env_error", "demonstration")
+
+@dataclass(frozen=True)
+class FeedbackKind:
+    """One type of explicit feedback: what a client must send with it, and what it tells the
+    learner."""
+
+    name: str
+    needs: Literal["score", "text"]
+    # The answer should have gone otherwise (the learner looks for a better sibling answer).
+    asks_for_change: bool
+    # The text is itself a good answer to the question (the learner may train on it as one).
+    is_answer: bool
+
+
+FEEDBACK_KINDS: tuple[FeedbackKind, ...] = (
+    FeedbackKind("rating", needs="score", asks_for_change=False, is_answer=False),
+    FeedbackKind("correction", needs="text", asks_for_change=True, is_answer=True),
+    FeedbackKind("critique", needs="text", asks_for_change=True, is_answer=False),
+    FeedbackKind("env_error", needs="text", asks_for_change=True, is_answer=False),
+    FeedbackKind("demonstration", needs="text", asks_for_change=False, is_answer=True),
+)
+FEEDBACK_TYPES: tuple[str, ...] = tuple(k.name for k in FEEDBACK_KINDS)
+FEEDBACK_BY_TYPE: dict[str, FeedbackKind] = {k.name: k for k in FEEDBACK_KINDS}
+# Literal[("a", "b")] is Literal["a", "b"]: checked by pydantic at the edge, msgspec on the wire.
+FeedbackType = Literal[FEEDBACK_TYPES]  # type: ignore[valid-type]
 
 
 def new_id(prefix: str) -> str:
@@ -291,7 +316,3 @@ def _wire() -> tuple[msgspec.json.Decoder, dict[type, _WireKind]]:
                                    tag_field="kind", tag=kind, forbid_unknown_fields=True)
         kinds[struct] = _WireKind(cls, tuple(timestamps), tuple(encoded_ids))
     return msgspec.json.Decoder(typing.Union[tuple(kinds)]), kinds  # noqa: UP007
-
-
-def monotonic_ms() -> float:
-    return time.perf_counter() * 1000.0

@@ -32,6 +32,7 @@ from kafka.errors import (
 )
 
 from feedback import metrics
+from feedback.config import KafkaConfig
 from feedback.events import CompletionEvent, Event, FeedbackEvent, FollowupEvent
 from feedback.sinks import SinkFull
 
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 _KNOWN_COMPLETIONS = 100_000
 
 
-def client_options(kafka: Any) -> dict[str, Any]:
+def client_options(kafka: KafkaConfig) -> dict[str, Any]:
     """Connection settings shared by producers, consumers and the admin client."""
     opts: dict[str, Any] = {
         "bootstrap_servers": [s.strip() for s in kafka.bootstrap_servers.split(",") if s.strip()],
@@ -58,7 +59,7 @@ def client_options(kafka: Any) -> dict[str, Any]:
     return opts
 
 
-def ensure_topics(kafka: Any) -> None:
+def ensure_topics(kafka: KafkaConfig) -> None:
     """Create the events and control topics if they are missing (`kafka.create_topics`).
 
     The control topic has one partition: replicas must apply version commands in one order.
@@ -83,7 +84,7 @@ def ensure_topics(kafka: Any) -> None:
         admin.close()
 
 
-def new_producer(kafka: Any) -> KafkaProducer:
+def new_producer(kafka: KafkaConfig) -> KafkaProducer:
     """An idempotent, acks=all producer. `max_block_ms` is short: `send` runs on the gateway's
     event loop and must not stall it when the broker's metadata cannot be had."""
     return KafkaProducer(
@@ -130,8 +131,12 @@ def _discard(producer: KafkaProducer) -> None:
 class KafkaSink:
     """Implements `feedback.Sink` on the events topic."""
 
-    def __init__(self, kafka: Any) -> None:
+    name = "Kafka broker"
+    stores = False  # the ingester stores what the broker acknowledged
+
+    def __init__(self, kafka: KafkaConfig) -> None:
         self.kafka = kafka
+        self.ack_timeout_s = kafka.ack_timeout_s
         self.topic = kafka.events_topic
         self.buffer_max = kafka.buffer_max
         self._producer: KafkaProducer | None = None
@@ -255,7 +260,8 @@ class KafkaSink:
         metrics.BUS_FAILED.labels(event.kind).inc()
         log.error("the broker did not take %s %s: %s", event.kind, event.event_id, exc)
         if not fut.done():
-            fut.set_exception(exc)
+            fut.set_exception(SinkFull(f"the Kafka broker did not take the event ({exc}); "
+                                       "it was not acknowledged"))
 
     def _key(self, event: Event) -> str:
         """The conversation an event belongs to: its partition key."""

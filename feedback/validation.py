@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from feedback.events import FeedbackEvent, new_id, utcnow
+from feedback.events import FEEDBACK_BY_TYPE, FeedbackEvent, FeedbackType, new_id, utcnow
 
 MAX_TEXT_CHARS = 100_000
 MAX_METADATA_BYTES = 64 * 1024
@@ -20,16 +20,17 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     completion_id: str = Field(min_length=1, max_length=200)
-    type: Literal["rating", "correction", "critique", "env_error", "demonstration"]
+    type: FeedbackType
     score: float | None = Field(default=None, ge=-1e6, le=1e6)
     text: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
     metadata: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _signal_present(self) -> FeedbackRequest:
-        if self.type == "rating" and self.score is None:
-            raise ValueError("a rating needs a numeric 'score'")
-        if self.type != "rating" and not (self.text and self.text.strip()):
+        needs = FEEDBACK_BY_TYPE[self.type].needs
+        if needs == "score" and self.score is None:
+            raise ValueError(f"feedback of type '{self.type}' needs a numeric 'score'")
+        if needs == "text" and not (self.text and self.text.strip()):
             raise ValueError(f"feedback of type '{self.type}' needs a non-empty 'text'")
         if self.metadata is not None and len(json.dumps(self.metadata)) > MAX_METADATA_BYTES:
             raise ValueError(f"'metadata' is larger than {MAX_METADATA_BYTES} bytes of JSON")

@@ -28,19 +28,24 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from feedback import FEEDBACK_KINDS
 from learner.spec import Divergence, Support, TokenLossConfig
 
-CONTEXT_SOURCES = ("followup", "correction", "critique", "env_error", "demonstration",
-                   "sibling_success")
+# Where a teacher context can come from: every feedback type that carries text, the user's
+# follow-up in plain chat, and a well-rated answer to the same prompt.
+TEXT_FEEDBACK = tuple(k.name for k in FEEDBACK_KINDS if k.needs == "text")
+CONTEXT_SOURCES = (*TEXT_FEEDBACK, "followup", "sibling_success")
+# Sources whose text is itself a good answer to the question.
+ANSWER_SOURCES = (*(k.name for k in FEEDBACK_KINDS if k.is_answer), "sibling_success")
 RESPONSE_SOURCES = ("on_policy", "teacher", "logged", "mix", "signal")
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The best arm on the embedded model (shared/learning/README.md, and ops/bench/learning.py
-    # through the live loop): the frozen teacher regenerates the answer with the feedback in
-    # context, forward KL over the full vocabulary on those answers, a light cross-entropy on
-    # them, and the rehearsal anchor that kept retention at base level.
-    "sdloop": dict(context=["correction", "demonstration", "critique", "env_error", "followup",
-                            "sibling_success"], responses="teacher", divergence="forward_kl",
+    # The best arm on the embedded model (measured stand-alone, then through the live loop by
+    # ops/bench/learning.py; README, "What the defaults rest on"): the frozen teacher regenerates
+    # the answer with the feedback in context, forward KL over the full vocabulary on those
+    # answers, a light cross-entropy on them, and the rehearsal anchor that kept retention at
+    # base level.
+    "sdloop": dict(context=list(CONTEXT_SOURCES), responses="teacher", divergence="forward_kl",
                    support="full_vocab", teacher="frozen", is_cap=0.0, token_clip=0.0,
                    skip_first_tokens=0, distill_weight=1.0, ce_weight=0.5, anchor_weight=1.0),
     "sdft": dict(context=["demonstration", "correction"], responses="on_policy",
@@ -60,7 +65,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                       skip_first_tokens=0, distill_weight=1.0, ce_weight=0.0, anchor_weight=0.0),
     # The control arm: plain cross-entropy on the user's correction/demonstration text, no
     # teacher, no anchor.
-    "sft": dict(context=["correction", "demonstration"], responses="signal",
+    "sft": dict(context=[s for s in ANSWER_SOURCES if s != "sibling_success"], responses="signal",
                 divergence="forward_kl", support="full_vocab", teacher="frozen", is_cap=0.0,
                 token_clip=0.0, skip_first_tokens=0, distill_weight=0.0, ce_weight=1.0,
                 anchor_weight=0.0),

@@ -3,8 +3,8 @@
 Templates are data (`learner/templates/*.toml`), not code: a template names, per signal source,
 the text appended to the conversation's last user message, with `{signal}` standing for the
 feedback. The student sees the conversation without it. Placement matters more than anything
-else measured on the embedded model (shared/learning/README.md): right after the question,
-phrased as an example answer.
+else measured on the embedded model (README, "What the defaults rest on"): right after the
+question, phrased as an example answer.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from feedback.linking import content_text
+from feedback import content_text
 from learner.config import CONTEXT_SOURCES
 
 

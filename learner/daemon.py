@@ -1,8 +1,9 @@
 """`sdloop learn`: run a round every `learner.interval_s`, for as long as the process lives.
 
-Each round runs in a child process (`sdloop learn --once`): a round that dies — killed, out of
-memory, a bug — costs that round only; the daemon logs it and starts the next one on schedule,
-which resumes from the dead round's workspace (learner.checkpoint). A child also hands every
+Each round runs in a child process (`python -m learner --once`, which is `sdloop learn --once`):
+a round that dies — killed, out of memory, a bug — costs that round only; the daemon logs it and
+starts the next one on schedule, which resumes from the dead round's workspace
+(learner.checkpoint). A child also hands every
 byte of the model and optimizer back to the system when the round ends. The daemon keeps the
 learner's Prometheus metrics (learner.metrics) and serves them on `learner.metrics_port`.
 """
@@ -23,16 +24,6 @@ from serving.config import Config
 from serving.engine import die_with_parent
 
 log = logging.getLogger("sdloop.learn")
-
-
-def run_once(cfg: Config, max_steps: int | None = None) -> dict[str, Any]:
-    from learner.checkpoint import RoundBusy
-    from learner.round import run_round
-
-    try:
-        return run_round(cfg, max_steps=max_steps)
-    except RoundBusy as exc:  # the daemon's round (or another --once) holds the workspace
-        return {"preset": cfg.learner.preset, "status": "skipped", "reason": str(exc)}
 
 
 def run_daemon(cfg: Config, config_path: str | None = None, max_steps: int | None = None) -> int:
@@ -56,7 +47,7 @@ def run_daemon(cfg: Config, config_path: str | None = None, max_steps: int | Non
 
 def _round_in_child(cfg: Config, config_path: str | None, max_steps: int | None,
                     child: list[subprocess.Popen[bytes]]) -> dict[str, Any] | None:
-    cmd = [sys.executable, "-m", "serving.cli", "learn", "--once", "--data-dir", str(cfg.data_path),
+    cmd = [sys.executable, "-m", "learner", "--once", "--data-dir", str(cfg.data_path),
            "--log-level", cfg.log_level.lower()]
     if config_path:
         cmd += ["--config", str(Path(config_path).resolve())]

@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from feedback.linking import context_hash
+from feedback import FEEDBACK_KINDS, context_hash
+from learner.config import TEXT_FEEDBACK
 from store import QueryResult
 
 # Episodes whose newest signal (feedback or follow-up) arrived after the given time: feedback
@@ -41,8 +42,8 @@ WHERE signal_at > ?::TIMESTAMP
 ORDER BY signal_at, completion_id
 """
 
-_TEXT_FEEDBACK = ("correction", "critique", "env_error", "demonstration")
-_NEGATIVE = ("correction", "critique", "env_error")
+# Signals that say the answer should have gone otherwise.
+_NEGATIVE = tuple(k.name for k in FEEDBACK_KINDS if k.asks_for_change)
 # A rejection at the start of a follow-up, with the punctuation after it.
 _REJECTION = re.compile(
     r"^\s*(?:no(?:pe)?|wrong|incorrect|false|not (?:quite|really|true|right|correct)|actually"
@@ -102,7 +103,7 @@ def build_episodes(result: QueryResult, sources: Iterable[str]) -> list[Episode]
             signal_at=str(row.get("signal_at", "")),
         )
         ep.signals = [Signal(f["type"], f["text"]) for f in feedback
-                      if f.get("type") in _TEXT_FEEDBACK and (f.get("text") or "").strip()]
+                      if f.get("type") in TEXT_FEEDBACK and (f.get("text") or "").strip()]
         for f in _as_list(row["followups"]):
             text = (f.get("text") or "").strip()
             corrected = correction_text(text) if "correction" in wanted else None

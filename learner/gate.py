@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from learner.trainer import adapter_and_base_log_probs, prompt_ids
+from learner.inference import adapter_and_base_log_probs, generate_greedy, prompt_ids
 
 
 @dataclass
@@ -36,27 +36,6 @@ class GateResult:
 
 def retention_set() -> dict[str, Any]:
     return json.loads(resources.files("learner").joinpath("data", "retention.json").read_text())
-
-
-@torch.no_grad()
-def generate_greedy(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]],
-                    max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
-    """Greedy answers (token ids, ending at end-of-turn) to many conversations, batched."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    answers: list[list[int]] = []
-    for start in range(0, len(conversations), batch_size):
-        prompts = [prompt_ids(tokenizer, c) for c in conversations[start:start + batch_size]]
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad,
-                             temperature=None, top_p=None, top_k=None)
-        for row in out[:, width:].tolist():
-            answers.append(row[: row.index(eos) + 1] if eos in row else row)
-    return answers
 
 
 def _correct(tokenizer: Any, answers: list[list[int]], keys: list[list[str]]) -> list[bool]:

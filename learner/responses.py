@@ -20,9 +20,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from learner.trainer import prompt_ids
+from learner.inference import sample
 
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
 _STOP = frozenset("""a an the of in on at to for from by with and or but not no yes is are was were
@@ -45,28 +43,6 @@ def agrees(answer: str, question: str, signal: str, min_share: float = 0.5) -> b
     if not wanted:
         return True
     return len(wanted & content_words(answer)) >= min_share * len(wanted)
-
-
-@torch.no_grad()
-def sample(model: Any, tokenizer: Any, messages: list[dict[str, Any]], n: int,
-           temperature: float, max_new_tokens: int, seed: int = 0) -> list[list[int]]:
-    """`n` sampled responses (token ids, end-of-turn kept, padding dropped) to `messages`."""
-    prompt = prompt_ids(tokenizer, messages)
-    ids = torch.tensor([prompt], device=next(model.parameters()).device)
-    torch.manual_seed(seed)
-    out = model.generate(
-        ids, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-        top_p=None, top_k=None, max_new_tokens=max_new_tokens, num_return_sequences=n,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-        else tokenizer.eos_token_id,
-    )
-    eos = tokenizer.eos_token_id
-    responses = []
-    for row in out[:, len(prompt):].tolist():
-        if eos in row:
-            row = row[: row.index(eos) + 1]
-        responses.append(row)
-    return responses
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,13 @@
 """One learner round: collect → responses → train → gate → write the version → publish.
 
-The round reads the store and publishes through the running server (serving.client), so it
-runs beside `sdloop serve` in its own process. Its progress mark (the newest episode it has
-used) is saved only when the round is over: a round that crashes is done again, resuming from
-its workspace (learner.checkpoint) when it would do the same work; the version folder is
-written atomically, so a half-trained adapter is never published.
+A round is a step over what it is given (`RoundIO`): a read-only query on the store, a way to
+publish a written version folder, the serving engine to sample on-policy answers from, and the
+base model's folder. The command line wires those to the running server (`learner.cli`), so a
+round runs beside `sdloop serve` in its own process and knows nothing of HTTP. Its progress
+mark (the newest episode it has used) is saved only when the round is over: a round that
+crashes is done again, resuming from its workspace (learner.checkpoint) when it would do the
+same work; the version folder is written atomically, so a half-trained adapter is never
+published.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import json
 import logging
 import re
 import time
-from dataclasses import asdict, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,28 +25,36 @@ from typing import Any
 from tqdm import tqdm
 
 from learner.checkpoint import RoundWorkspace, plan_key
-from learner.config import Knobs, LearnerConfig, TeacherMode, resolve
+from learner.config import ANSWER_SOURCES, Knobs, LearnerConfig, TeacherMode, resolve
 from learner.contexts import Template, load_template
 from learner.episodes import Episode, collect
-from learner.gate import evaluate, generate_greedy
-from learner.publish import write_version
-from learner.responses import EnginePolicy, sample, teacher_regenerations
+from learner.gate import evaluate
+from learner.inference import generate_greedy, prompt_ids, sample
+from learner.responses import EnginePolicy, teacher_regenerations
 from learner.spec import Divergence, Support, TokenLossConfig
-from learner.trainer import (
-    AnchorItem,
-    SelfDistillationTrainer,
-    TrainItem,
-    load_student,
-    prompt_ids,
-)
-from serving.client import admin_call, server_state, store_query
-from serving.config import Config
-from serving.model_cache import ensure_embedded_model
-from serving.registry import DEFAULT_ALIAS
+from learner.trainer import AnchorItem, SelfDistillationTrainer, TrainItem, load_student
+from learner.versions import write_version
+from store import BASE_VERSION, DEFAULT_ALIAS, QueryResult
 
 log = logging.getLogger(__name__)
 
-_ANSWER_SOURCES = ("correction", "demonstration", "sibling_success")
+Query = Callable[[str, list[Any]], QueryResult]
+
+
+@dataclass(frozen=True)
+class RoundIO:
+    """What a round takes from outside the trainer."""
+
+    # One read-only statement on the store (values as JSON types).
+    query: Query
+    # Hand a written version folder to the server, promoted or not; the version's status
+    # (`promoted`, `candidate`, `rejected`), or `written` when no server is there to take it.
+    publish: Callable[[Path, bool], str]
+    # The serving engine to sample on-policy answers from, for a version; None: the trainer's
+    # own model samples them.
+    policy: Callable[[str], EnginePolicy | None]
+    # The base model's folder (the embedded model is converted on first use).
+    base_model: Callable[[], str]
 _PAST_PROMPTS_SQL = """
 SELECT messages FROM episodes
 WHERE NOT has_signal AND status = 'ok'
@@ -55,19 +67,21 @@ WHERE a.alias = ?
 """
 
 
-def run_round(cfg: Config, max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run one round and return its JSON-able summary (status: promoted, candidate, rejected,
+def run_round(lcfg: LearnerConfig, io: RoundIO, workspace: Path, adapters: Path,
+              max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run one round in `workspace` (progress mark, plan, checkpoints), writing its version
+    under `adapters`; return its JSON-able summary (status: promoted, candidate, rejected,
     written, or skipped)."""
     started = time.monotonic()
-    with RoundWorkspace(cfg.data_path / "learner") as work:
+    with RoundWorkspace(workspace) as work:
         mark = work.progress()
         # A rejected round's episodes come back `retries` times, each attempt with another
         # seed (other teacher samples, order and gate answers): at this model size a
         # candidate's retention moves by a few questions from seed to seed.
         attempt = int(mark["attempt"])
-        lcfg = replace(cfg.learner, seed=cfg.learner.seed + 1000 * attempt)
-        summary, learned_up_to = _round(cfg, lcfg, work, mark["last_signal_at"], max_steps,
-                                        progress)
+        lcfg = replace(lcfg, seed=lcfg.seed + 1000 * attempt)
+        summary, learned_up_to = _round(lcfg, io, work, adapters, mark["last_signal_at"],
+                                        max_steps, progress)
         summary["attempt"] = attempt
         if learned_up_to is None:
             return summary
@@ -79,15 +93,12 @@ def run_round(cfg: Config, max_steps: int | None = None, progress: bool = True) 
     return {**summary, "retry_next_round": retry, "seconds": round(time.monotonic() - started, 1)}
 
 
-def _round(cfg: Config, lcfg: LearnerConfig, work: RoundWorkspace, since: str,
+def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Path, since: str,
            max_steps: int | None, progress: bool) -> tuple[dict[str, Any], str | None]:
     """The round's summary, and the newest signal it consumed (None: nothing was consumed)."""
     knobs = resolve(lcfg)
     template = load_template(lcfg.template)
-
-    def query(sql: str, params: list[Any]) -> Any:
-        return store_query(cfg, sql, params)
-
+    query = io.query
     episodes = collect(query, since, knobs.context)
     summary: dict[str, Any] = {"preset": lcfg.preset, "episodes": len(episodes)}
     if len(episodes) < lcfg.min_episodes:
@@ -97,8 +108,8 @@ def _round(cfg: Config, lcfg: LearnerConfig, work: RoundWorkspace, since: str,
     newest = max(e.signal_at for e in episodes)
 
     current = query(_CURRENT_SQL, [DEFAULT_ALIAS]).rows
-    parent, parent_path = (current[0][0], current[0][1]) if current else ("base", None)
-    model_dir = cfg.engine.model or str(ensure_embedded_model(cfg.model_cache_path, progress))
+    parent, parent_path = (current[0][0], current[0][1]) if current else (BASE_VERSION, None)
+    model_dir = io.base_model()
     key = plan_key({"parent": parent, "knobs": knobs.as_dict(), "learner": asdict(lcfg),
                     "max_steps": max_steps, "model": model_dir,
                     "episodes": [(e.completion_id, e.signal_at) for e in episodes]})
@@ -107,7 +118,7 @@ def _round(cfg: Config, lcfg: LearnerConfig, work: RoundWorkspace, since: str,
     judge = SelfDistillationTrainer(model, tokenizer, lcfg, judge_knobs(knobs))
     plan = work.load_plan(key)
     if plan is None:
-        policy = _engine_policy(cfg, parent) if knobs.responses == "on_policy" else None
+        policy = io.policy(parent) if knobs.responses == "on_policy" else None
         items = _train_items(model, tokenizer, episodes, knobs, template, lcfg, policy, progress)
         gate_items = _gate_items(model, tokenizer, episodes, template, lcfg, progress)
         if not items or not gate_items:  # these knobs will never train on them: move on
@@ -129,26 +140,16 @@ def _round(cfg: Config, lcfg: LearnerConfig, work: RoundWorkspace, since: str,
              "gate_items": len(gate_items), "anchors": len(anchors),
              "loss_first": result.losses[0] if result.losses else None,
              "loss_last": result.losses[-1] if result.losses else None}
-    version = _next_version(query, cfg.adapters_path, DEFAULT_ALIAS)
+    version = _next_version(query, adapters, DEFAULT_ALIAS)
     record = {"preset": lcfg.preset, "knobs": knobs.as_dict(), "seed": lcfg.seed,
               "episodes": [e.completion_id for e in episodes], "train": train,
               "gate": {**gate.as_dict(), "enforced": lcfg.enforce_gate}}
-    folder = write_version(model, tokenizer, cfg.adapters_path, version, model_dir, parent,
+    folder = write_version(model, tokenizer, adapters, version, model_dir, parent,
                            [(it.student_messages, it.response) for it in items], record)
-    status = _publish(cfg, folder, gate.passed or not lcfg.enforce_gate)
+    status = io.publish(folder, gate.passed or not lcfg.enforce_gate)
     work.clear()
     return {**summary, "status": status, "version": version, "parent": parent,
             "path": str(folder), **train, "gate": gate.as_dict()}, newest
-
-
-def _publish(cfg: Config, folder: Path, promote: bool) -> str:
-    """Hand a written version folder to the running server (promoted if `promote`)."""
-    server = server_state(cfg)
-    if server is None:
-        return "written"  # no server to publish to: `sdloop adapters publish` later
-    answer = admin_call(server, "POST", "/admin/adapters/publish",
-                        {"path": str(folder), "promote": promote})
-    return answer["status"] if promote else "rejected"
 
 
 def judge_knobs(knobs: Knobs) -> Knobs:
@@ -186,19 +187,6 @@ def _responses_from(knobs: Knobs, items: list[TrainItem]) -> str:
     return "engine" if any(it.engine_logprobs is not None for it in items) else "trainer"
 
 
-def _engine_policy(cfg: Config, version: str) -> EnginePolicy | None:
-    """The serving engine, to sample on-policy answers from the version being improved; None
-    (sample with the trainer's own model) when no server runs or it cannot be asked."""
-    server = server_state(cfg)
-    if server is None or not server.get("engine_url"):
-        return None
-    try:
-        return EnginePolicy.of(server["engine_url"], version)
-    except (OSError, ValueError, KeyError, StopIteration) as exc:
-        log.warning("on-policy samples from the trainer's model: the engine did not answer (%s)", exc)
-        return None
-
-
 def _train_items(model: Any, tokenizer: Any, episodes: list[Episode], knobs: Knobs,
                  template: Template, lcfg: LearnerConfig,
                  policy: EnginePolicy | None = None, progress: bool = False) -> list[TrainItem]:
@@ -226,10 +214,10 @@ def _responses(model: Any, tokenizer: Any, ep: Episode, signal: Any,
         kept = teacher_regenerations(model, tokenizer, ep.messages, teacher, signal.text,
                                      lcfg.regen_samples, lcfg.regen_temperature,
                                      lcfg.max_new_tokens, lcfg.seed)
-        if not kept and signal.source in _ANSWER_SOURCES:  # the signal itself is an answer
+        if not kept and signal.source in ANSWER_SOURCES:  # the signal itself is an answer
             kept = [_signal_ids(tokenizer, signal.text)]
         out.extend(kept)
-    if knobs.responses == "signal" and signal.source in _ANSWER_SOURCES:
+    if knobs.responses == "signal" and signal.source in ANSWER_SOURCES:
         out.append(_signal_ids(tokenizer, signal.text))
     if knobs.responses == "on_policy" and policy is not None:
         return [(ids, lps) for ids, lps in policy.sample(

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from learner.config import Knobs, LearnerConfig
+from learner.inference import prompt_ids
 from learner.losses import (
     TokenLossConfig,
     chunked_token_losses,
@@ -79,32 +80,6 @@ def load_student(model_dir: str | Path, cfg: LearnerConfig, parent_adapter: str 
                           target_modules="all-linear", task_type="CAUSAL_LM")
         model = get_peft_model(base, lora)
     return model, tokenizer
-
-
-def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return list(ids)
-
-
-@torch.no_grad()
-def response_log_probs(model: Any, prompt: list[int], response: list[int]) -> torch.Tensor:
-    """Next-token log-distributions [len(response), V] at the positions that predict the
-    response, teacher-forced."""
-    ids = torch.tensor([prompt + response], device=next(model.parameters()).device)
-    start = len(prompt) - 1
-    return torch.log_softmax(model(input_ids=ids).logits[0, start:start + len(response)].float(), -1)
-
-
-@torch.no_grad()
-def adapter_and_base_log_probs(model: Any, prompt: list[int],
-                               response: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`response_log_probs` with the adapter and without it: what the probe and the gate's
-    drift compare."""
-    tuned = response_log_probs(model, prompt, response)
-    with model.disable_adapter():
-        return tuned, response_log_probs(model, prompt, response)
 
 
 class SelfDistillationTrainer:

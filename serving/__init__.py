@@ -1,5 +1,9 @@
-"""Serving: the OpenAI-compatible gateway, the vLLM engine manager, the adapter registry.
+"""Serving: the OpenAI-compatible gateway over a vLLM engine, the adapter registry, and the
+processes `sdloop serve` and `sdloop ingest`; it also hosts the `sdloop` command line and the
+config loader, which assemble what each package registers.
 
-Public surface: `load_config` / `Config`, `run_server`, `create_app` / `Gateway`,
-`EngineManager`, `AdapterRegistry`.
+Imports `store` and `feedback`, never `learner`. Modules by concern: `app` (routes, errors,
+metrics middleware), `chat`, `feedback_api`, `admin`, `capture`, `protocol`, `http`, `gateway`
+(the shared state), `engine`, `registry`, `version_folder`, `control`, `server`,
+`ingest_service`, `client`, `state`, `model_cache`, `config`, `cli`.
 """

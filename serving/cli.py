@@ -1,25 +1,63 @@
-"""The `sdloop` command line."""
+"""The `sdloop` command line: one command whose subcommands each package registers.
+
+Subcommands are `Command` objects registered under the `sdloop.commands` entry points
+(pyproject.toml), the way pytest and Flask find their plugins' commands: `serve`, `ingest`,
+`sql`, `adapters` and `setup` are serving's (below), `learn` and `report` the learner's
+(`learner.cli`). `main` only parses, loads the one config (`serving.config`) and runs the
+command, so no package imports one above it to build the CLI.
+"""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import gc
 import json
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
-
-import duckdb
-from kafka.errors import KafkaError
 
 from serving.client import ClientError, admin_call, server_state, store_query
 from serving.config import Config, ConfigError, load_config
 from serving.model_cache import ModelError, ensure_embedded_model
-from serving.registry import list_versions
 from serving.state import AlreadyServing
 from store import QueryError
+from store.versions import list_versions
+
+COMMANDS_GROUP = "sdloop.commands"
+
+
+class CommandError(RuntimeError):
+    """A user-facing failure: printed as `sdloop: <message>`, exit status 2."""
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    run: Callable[[Config, argparse.Namespace], int]
+    # Adds the command's own arguments; the common ones (--config, --data-dir, --log-level)
+    # go on the parser(s) it passes to `common`.
+    arguments: Callable[[argparse.ArgumentParser, Callable[[argparse.ArgumentParser], None]], None] \
+        = lambda parser, common: common(parser)
+    # Config keys set by the command's flags (None: not given), e.g. {"server.port": args.port}.
+    overrides: Callable[[argparse.Namespace], dict[str, object]] = lambda args: {}
+    # Errors the command reports as a one-line message (exit 2) rather than a traceback.
+    user_errors: tuple[type[BaseException], ...] = field(default=())
+
+
+def commands() -> dict[str, Command]:
+    """Every installed package's subcommands, by name."""
+    return dict(_commands())
+
+
+@functools.cache
+def _commands() -> tuple[tuple[str, Command], ...]:
+    return tuple(sorted((ep.name, ep.load()) for ep in entry_points(group=COMMANDS_GROUP)))
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -33,64 +71,29 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sdloop", description="Serve an LLM that learns from its own deployment."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-
-    serve = sub.add_parser("serve", help="engine + gateway + feedback store")
-    _common(serve)
-    serve.add_argument("--host", help="listen address (127.0.0.1)")
-    serve.add_argument("--port", type=int, help="listen port (8000)")
-    serve.add_argument("--no-learner", action="store_true",
-                       help="do not start the learner daemon (`sdloop learn`) beside the server")
-
-    ingest = sub.add_parser("ingest", help="Kafka events topic -> feedback store (at scale)")
-    _common(ingest)
-    ingest.add_argument("--host", help="admin API and metrics address (ingest.host, 127.0.0.1)")
-    ingest.add_argument("--port", type=int, help="admin API and metrics port (ingest.port, 8002)")
-
-    learn = sub.add_parser("learn", help="the learner daemon: feedback -> LoRA versions")
-    _common(learn)
-    learn.add_argument("--once", action="store_true",
-                       help="run one round, print its JSON summary, exit 0 even if rejected")
-    learn.add_argument("--max-steps", type=int, default=None, help="cap the training steps")
-
-    sql = sub.add_parser("sql", help="read-only SQL on the feedback store (works while serving)")
-    _common(sql)
-    sql.add_argument("query", help='e.g. "SELECT type, count(*) FROM feedback GROUP BY 1"')
-    sql.add_argument("--format", choices=["table", "json", "csv"], default="table")
-    sql.add_argument("--max-rows", type=int, default=None)
-
-    adapters = sub.add_parser("adapters", help="model versions and the aliases that point at them")
-    adapters_sub = adapters.add_subparsers(dest="action", required=True)
-    listing = adapters_sub.add_parser("list", help="aliases and versions")
-    _common(listing)
-    publish = adapters_sub.add_parser("publish", help="load, probe and promote a version folder")
-    _common(publish)
-    publish.add_argument("path", help="the version folder (with manifest.json)")
-    publish.add_argument("--no-promote", action="store_true", help="load and probe only")
-    promote = adapters_sub.add_parser("promote", help="point a version's alias at it")
-    _common(promote)
-    promote.add_argument("version")
-    rollback = adapters_sub.add_parser("rollback", help="flip an alias back to its previous version")
-    _common(rollback)
-    rollback.add_argument("--alias", default="default")
-
-    setup = sub.add_parser("setup", help="convert the embedded model once (make does this)")
-    _common(setup)
-
-    report = sub.add_parser("report", help="the learner's progress as one HTML page with plots")
-    _common(report)
-    report.add_argument("--out", help="the HTML file to write (<data-dir>/report.html)")
+    for name, command in commands().items():
+        command.arguments(sub.add_parser(name, help=command.help), _common)
     return parser
 
 
-def _load(args: argparse.Namespace) -> Config:
-    overrides: dict[str, object] = {
-        "data_dir": args.data_dir,
-        "log_level": getattr(args, "log_level", None),
-    }
-    listener = "ingest" if args.command == "ingest" else "server"
-    overrides[f"{listener}.host"] = getattr(args, "host", None)
-    overrides[f"{listener}.port"] = getattr(args, "port", None)
-    return load_config(args.config, overrides=overrides)
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = commands()[args.command]
+    try:
+        cfg = load_config(args.config, overrides={
+            "data_dir": args.data_dir, "log_level": getattr(args, "log_level", None),
+            **command.overrides(args)})
+        logging.basicConfig(
+            level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        # kafka-python narrates every connection at INFO; its warnings and errors still show.
+        logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+        return command.run(cfg, args)
+    except (ConfigError, CommandError, *command.user_errors) as exc:
+        print(f"sdloop: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 # Collect young objects every 50,000 allocations instead of 700: serving and ingesting allocate
@@ -106,73 +109,94 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+# -- serving's commands -----------------------------------------------------------------------
+
+
+def _kafka_unreachable(cfg: Config, exc: Exception) -> CommandError:
+    return CommandError(f"the Kafka broker at {cfg.kafka.bootstrap_servers} cannot be reached "
+                        f"({exc}); check kafka.bootstrap_servers and that the broker runs")
+
+
+def _listener(parser: argparse.ArgumentParser, what: str, default: str) -> None:
+    parser.add_argument("--host", help=f"{what} address ({default.split(':')[0]})")
+    parser.add_argument("--port", type=int, help=f"{what} port ({default.split(':')[1]})")
+
+
+def _serve_arguments(parser: argparse.ArgumentParser, common: Callable[..., None]) -> None:
+    common(parser)
+    _listener(parser, "listen", "127.0.0.1:8000")
+    parser.add_argument("--no-learner", action="store_true",
+                        help="do not start the learner daemon (`sdloop learn`) beside the server")
+
+
+def _serve(cfg: Config, args: argparse.Namespace) -> int:
+    from kafka.errors import KafkaError
+
+    from serving.server import run_server
+
+    learner = not args.no_learner
+    if learner and "learn" not in commands():
+        logging.getLogger("sdloop.serve").warning(
+            "no `sdloop learn` command is installed: serving without a learner")
+        learner = False
+    tune_gc()
     try:
-        cfg = _load(args)
-        logging.basicConfig(
-            level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
-        # kafka-python narrates every connection at INFO; its warnings and errors still show.
-        logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
-        if args.command == "serve":
-            from serving.server import run_server
-
-            tune_gc()
-            return run_server(cfg, args.config, learner=not args.no_learner)
-        if args.command == "ingest":
-            from serving.ingest_service import run_ingest
-
-            tune_gc()
-            return run_ingest(cfg)
-        if args.command == "learn":
-            from learner.daemon import run_daemon, run_once
-
-            if args.once:
-                print(json.dumps(run_once(cfg, args.max_steps), default=str))
-                return 0
-            return run_daemon(cfg, args.config, args.max_steps)
-        if args.command == "sql":
-            return _sql(cfg, args.query, args.format, args.max_rows)
-        if args.command == "adapters":
-            return _adapters(cfg, args)
-        if args.command == "setup":
-            print(ensure_embedded_model(cfg.model_cache_path))
-            return 0
-        if args.command == "report":
-            from store.report import render_report
-
-            out = Path(args.out) if args.out else cfg.data_path / "report.html"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(render_report(lambda sql, params: store_query(cfg, sql, params),
-                                         source=str(cfg.store_path)), encoding="utf-8")
-            print(out)
-            return 0
-    except (ConfigError, ClientError, AlreadyServing, QueryError, ModelError) as exc:
-        print(f"sdloop: {exc}", file=sys.stderr)
-        return 2
+        return run_server(cfg, args.config, learner=learner)
     except KafkaError as exc:  # at start: no broker to create topics or fetch metadata from
-        print(f"sdloop: the Kafka broker at {cfg.kafka.bootstrap_servers} cannot be reached "
-              f"({exc}); check kafka.bootstrap_servers and that the broker runs", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 2
+        raise _kafka_unreachable(cfg, exc) from None
 
 
-# -- reading the store ------------------------------------------------------------------------
+def _ingest_arguments(parser: argparse.ArgumentParser, common: Callable[..., None]) -> None:
+    common(parser)
+    _listener(parser, "admin API and metrics", "127.0.0.1:8002")
 
 
-def _sql(cfg: Config, query: str, fmt: str, max_rows: int | None) -> int:
-    limit = max_rows if max_rows is not None else cfg.server.sql_max_rows
-    result = store_query(cfg, query, max_rows=limit)
-    _print_rows(result.columns, result.rows, fmt)
+def _ingest(cfg: Config, args: argparse.Namespace) -> int:
+    from kafka.errors import KafkaError
+
+    from serving.ingest_service import run_ingest
+
+    tune_gc()
+    try:
+        return run_ingest(cfg)
+    except KafkaError as exc:
+        raise _kafka_unreachable(cfg, exc) from None
+
+
+def _sql_arguments(parser: argparse.ArgumentParser, common: Callable[..., None]) -> None:
+    common(parser)
+    parser.add_argument("query", help='e.g. "SELECT type, count(*) FROM feedback GROUP BY 1"')
+    parser.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    parser.add_argument("--max-rows", type=int, default=None)
+
+
+def _sql(cfg: Config, args: argparse.Namespace) -> int:
+    limit = args.max_rows if args.max_rows is not None else cfg.server.sql_max_rows
+    result = store_query(cfg, args.query, max_rows=limit)
+    print_rows(result.columns, result.rows, args.format)
     if result.truncated:
         print(f"(stopped after {limit} rows; use --max-rows)", file=sys.stderr)
     return 0
 
 
+def _adapters_arguments(parser: argparse.ArgumentParser, common: Callable[..., None]) -> None:
+    actions = parser.add_subparsers(dest="action", required=True)
+    common(actions.add_parser("list", help="aliases and versions"))
+    publish = actions.add_parser("publish", help="load, probe and promote a version folder")
+    common(publish)
+    publish.add_argument("path", help="the version folder (with manifest.json)")
+    publish.add_argument("--no-promote", action="store_true", help="load and probe only")
+    promote = actions.add_parser("promote", help="point a version's alias at it")
+    common(promote)
+    promote.add_argument("version")
+    rollback = actions.add_parser("rollback", help="flip an alias back to its previous version")
+    common(rollback)
+    rollback.add_argument("--alias", default="default")
+
+
 def _adapters(cfg: Config, args: argparse.Namespace) -> int:
+    import duckdb
+
     if args.action != "list":
         state = server_state(cfg)
         if state is None:
@@ -196,16 +220,22 @@ def _adapters(cfg: Config, args: argparse.Namespace) -> int:
         finally:
             con.close()
     print("aliases:")
-    _print_rows(["alias", "version", "previous"],
-                [[a["alias"], a["version"], a["previous"]] for a in listing["aliases"]], "table")
+    print_rows(["alias", "version", "previous"],
+               [[a["alias"], a["version"], a["previous"]] for a in listing["aliases"]], "table")
     print("\nversions:")
-    _print_rows(["version", "status", "parent", "created_at"],
-                [[v["version"], v["status"], v["parent"], str(v["created_at"])]
-                 for v in listing["versions"]], "table")
+    print_rows(["version", "status", "parent", "created_at"],
+               [[v["version"], v["status"], v["parent"], str(v["created_at"])]
+                for v in listing["versions"]], "table")
     return 0
 
 
-def _print_rows(columns: list[str], rows: list[Any], fmt: str) -> None:
+def _setup(cfg: Config, args: argparse.Namespace) -> int:
+    print(ensure_embedded_model(cfg.model_cache_path))
+    return 0
+
+
+def print_rows(columns: list[str], rows: list[Any], fmt: str) -> None:
+    """Rows as a table, JSON lines or CSV on stdout."""
     out = sys.stdout
     if fmt == "json":
         for row in rows:
@@ -234,6 +264,22 @@ def _cell(value: Any) -> str:
     return json.dumps(value, default=str)
 
 
+# What serving's commands report in one line: the store or server cannot be reached or refused,
+# another server holds the data dir, a query is refused, the model is missing.
+_USER_ERRORS = (ClientError, AlreadyServing, QueryError, ModelError)
+
+SERVE = Command("engine + gateway + feedback store (+ the learner daemon)", _serve,
+                _serve_arguments, lambda a: {"server.host": a.host, "server.port": a.port},
+                _USER_ERRORS)
+INGEST = Command("Kafka events topic -> feedback store (at scale)", _ingest, _ingest_arguments,
+                 lambda a: {"ingest.host": a.host, "ingest.port": a.port}, _USER_ERRORS)
+SQL = Command("read-only SQL on the feedback store (works while serving)", _sql, _sql_arguments,
+              user_errors=_USER_ERRORS)
+ADAPTERS = Command("model versions and the aliases that point at them", _adapters,
+                   _adapters_arguments, user_errors=_USER_ERRORS)
+SETUP = Command("convert the embedded model once (make does this)", _setup,
+                user_errors=_USER_ERRORS)
+
+
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -1,26 +1,36 @@
-"""One typed configuration object for every sdloop command.
+"""One typed configuration for every sdloop command, composed of each package's own section.
+
+Each package declares its sections as dataclasses and registers them under the `sdloop.config`
+entry points (pyproject.toml): `[server]` here, `[store]` in `store.config`, `[learner]` in
+`learner.config`, and so on. `load_config` builds one `Config` with an attribute per section,
+so that no package imports the ones above it to know their keys, and one TOML file serves
+every command.
 
 Sources, later wins: dataclass defaults → TOML file (`--config`) → `SDLOOP_*` environment
 variables → command-line flags. A nested key is addressed in the environment with a double
 underscore: `[engine] max_model_len` is `SDLOOP_ENGINE__MAX_MODEL_LEN`, top-level `data_dir` is
 `SDLOOP_DATA_DIR`. Values from the environment are parsed by the field's declared type, so a
-typo gives an error that names the variable instead of a surprise deep inside the server.
+typo gives an error that names the variable instead of a surprise deep inside the server. A
+section may define `check(cfg)`, called once everything is loaded, raising ValueError that
+names the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import tomllib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
-
-from learner.config import LearnerConfig
+from typing import Any
 
 ENV_PREFIX = "SDLOOP_"
+SECTIONS_GROUP = "sdloop.config"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -78,58 +88,6 @@ class ModelConfig:
 
 
 @dataclass
-class StoreConfig:
-    # DuckDB file. Empty: <data_dir>/feedback.duckdb.
-    path: str = ""
-    # Most events written in one transaction (group commit). Idle, every event commits alone;
-    # under load bigger transactions write faster (about 8k events take 0.6 s here).
-    batch_max: int = 8192
-    # Bound on events waiting for the writer; past it the request path gets 503, not memory.
-    queue_max: int = 100_000
-
-
-@dataclass
-class FeedbackConfig:
-    # Replace emails, phone numbers and payment-card numbers by placeholders before storage.
-    redact: bool = False
-    # Where the gateway sends events: "store" (this process writes the DuckDB file) or "kafka"
-    # (the events topic; `sdloop ingest` writes the store).
-    sink: str = "store"
-
-
-@dataclass
-class KafkaConfig:
-    # Comma-separated host:port list of brokers.
-    bootstrap_servers: str = "127.0.0.1:9092"
-    # Completions, follow-ups, feedback and replica reports, keyed by conversation.
-    events_topic: str = "sdloop.events"
-    # Adapter publish/promote/rollback commands, one partition, read by every replica.
-    control_topic: str = "sdloop.control"
-    # Create missing topics at start (needs the broker's create permission).
-    create_topics: bool = True
-    partitions: int = 12
-    replication_factor: int = 1
-    client_id: str = "sdloop"
-    # Events handed to the producer and not yet acknowledged; past it the gateway answers 503.
-    buffer_max: int = 20_000
-    # How long POST /v1/feedback waits for the broker's acknowledgement before answering 503.
-    ack_timeout_s: float = 10.0
-    # How long the producer keeps retrying an event while the broker is away.
-    delivery_timeout_s: float = 300.0
-    linger_ms: int = 5
-    # The ingesters' consumer group.
-    group_id: str = "sdloop-ingest"
-    max_poll_records: int = 5000
-    session_timeout_s: float = 10.0
-    # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL, with the SASL settings below when used.
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str = ""
-    sasl_username: str = ""
-    sasl_password: str = ""
-    ssl_cafile: str = ""
-
-
-@dataclass
 class IngestConfig:
     # `sdloop ingest` answers /metrics, /healthz, /readyz and the admin API (SQL, adapters)
     # here; other commands on the same data dir find it through the state file.
@@ -137,18 +95,12 @@ class IngestConfig:
     port: int = 8002
 
 
-@dataclass
 class Config:
-    data_dir: str = "./sdloop-data"
-    log_level: str = "info"
-    server: ServerConfig = field(default_factory=ServerConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    store: StoreConfig = field(default_factory=StoreConfig)
-    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
-    kafka: KafkaConfig = field(default_factory=KafkaConfig)
-    ingest: IngestConfig = field(default_factory=IngestConfig)
-    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """`data_dir`, `log_level`, and one attribute per registered section (`cfg.server`,
+    `cfg.store`, `cfg.learner`, …). Built by `load_config`."""
+
+    data_dir: str
+    log_level: str
 
     @property
     def data_path(self) -> Path:
@@ -156,17 +108,39 @@ class Config:
 
     @property
     def store_path(self) -> Path:
-        return Path(self.store.path).expanduser() if self.store.path else self.data_path / "feedback.duckdb"
+        store = self.store.path  # type: ignore[attr-defined]
+        return Path(store).expanduser() if store else self.data_path / "feedback.duckdb"
 
     @property
     def model_cache_path(self) -> Path:
-        if self.model.cache_dir:
-            return Path(self.model.cache_dir).expanduser().resolve()
-        return self.data_path / "models"
+        cache = self.model.cache_dir  # type: ignore[attr-defined]
+        return Path(cache).expanduser().resolve() if cache else self.data_path / "models"
 
     @property
     def adapters_path(self) -> Path:
         return self.data_path / "adapters"
+
+    def __getattr__(self, name: str) -> Any:  # a section no installed package registers
+        raise AttributeError(f"no config section '{name}' (registered: {', '.join(sections())})")
+
+
+def sections() -> dict[str, type]:
+    """Section name → its dataclass, from every installed package's `sdloop.config` entry points."""
+    return dict(_sections())
+
+
+@functools.cache
+def _sections() -> tuple[tuple[str, type], ...]:
+    found = {ep.name: ep.load() for ep in entry_points(group=SECTIONS_GROUP)}
+    return tuple(sorted(found.items()))
+
+
+@functools.cache
+def _config_class() -> type[Config]:
+    fields = [("data_dir", str, field(default="./sdloop-data")),
+              ("log_level", str, field(default="info"))]
+    fields += [(name, cls, field(default_factory=cls)) for name, cls in _sections()]
+    return dataclasses.make_dataclass("Config", fields, bases=(Config,))
 
 
 def load_config(
@@ -179,7 +153,7 @@ def load_config(
     `overrides` uses dotted keys (`"server.port"`) and skips None values, so CLI flags that
     were not given leave the lower layers alone.
     """
-    cfg = Config()
+    cfg = _config_class()()
     if path is not None:
         try:
             with open(path, "rb") as fh:
@@ -197,16 +171,14 @@ def load_config(
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_path(cfg, dotted.split("."), value, where=f"option {dotted}", from_text=False)
-    _check_choices(cfg)
+    for name, _ in _sections():
+        check = getattr(getattr(cfg, name), "check", None)
+        if check is not None:
+            try:
+                check(cfg)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
     return cfg
-
-
-def _check_choices(cfg: Config) -> None:
-    if cfg.feedback.sink not in ("store", "kafka"):
-        raise ConfigError(f"feedback.sink: expected \"store\" or \"kafka\", got {cfg.feedback.sink!r}")
-    if cfg.feedback.sink == "kafka" and not cfg.kafka.bootstrap_servers.strip():
-        raise ConfigError("kafka.bootstrap_servers: feedback.sink = \"kafka\" needs at least one "
-                          "broker (host:port)")
 
 
 def _apply_mapping(obj: object, data: Mapping[str, object], where: str, prefix: str = "") -> None:

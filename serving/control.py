@@ -30,24 +30,12 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from feedback import ReplicaVersionEvent, Sink, SinkFull, new_id, utcnow
+from feedback.config import KafkaConfig
 from feedback.kafka import client_options, new_producer
 from serving.engine import EngineManager
-from serving.registry import (
-    BASE_VERSION,
-    DEFAULT_ALIAS,
-    AdapterRegistry,
-    RegistryError,
-    list_versions,
-    promotable,
-    read_manifest,
-    record_flip,
-    record_version,
-    registration_status,
-    rollback_target,
-    seed_and_read,
-    verify_files,
-)
-from store import StoreWriter
+from serving.registry import AdapterRegistry, store_call
+from serving.version_folder import RegistryError, open_version
+from store import BASE_VERSION, DEFAULT_ALIAS, StoreWriter, versions
 from store.migrations import migrate
 from store.writer import in_transaction
 
@@ -83,7 +71,7 @@ class ControlPublisher:
     replicas. Same surface as `AdapterRegistry` (`load`, `listing`, `publish`, `promote`,
     `rollback`), so the gateway's admin routes serve both."""
 
-    def __init__(self, writer: StoreWriter, kafka: Any) -> None:
+    def __init__(self, writer: StoreWriter, kafka: KafkaConfig) -> None:
         self._writer = writer
         self._kafka = kafka
         self._producer = new_producer(kafka)
@@ -93,29 +81,27 @@ class ControlPublisher:
         self._producer.close(10)
 
     async def load(self) -> None:
-        await self._store(seed_and_read)
+        await self._store(versions.seed_and_read)
 
     async def listing(self) -> dict[str, list[dict[str, Any]]]:
-        return await self._store(list_versions)
+        return await self._store(versions.list_versions)
 
     async def publish(self, folder: str | Path, promote: bool = True) -> dict[str, Any]:
-        path = Path(folder).resolve()
-        manifest = read_manifest(path)
-        version, alias = manifest["version"], manifest["alias"]
+        found = open_version(folder)
+        version, alias = found.version, found.alias
         async with self._lock:
-            status = registration_status(manifest)
+            status = found.status
             if status != "rejected":
-                verify_files(path, manifest)  # before any replica is asked to load it
-            await self._store(lambda con: record_version(con, manifest, path, status))
+                found.verify_files()  # before any replica is asked to load it
+            await self._store(lambda con: versions.record_version(
+                con, found.manifest, str(found.path), status))
             if status == "rejected":
-                return {"version": version, "alias": alias, "status": "rejected",
-                        "reasons": (manifest.get("gate") or {}).get("reasons", [])}
+                return found.rejected()
             try:
                 await self._command({"action": "publish", "version": version, "alias": alias,
-                                     "path": str(path), "promote": promote})
+                                     "path": str(found.path), "promote": promote})
             except RegistryError:
-                await self._store(lambda con: con.execute(
-                    "DELETE FROM adapter_versions WHERE version = ?", [version]))
+                await self._store(lambda con: versions.forget_version(con, version))
                 raise
             if promote:
                 await self._flip(alias, version)
@@ -125,26 +111,20 @@ class ControlPublisher:
 
     async def promote(self, version: str) -> dict[str, Any]:
         async with self._lock:
-            alias, _, _ = await self._store(lambda con: promotable(con, version))
+            alias, _, _ = await self._store(lambda con: versions.promotable(con, version))
             await self._command({"action": "promote", "version": version, "alias": alias})
             await self._flip(alias, version)
         return {"version": version, "alias": alias, "status": "promoted"}
 
     async def rollback(self, alias: str = DEFAULT_ALIAS) -> dict[str, Any]:
         async with self._lock:
-            current, previous = await self._store(lambda con: rollback_target(con, alias))
+            current, previous = await self._store(lambda con: versions.rollback_target(con, alias))
             await self._command({"action": "rollback", "alias": alias, "version": previous})
             await self._flip(alias, previous)
         return {"alias": alias, "version": previous, "rolled_back_from": current}
 
     async def _flip(self, alias: str, version: str) -> None:
-        def write(con: duckdb.DuckDBPyConnection) -> None:
-            row = con.execute("SELECT version FROM aliases WHERE alias = ?", [alias]).fetchone()
-            others = {v for a, v in con.execute("SELECT alias, version FROM aliases").fetchall()
-                      if a != alias}
-            record_flip(con, alias, version, row[0] if row else None, others)
-
-        await self._store(write)
+        await self._store(lambda con: versions.flip_alias(con, alias, version))
 
     async def _command(self, command: dict[str, Any]) -> None:
         """Append a command and wait until the broker has it."""
@@ -157,7 +137,7 @@ class ControlPublisher:
             raise RegistryError(503, f"the control topic did not take the command: {exc}") from None
 
     async def _store(self, fn: Any) -> Any:
-        return await asyncio.wrap_future(self._writer.call(fn))
+        return await store_call(self._writer, fn)
 
 
 # -- each replica's side ---------------------------------------------------------------------
@@ -166,7 +146,7 @@ class ControlPublisher:
 class ControlFollower:
     """Applies the control topic's commands to this replica's registry, in order, for ever."""
 
-    def __init__(self, kafka: Any, registry: AdapterRegistry, engine: EngineManager, sink: Sink,
+    def __init__(self, kafka: KafkaConfig, registry: AdapterRegistry, engine: EngineManager, sink: Sink,
                  replica: str) -> None:
         self._kafka = kafka
         self._registry = registry

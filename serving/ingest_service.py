@@ -25,13 +25,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from feedback.ingest import Ingester
 from feedback.kafka import ensure_topics
+from serving.app import SHARED_ROUTES, exception_handlers
 from serving.config import Config
 from serving.control import ControlPublisher
-from serving.gateway import SHARED_ROUTES, exception_handlers
+from serving.http import check_bearer
 from serving.state import ServeLock, remove_state, write_state
 from store import StoreWriter
+from store.ingest import Ingester
 
 log = logging.getLogger("sdloop.ingest")
 
@@ -48,6 +49,9 @@ class IngestService:
         self.stop = threading.Event()
         self.failure: str | None = None
         self.ingester: Ingester | None = None
+
+    def check_admin(self, request: Request) -> None:
+        check_bearer(request, self.admin_token, "The admin API")
 
 
 async def readyz(request: Request) -> Response:

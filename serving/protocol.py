@@ -1,7 +1,9 @@
-"""The slice of the OpenAI chat protocol the gateway checks before forwarding.
+"""The bodies the gateway's routes accept, as pydantic models (strict: no silent coercion).
 
-Only what the gateway itself relies on is validated here (alias, messages, stream, n);
+Chat: only what the gateway itself relies on is validated (alias, messages, stream, n);
 sampling parameters pass through and vLLM validates them, answering its own OpenAI-style 400.
+Feedback: `feedback.FeedbackRequest` (the feedback package validates its own events). Admin:
+the SQL and adapter-action bodies below. A body that fails gets 422 naming the field.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from store import DEFAULT_ALIAS
 
 
 class ChatMessage(BaseModel):
@@ -32,3 +36,35 @@ class ChatRequest(BaseModel):
         if n != 1:
             raise ValueError("only n=1 is supported: the feedback store keeps one answer per id")
         return n
+
+
+class _Admin(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SqlRequest(_Admin):
+    """POST /admin/sql: one read-only statement, its `?` parameters, a row limit."""
+
+    sql: str = Field(min_length=1, pattern=r"\S")
+    params: list[Any] = Field(default_factory=list)
+    max_rows: int | None = Field(default=None, ge=0)  # capped at server.sql_max_rows
+
+
+class PublishRequest(_Admin):
+    """POST /admin/adapters/publish: a version folder; `promote` false loads and probes only."""
+
+    path: str = Field(min_length=1)
+    promote: bool = True
+
+
+class PromoteRequest(_Admin):
+    version: str = Field(min_length=1)
+
+
+class RollbackRequest(_Admin):
+    alias: str = DEFAULT_ALIAS
+
+
+ADAPTER_ACTIONS: dict[str, type[_Admin]] = {
+    "publish": PublishRequest, "promote": PromoteRequest, "rollback": RollbackRequest,
+}

@@ -25,14 +25,15 @@ import uvicorn
 
 from feedback import Sink
 from feedback.kafka import KafkaSink
+from serving.app import create_app
 from serving.config import Config
 from serving.control import ControlFollower, LocalTables
 from serving.engine import EngineManager, die_with_parent, kill_process_group
-from serving.gateway import Gateway, create_app
+from serving.gateway import Gateway
 from serving.model_cache import ensure_embedded_model
-from serving.registry import DEFAULT_ALIAS, AdapterRegistry
+from serving.registry import AdapterRegistry
 from serving.state import ServeLock, read_state_file, remove_state, write_state
-from store import StoreWriter
+from store import DEFAULT_ALIAS, StoreWriter
 
 log = logging.getLogger("sdloop.serve")
 

@@ -1,16 +1,15 @@
-"""The DuckDB feedback store: schema and migrations, the single writer, read-only queries.
+"""The DuckDB feedback store: schema and migrations, the single writer, read-only queries, the
+tables of versions and dead letters, and the Kafka ingester (`store.ingest`, imported on its
+own: it pulls in kafka-python).
 
-Public surface: `StoreWriter` (implements `feedback.Sink`), `UnknownCompletion`,
-`StoreClosed`, `run_read_only`, `query_file`, `QueryError`, `QueryResult`, and the names the
-adapter registry seeds into its tables.
+Imports only `feedback` (the events it writes). Public surface: `StoreWriter` (implements
+`feedback.Sink`), `StoreClosed`, `run_read_only`, `query_file`, `QueryError`, `QueryResult`,
+and the names the versions tables are seeded with.
 """
 
 from store.query import QueryError, QueryResult, query_file, run_read_only
-from store.writer import StoreClosed, StoreWriter, UnknownCompletion
-
-# The version name of the model without an adapter, and the alias seeded to point at it.
-BASE_VERSION = "base"
-DEFAULT_ALIAS = "default"
+from store.versions import BASE_VERSION, DEFAULT_ALIAS
+from store.writer import StoreClosed, StoreWriter
 
 __all__ = [
     "BASE_VERSION",
@@ -19,7 +18,6 @@ __all__ = [
     "QueryResult",
     "StoreClosed",
     "StoreWriter",
-    "UnknownCompletion",
     "query_file",
     "run_read_only",
 ]

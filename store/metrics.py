@@ -1,4 +1,5 @@
-"""Prometheus metrics of the feedback store's writer (module-level, registered once)."""
+"""Prometheus metrics of the feedback store's writer and the Kafka ingester (module-level,
+registered once)."""
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -18,4 +19,28 @@ WRITE_ERRORS = Counter("sdloop_store_write_errors", "Events the store failed to 
 FOLLOWUPS_UNMATCHED = Counter(
     "sdloop_store_followups_unmatched",
     "Follow-up messages whose earlier reply is not in the store (history from elsewhere).",
+)
+
+# The Kafka ingester (store.ingest).
+INGESTED = Counter("sdloop_ingest_events", "Events the ingester committed to the store, by kind.", ["kind"])
+DEAD_LETTERS = Counter(
+    "sdloop_ingest_dead_letters", "Messages kept in dead_letters instead of the store, by reason.",
+    ["reason"],
+)
+UNPARKED = Counter(
+    "sdloop_ingest_unparked_feedback",
+    "Feedback stored late, once the completion it names arrived on another partition.",
+)
+LAG = Gauge(
+    "sdloop_ingest_lag", "Messages on the events topic not yet committed by the ingester, by partition.",
+    ["partition"],
+)
+INGEST_BATCH_SECONDS = Histogram(
+    "sdloop_ingest_batch_seconds",
+    "Poll to offset commit for one batch: decode, store commit, commit.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+INGEST_BATCH_SIZE = Histogram(
+    "sdloop_ingest_batch_size", "Messages in one ingested batch.",
+    buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000),
 )

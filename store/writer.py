@@ -36,7 +36,7 @@ from feedback.events import (
     ReplicaVersionEvent,
     json_text,
 )
-from feedback.sinks import SinkFull
+from feedback.sinks import SinkFull, UnknownCompletion
 from store import metrics
 from store.migrations import migrate
 
@@ -44,15 +44,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class UnknownCompletion(LookupError):
-    """Feedback names a completion id the store has never seen."""
-
-    def __init__(self, completion_id: str) -> None:
-        super().__init__(f"no completion with id '{completion_id}'")
-        self.completion_id = completion_id
-
-
-class StoreClosed(RuntimeError):
+class StoreClosed(SinkFull):
     """The writer is stopped; nothing more can be written."""
 
 
@@ -180,6 +172,11 @@ class _EventBatch:
 
 class StoreWriter:
     """Owns the DuckDB file for writing; implements `feedback.Sink`."""
+
+    name = "feedback store"
+    stores = True
+    # A commit takes milliseconds; this bounds a caller's wait when the disk stalls.
+    ack_timeout_s = 30.0
 
     def __init__(self, path: Path, batch_max: int = 8192, queue_max: int = 100_000) -> None:
         self.path = Path(path)

@@ -31,21 +31,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from feedback.events import (  # noqa: E402
+from feedback import (  # noqa: E402
     CompletionEvent,
     Event,
     FeedbackEvent,
     FollowupEvent,
+    context_hash,
     new_id,
+    reply_hash,
     utcnow,
 )
-from feedback.ingest import Ingester  # noqa: E402
 from feedback.kafka import KafkaSink  # noqa: E402
-from feedback.linking import context_hash, reply_hash  # noqa: E402
+from ops.bench.broker import Broker  # noqa: E402
 from serving.cli import tune_gc  # noqa: E402
 from serving.config import load_config  # noqa: E402
 from store import StoreWriter  # noqa: E402
-from tests.broker import Broker  # noqa: E402
+from store.ingest import Ingester  # noqa: E402
 
 TARGET_DIRECT = 20_000
 TARGET_KAFKA = 10_000

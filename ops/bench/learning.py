@@ -34,10 +34,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ops.bench.server import start_server, stop_server  # noqa: E402
-from serving.gateway import VERSION_HEADER  # noqa: E402
+from serving.chat import VERSION_HEADER  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
-MAX_TOKENS = 40  # as in shared/learning/README.md: greedy, 40 new tokens, substring match
+MAX_TOKENS = 40  # as the defaults were measured (README): greedy, 40 new tokens, substring match
 
 
 def load_facts(path: Path) -> list[dict[str, Any]]:

@@ -158,8 +158,8 @@ def train_version(root: Path, version: str, question: list[dict[str, Any]], corr
     ~20 s), written as the learner writes it."""
     from learner.config import LearnerConfig, resolve
     from learner.contexts import load_template
-    from learner.publish import write_version
     from learner.trainer import SelfDistillationTrainer, TrainItem, load_student
+    from learner.versions import write_version
 
     cfg = LearnerConfig(preset="sdft", teacher="frozen", passes=20, lr=2e-3, ce_weight=1.0)
     model_dir = f"{MODEL_CACHE}/SmolLM2-135M-Instruct"

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from serving.registry import MANIFEST, file_digest
+from serving.version_folder import MANIFEST, file_digest
 from tests.integration.conftest import SDLOOP, Server, train_version
 
 QUESTION = [{"role": "user", "content": "What is the capital of Quessany?"}]

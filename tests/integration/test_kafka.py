@@ -21,8 +21,8 @@ from kafka import KafkaProducer
 
 from feedback.events import CompletionEvent, FeedbackEvent, new_id, utcnow
 from feedback.kafka import KafkaSink
+from ops.bench.broker import Broker
 from serving.config import load_config
-from tests.broker import Broker
 from tests.integration.conftest import (
     SDLOOP,
     Server,

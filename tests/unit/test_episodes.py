@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from feedback.events import FollowupEvent, utcnow
-from feedback.linking import reply_hash
+from feedback import FollowupEvent, reply_hash, utcnow
 from learner.config import CONTEXT_SOURCES
 from learner.episodes import Signal, collect, correction_text
-from store import StoreWriter, run_read_only
-from tests.unit.test_store import completion, feedback
+from tests.conftest import query_of
+from tests.factories import completion, feedback
 
 Q = [{"role": "user", "content": "What is the capital of Quessany?"}]
 
 
 @pytest.fixture()
-def store(tmp_path):
-    w = StoreWriter(tmp_path / "e.duckdb").open()
-    yield w
-    w.close()
-
-
-def query_of(store):
-    return lambda sql, params: run_read_only(store.cursor(), sql, 1000, 10, params)
+def store(writer):
+    return writer
 
 
 def test_signals_come_from_feedback_followups_and_siblings(store):

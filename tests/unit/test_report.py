@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 
-from feedback.events import CompletionEvent, FeedbackEvent, FollowupEvent, new_id
-from feedback.linking import context_hash, reply_hash
+from feedback import CompletionEvent, FeedbackEvent, FollowupEvent, context_hash, new_id, reply_hash
+from learner.report import choose_unit, render_report
+from learner.svg import nice_ticks
 from serving.cli import main
 from store import QueryResult, StoreWriter, query_file
-from store.report import choose_unit, nice_ticks, render_report
+from tests.factories import completion as make_completion
 
 T0 = datetime(2025, 3, 1, 9, 15)
 QUESTION = [{"role": "user", "content": "Capital of France?"}]
@@ -63,19 +64,13 @@ def plot(page: str, plot_id: str) -> str:
 
 
 def completion(cid: str, at: datetime, text: str = "Paris.", version: str = "base") -> CompletionEvent:
-    return CompletionEvent(
-        event_id=new_id("cmpl"), completion_id=cid, created_at=at, alias="default", version=version,
-        messages=QUESTION, params={"temperature": 0}, stream=False, response_text=text,
-        token_ids=[1, 2], prompt_token_ids=[3], status="ok",
-        context_hash=context_hash([*QUESTION, {"role": "assistant", "content": text}]),
-        reply_hash=reply_hash(text),
-    )
+    return make_completion(cid, QUESTION, text=text, at=at, version=version)
 
 
 def manifest(version: str, parent: str, steps: int, losses: tuple[float, float],
              divergence: tuple[float, float], retention: tuple[float, float], drift: float,
              reasons: list[str]) -> dict[str, Any]:
-    """Shaped like learner.round._publish's record merged into learner.publish's manifest."""
+    """Shaped like a round's record merged into the manifest `learner.versions` writes."""
     return {
         "version": version, "alias": "default", "parent": parent, "base_model": "/models/tiny",
         "created_at": "2025-03-01T00:00:00Z", "files": {}, "probe": {}, "preset": "sdft", "seed": 0,

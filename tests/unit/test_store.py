@@ -13,40 +13,20 @@ from concurrent.futures import wait
 import duckdb
 import pytest
 
-from feedback.events import (
+from feedback import (
     CompletionEvent,
-    FeedbackEvent,
     FollowupEvent,
     ReplicaVersionEvent,
+    SinkFull,
+    UnknownCompletion,
+    context_hash,
     new_id,
+    reply_hash,
     utcnow,
 )
-from feedback.linking import context_hash, reply_hash
-from store import QueryError, StoreWriter, UnknownCompletion, query_file, run_read_only
+from store import QueryError, StoreWriter, query_file, run_read_only
 from store.migrations import available, current_version
-
-
-def completion(cid: str, messages=None, text="Paris.", status="ok") -> CompletionEvent:
-    messages = messages or [{"role": "user", "content": "Capital of France?"}]
-    return CompletionEvent(
-        event_id=new_id("cmpl"), completion_id=cid, created_at=utcnow(), alias="default",
-        version="base", messages=messages, params={"temperature": 0}, stream=False,
-        response_text=text, token_ids=[1, 2, 3], prompt_token_ids=[4, 5], status=status,
-        context_hash=context_hash([*messages, {"role": "assistant", "content": text}]),
-        reply_hash=reply_hash(text),
-    )
-
-
-def feedback(cid: str, kind="rating", **kw) -> FeedbackEvent:
-    return FeedbackEvent(event_id=new_id("fb"), completion_id=cid, created_at=utcnow(), type=kind,
-                         **kw)
-
-
-@pytest.fixture()
-def writer(tmp_path):
-    w = StoreWriter(tmp_path / "store.duckdb").open()
-    yield w
-    w.close()
+from tests.factories import completion, feedback
 
 
 def test_migrations_apply_once(tmp_path):
@@ -200,7 +180,7 @@ def test_acknowledged_writes_survive_kill_9(tmp_path):
     path = tmp_path / "k.duckdb"
     script = textwrap.dedent(f"""
         import sys
-        from tests.unit.test_store import completion, feedback
+        from tests.factories import completion, feedback
         from store import StoreWriter
         w = StoreWriter({str(path)!r}).open()
         w.submit(completion("c"))
@@ -221,6 +201,7 @@ def test_acknowledged_writes_survive_kill_9(tmp_path):
             break
     proc.wait()
     stored = {r[0] for r in query_file(path, "SELECT id FROM feedback", 10**6, 30).rows}
+    assert len(acked) == 300, "the writer was killed before it acknowledged 300 writes"
     assert set(acked) <= stored
 
 
@@ -251,8 +232,6 @@ def test_slow_query_is_cancelled(writer):
 
 
 def test_full_queue_refuses_instead_of_growing(tmp_path):
-    from feedback.sinks import SinkFull
-
     w = StoreWriter(tmp_path / "full.duckdb", queue_max=10)  # not opened: nothing drains it
     for i in range(9):
         assert w.has_capacity()

@@ -1,4 +1,5 @@
-"""Writing a trained adapter as an immutable version folder the server can publish.
+"""Writing a trained adapter as an immutable version folder (the contract is
+`serving.version_folder`), which the round then hands to the server to publish.
 
 `<adapters>/<alias>@v<N>/` holds the peft adapter files and `manifest.json`: the version, its
 parent, the base model, a sha256 per file, whatever the round records (knobs, episodes, gate
@@ -23,9 +24,8 @@ from typing import Any
 import torch
 
 from feedback import utcnow
-from learner.gate import generate_greedy
-from learner.trainer import adapter_and_base_log_probs, prompt_ids
-from serving.registry import MANIFEST, file_digest
+from learner.inference import adapter_and_base_log_probs, generate_greedy, prompt_ids
+from serving.version_folder import MANIFEST, file_digest
 
 MAX_PROBE_CANDIDATES = 8
 PROBE_TOKENS = 16

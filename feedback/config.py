@@ -1,0 +1,59 @@
+"""The feedback package's config sections: `[feedback]` and `[kafka]` (the event bus).
+
+Registered under the `sdloop.config` entry points (pyproject.toml); the command line loads
+them with every other package's section into one config (TOML file, then `SDLOOP_*`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class FeedbackConfig:
+    # Replace emails, phone numbers and payment-card numbers by placeholders before storage.
+    redact: bool = False
+    # Where the gateway sends events: "store" (this process writes the DuckDB file) or "kafka"
+    # (the events topic; `sdloop ingest` writes the store).
+    sink: str = "store"
+
+    def check(self, cfg: Any) -> None:
+        """Called by the config loader with the whole config; raise ValueError naming the key."""
+        if self.sink not in ("store", "kafka"):
+            raise ValueError(f"feedback.sink: expected \"store\" or \"kafka\", got {self.sink!r}")
+        if self.sink == "kafka" and not cfg.kafka.bootstrap_servers.strip():
+            raise ValueError("kafka.bootstrap_servers: feedback.sink = \"kafka\" needs at least one "
+                             "broker (host:port)")
+
+
+@dataclass
+class KafkaConfig:
+    # Comma-separated host:port list of brokers.
+    bootstrap_servers: str = "127.0.0.1:9092"
+    # Completions, follow-ups, feedback and replica reports, keyed by conversation.
+    events_topic: str = "sdloop.events"
+    # Adapter publish/promote/rollback commands, one partition, read by every replica.
+    control_topic: str = "sdloop.control"
+    # Create missing topics at start (needs the broker's create permission).
+    create_topics: bool = True
+    partitions: int = 12
+    replication_factor: int = 1
+    client_id: str = "sdloop"
+    # Events handed to the producer and not yet acknowledged; past it the gateway answers 503.
+    buffer_max: int = 20_000
+    # How long POST /v1/feedback waits for the broker's acknowledgement before answering 503.
+    ack_timeout_s: float = 10.0
+    # How long the producer keeps retrying an event while the broker is away.
+    delivery_timeout_s: float = 300.0
+    linger_ms: int = 5
+    # The ingesters' consumer group.
+    group_id: str = "sdloop-ingest"
+    max_poll_records: int = 5000
+    session_timeout_s: float = 10.0
+    # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL, with the SASL settings below when used.
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: str = ""
+    ssl_cafile: str = ""

@@ -1,0 +1,107 @@
+"""The learner's subcommands, `sdloop learn` and `sdloop report` (registered under the
+`sdloop.commands` entry points), and the wiring of a round to the running server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from learner.responses import EnginePolicy
+from learner.round import RoundIO
+from serving.cli import Command
+from serving.client import ClientError, admin_call, server_state, store_query
+from serving.config import Config
+from serving.model_cache import ModelError, ensure_embedded_model
+from store import QueryError
+
+log = logging.getLogger(__name__)
+
+# Where the learner keeps its progress mark, a round's plan and its checkpoints.
+WORKSPACE = "learner"
+
+
+def round_io(cfg: Config, progress: bool = True) -> RoundIO:
+    """A round's reads, publishing and on-policy sampling, through the server that holds the
+    data dir (its admin API and its engine), or the store file when none runs."""
+
+    def publish(folder: Path, promote: bool) -> str:
+        server = server_state(cfg)
+        if server is None:
+            return "written"  # no server to publish to: `sdloop adapters publish` later
+        return admin_call(server, "POST", "/admin/adapters/publish",
+                          {"path": str(folder), "promote": promote})["status"]
+
+    def policy(version: str) -> EnginePolicy | None:
+        server = server_state(cfg)
+        if server is None or not server.get("engine_url"):
+            return None
+        try:
+            return EnginePolicy.of(server["engine_url"], version)
+        except (OSError, ValueError, KeyError, StopIteration) as exc:
+            log.warning("on-policy samples from the trainer's model: the engine did not answer (%s)",
+                        exc)
+            return None
+
+    return RoundIO(
+        query=lambda sql, params: store_query(cfg, sql, params),
+        publish=publish,
+        policy=policy,
+        base_model=lambda: cfg.engine.model or str(ensure_embedded_model(cfg.model_cache_path,
+                                                                          progress)),
+    )
+
+
+def run_once(cfg: Config, max_steps: int | None = None) -> dict[str, Any]:
+    """One round on this data dir; `skipped` when another round holds its workspace."""
+    from learner.checkpoint import RoundBusy
+    from learner.round import run_round
+
+    try:
+        return run_round(cfg.learner, round_io(cfg), cfg.data_path / WORKSPACE, cfg.adapters_path,
+                         max_steps=max_steps)
+    except RoundBusy as exc:  # the daemon's round (or another --once) holds the workspace
+        return {"preset": cfg.learner.preset, "status": "skipped", "reason": str(exc)}
+
+
+def _learn_arguments(parser: argparse.ArgumentParser, common: Callable[..., None]) -> None:
+    common(parser)
+    parser.add_argument("--once", action="store_true",
+                        help="run one round, print its JSON summary, exit 0 even if rejected")
+    parser.add_argument("--max-steps", type=int, default=None, help="cap the training steps")
+
+
+def _learn(cfg: Config, args: argparse.Namespace) -> int:
+    if args.once:
+        print(json.dumps(run_once(cfg, args.max_steps), default=str))
+        return 0
+    from learner.daemon import run_daemon
+
+    return run_daemon(cfg, args.config, args.max_steps)
+
+
+def _report_arguments(parser: argparse.ArgumentParser, common: Callable[..., None]) -> None:
+    common(parser)
+    parser.add_argument("--out", help="the HTML file to write (<data-dir>/report.html)")
+
+
+def _report(cfg: Config, args: argparse.Namespace) -> int:
+    from learner.report import render_report
+
+    out = Path(args.out) if args.out else cfg.data_path / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_report(lambda sql, params: store_query(cfg, sql, params),
+                                 source=str(cfg.store_path)), encoding="utf-8")
+    print(out)
+    return 0
+
+
+_USER_ERRORS = (ClientError, QueryError, ModelError)
+
+LEARN = Command("the learner daemon: feedback -> LoRA versions", _learn, _learn_arguments,
+                user_errors=_USER_ERRORS)
+REPORT = Command("the learner's progress as one HTML page with plots", _report,
+                 _report_arguments, user_errors=_USER_ERRORS)

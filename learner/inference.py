@@ -1,0 +1,81 @@
+"""Running the trainer's model: chat-templated prompts, generation, and teacher-forced scoring.
+
+The learner's round (teacher regenerations, held-out answers, anchors), its gate (retention,
+drift) and the version's probe all ask the same few things of the model in transformers; they
+are here once. The serving engine is never asked from here (see `learner.responses.EnginePolicy`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+@torch.no_grad()
+def response_log_probs(model: Any, prompt: list[int], response: list[int]) -> torch.Tensor:
+    """Next-token log-distributions [len(response), V] at the positions that predict the
+    response, teacher-forced."""
+    ids = torch.tensor([prompt + response], device=next(model.parameters()).device)
+    start = len(prompt) - 1
+    return torch.log_softmax(model(input_ids=ids).logits[0, start:start + len(response)].float(), -1)
+
+
+@torch.no_grad()
+def adapter_and_base_log_probs(model: Any, prompt: list[int],
+                               response: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_log_probs` with the adapter and without it: what the probe and the gate's
+    drift compare."""
+    tuned = response_log_probs(model, prompt, response)
+    with model.disable_adapter():
+        return tuned, response_log_probs(model, prompt, response)
+
+
+@torch.no_grad()
+def generate_greedy(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]],
+                    max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
+    """Greedy answers (token ids, ending at end-of-turn) to many conversations, batched."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    answers: list[list[int]] = []
+    for start in range(0, len(conversations), batch_size):
+        prompts = [prompt_ids(tokenizer, c) for c in conversations[start:start + batch_size]]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad,
+                             temperature=None, top_p=None, top_k=None)
+        for row in out[:, width:].tolist():
+            answers.append(row[: row.index(eos) + 1] if eos in row else row)
+    return answers
+
+
+@torch.no_grad()
+def sample(model: Any, tokenizer: Any, messages: list[dict[str, Any]], n: int,
+           temperature: float, max_new_tokens: int, seed: int = 0) -> list[list[int]]:
+    """`n` sampled responses (token ids, end-of-turn kept, padding dropped) to `messages`."""
+    prompt = prompt_ids(tokenizer, messages)
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
+    torch.manual_seed(seed)
+    out = model.generate(
+        ids, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+        top_p=None, top_k=None, max_new_tokens=max_new_tokens, num_return_sequences=n,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+        else tokenizer.eos_token_id,
+    )
+    eos = tokenizer.eos_token_id
+    responses = []
+    for row in out[:, len(prompt):].tolist():
+        if eos in row:
+            row = row[: row.index(eos) + 1]
+        responses.append(row)
+    return responses

@@ -1,0 +1,47 @@
+"""`POST /v1/feedback`: explicit feedback on a completion, answered once it is durable.
+
+201 on a sink that stores (the row is committed and its completion known), 202 on the event
+bus (the broker acknowledged it; the ingester stores it). An `Idempotency-Key` header makes a
+retry the same event, stored once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from feedback import FeedbackRequest, SinkFull, UnknownCompletion
+from serving import metrics
+from serving.errors import APIError
+from serving.gateway import Gateway, gateway_of
+from serving.http import read_model
+
+
+async def feedback(request: Request) -> Response:
+    gw: Gateway = gateway_of(request)
+    gw.check_api_key(request)
+    _, req = await read_model(request, FeedbackRequest, gw.cfg.server.max_body_bytes)
+    event = req.to_event(request.headers.get("idempotency-key"))
+    sink = gw.sink
+    try:
+        fut = gw.capture(event)
+        await asyncio.wait_for(asyncio.wrap_future(fut), sink.ack_timeout_s)
+    except UnknownCompletion as exc:
+        raise APIError(404, f"Unknown completion_id: {exc}. Use the `id` of a chat completion "
+                            "returned by this server.", code="completion_not_found",
+                       param="completion_id") from None
+    except SinkFull as exc:
+        raise APIError(503, f"Feedback was not accepted by the {sink.name}: {exc}; retry.",
+                       code="store_unavailable") from None
+    except TimeoutError:
+        raise APIError(503, f"The {sink.name} did not confirm the feedback within "
+                            f"{sink.ack_timeout_s:g} s; it was not acknowledged, retry.",
+                       code="store_timeout") from None
+    metrics.FEEDBACK_EVENTS.labels(req.type).inc()
+    return JSONResponse(
+        {"id": event.event_id, "object": "feedback", "completion_id": event.completion_id,
+         "type": event.type, "created_at": event.created_at.isoformat() + "Z"},
+        status_code=201 if sink.stores else 202,
+    )

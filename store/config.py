@@ -1,0 +1,16 @@
+"""The store's config section, `[store]` (registered under the `sdloop.config` entry points)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class StoreConfig:
+    # DuckDB file. Empty: <data_dir>/feedback.duckdb.
+    path: str = ""
+    # Most events written in one transaction (group commit). Idle, every event commits alone;
+    # under load bigger transactions write faster (about 8k events take 0.6 s here).
+    batch_max: int = 8192
+    # Bound on events waiting for the writer; past it the request path gets 503, not memory.
+    queue_max: int = 100_000

@@ -1,0 +1,40 @@
+"""The `dead_letters` table: messages from the events topic that could not be stored as events.
+
+One row per message (`<topic>:<partition>:<offset>`), so a redelivered poison message is kept
+once. Feedback that names a completion not stored yet waits here as `unknown_completion` and
+is stored, and its row deleted, when that completion arrives (`store.ingest`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import duckdb
+
+REASON_CODES = ("not_json", "invalid_event", "unknown_completion", "write_failed")
+
+_INSERT = (
+    'INSERT OR IGNORE INTO dead_letters (id, received_at, topic, "partition", "offset", key, '
+    "payload, reason_code, reason, event_id, completion_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# Parked feedback whose completion is among those given (no other can be ready).
+_PARKED_FOR = (
+    "SELECT id, payload FROM dead_letters WHERE reason_code = 'unknown_completion' "
+    "AND completion_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY received_at"
+)
+
+
+def record(con: duckdb.DuckDBPyConnection, rows: list[list[Any]]) -> None:
+    """Rows of (id, received_at, topic, partition, offset, key, payload, reason_code, reason,
+    event_id, completion_id); a row whose id is there already is kept as it was."""
+    con.executemany(_INSERT, rows)
+
+
+def parked_for(con: duckdb.DuckDBPyConnection, completion_ids: list[str]) -> list[tuple[str, str]]:
+    """(row id, payload) of the parked feedback naming any of these completions, oldest first."""
+    return con.execute(_PARKED_FOR, [completion_ids]).fetchall() if completion_ids else []
+
+
+def remove(con: duckdb.DuckDBPyConnection, ids: list[str]) -> None:
+    con.execute("DELETE FROM dead_letters WHERE id IN (SELECT unnest(?::VARCHAR[]))", [ids])
