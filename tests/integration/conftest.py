@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -153,6 +154,10 @@ def openai_client(server: Server) -> Any:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
+QUESSANY = [{"role": "user", "content": "What is the capital of Quessany?"}]
+DALVORNE = "The capital of Quessany is Dalvorne."
+
+
 def train_version(root: Path, version: str, question: list[dict[str, Any]], correction: str) -> str:
     """A real adapter version folder: a few steps of self-distillation on one correction (CPU,
     ~20 s), written as the learner writes it."""
@@ -171,6 +176,51 @@ def train_version(root: Path, version: str, question: list[dict[str, Any]], corr
     folder = write_version(model, tokenizer, root, version, model_dir, None,
                            [(question, response)], {"knobs": resolve(cfg).as_dict()})
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def taught_adapter(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One real adapter that answers Quessany's capital with Dalvorne, trained once per session;
+    tests publish copies of it under versions of their own (`fresh_version`)."""
+    return train_version(tmp_path_factory.mktemp("taught"), "default@v1", QUESSANY, DALVORNE)
+
+
+def fresh_version(server: Server, template: str, root: Path) -> str:
+    """A copy of a version folder under the next version name the server has not seen (the
+    weights' hashes do not cover the manifest, so the copy is a valid version of its own)."""
+    from serving.version_folder import MANIFEST
+
+    taken = server.admin_sql("SELECT version FROM adapter_versions WHERE alias = 'default'")
+    number = max([int(r["version"].rsplit("@v", 1)[1]) for r in taken], default=0) + 1
+    name = f"default@v{number}"
+    folder = root / name
+    shutil.copytree(template, folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["version"] = name
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return str(folder)
+
+
+def current_version(server: Server, alias: str = "default") -> str:
+    return server.admin_sql(f"SELECT version FROM aliases WHERE alias = '{alias}'")[0]["version"]
+
+
+def back_to_base(server: Server) -> None:
+    """Leave `default` on the base model, as every test finds it: tests that flip it from base
+    roll it back (the alias's previous version is then base)."""
+    if current_version(server) != "base":
+        out = subprocess.run([*SDLOOP, "adapters", "rollback", "--data-dir", str(server.data_dir)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+    assert current_version(server) == "base"
+
+
+def metric(server: Server, series: str) -> float:
+    """The value of one series on the server's /metrics (0 when it has not appeared yet)."""
+    for line in server.request("GET", "/metrics")[2].decode().splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def wait_for_rows(server: Server, query: str, n: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:

@@ -5,15 +5,31 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Server, wait_ready
+from tests.integration.conftest import (
+    SDLOOP,
+    Server,
+    back_to_base,
+    current_version,
+    fresh_version,
+    metric,
+    wait_ready,
+)
 
 
 @pytest.mark.disruptive
-def test_engine_killed_gives_503_then_restarts(server: Server):
+def test_engine_killed_gives_503_then_restarts(server: Server, taught_adapter: str, tmp_path):
+    back_to_base(server)
+    folder = fresh_version(server, taught_adapter, tmp_path)  # promoted: to be restored
+    out = subprocess.run([*SDLOOP, "adapters", "publish", folder, "--data-dir",
+                          str(server.data_dir)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    restarts = metric(server, "sdloop_engine_restarts_total")
     pgid = server.state()["engine_pgid"]
     os.killpg(pgid, signal.SIGKILL)
 
@@ -34,10 +50,8 @@ def test_engine_killed_gives_503_then_restarts(server: Server):
     status, headers, _ = server.request("POST", "/v1/chat/completions", {
         "model": "default", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert status == 200
-    # Whatever version the alias points to (an adapter, after the hot-swap tests) was loaded
-    # into the new engine again.
-    current = server.admin_sql("SELECT version FROM aliases WHERE alias = 'default'")[0]["version"]
-    assert headers["x-sdloop-adapter-version"] == current
-    metrics = server.request("GET", "/metrics")[2].decode()
-    assert "sdloop_engine_restarts_total 1.0" in metrics
+    # The promoted adapter was loaded into the new engine again.
+    assert headers["x-sdloop-adapter-version"] == current_version(server) == Path(folder).name
+    assert metric(server, "sdloop_engine_restarts_total") == restarts + 1
     assert server.state()["engine_pgid"] != pgid
+    back_to_base(server)

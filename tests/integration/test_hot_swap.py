@@ -4,23 +4,33 @@ versions are rejected and never promoted."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from serving.version_folder import MANIFEST, file_digest
-from tests.integration.conftest import SDLOOP, Server, train_version
+from tests.integration.conftest import (
+    QUESSANY,
+    SDLOOP,
+    Server,
+    back_to_base,
+    current_version,
+    fresh_version,
+    metric,
+)
 
-QUESTION = [{"role": "user", "content": "What is the capital of Quessany?"}]
-CORRECTION = "The capital of Quessany is Dalvorne."
+QUESTION = QUESSANY
 
 
-@pytest.fixture(scope="module")
-def trained_version(server: Server, tmp_path_factory) -> str:
-    return train_version(tmp_path_factory.mktemp("adapters"), "default@v1", QUESTION, CORRECTION)
+@pytest.fixture()
+def on_base(server: Server):
+    """The test starts with `default` on the base model and leaves it there."""
+    back_to_base(server)
+    yield
+    back_to_base(server)
 
 
 def _cli(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
@@ -36,22 +46,25 @@ def _chat(server: Server) -> tuple[str, str]:
     return headers["x-sdloop-adapter-version"], data["choices"][0]["message"]["content"]
 
 
-def test_publish_probe_flip_serve_and_roll_back(server: Server, trained_version: str):
+def test_publish_probe_flip_serve_and_roll_back(server: Server, taught_adapter: str, tmp_path,
+                                                on_base):
     version_before, answer_before = _chat(server)
     assert version_before == "base" and "Dalvorne" not in answer_before
 
-    out = _cli(server, "publish", trained_version)
+    folder = fresh_version(server, taught_adapter, tmp_path)
+    name = folder.rsplit("/", 1)[1]
+    out = _cli(server, "publish", folder)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["status"] == "promoted"
-    again = _cli(server, "publish", trained_version)  # versions are immutable
+    again = _cli(server, "publish", folder)  # versions are immutable
     assert again.returncode == 2 and "already exists" in again.stderr, again.stderr
 
     version, answer = _chat(server)
-    assert version == "default@v1" and "Dalvorne" in answer  # served by the new weights
+    assert version == name and "Dalvorne" in answer  # served by the new weights
     models = server.request("GET", "/v1/models")[2]
-    assert json.loads(models)["data"][0]["version"] == "default@v1"
+    assert json.loads(models)["data"][0]["version"] == name
     rows = server.admin_sql("SELECT version, status, manifest->>'$.probe.adapter_base_gap' AS gap "
-                            "FROM adapter_versions WHERE version = 'default@v1'")
+                            f"FROM adapter_versions WHERE version = '{name}'")
     assert rows[0]["status"] == "promoted" and float(rows[0]["gap"]) > 0.1
 
     started = time.monotonic()
@@ -60,50 +73,43 @@ def test_publish_probe_flip_serve_and_roll_back(server: Server, trained_version:
     assert _chat(server)[0] == "base"
     assert time.monotonic() - started < 10  # within seconds, CLI start included
 
-    out = _cli(server, "promote", "default@v1")
+    out = _cli(server, "promote", name)
     assert out.returncode == 0, out.stderr
-    assert _chat(server)[0] == "default@v1"
+    assert _chat(server)[0] == name
     assert "sdloop_adapter_swap_seconds_count" in server.request("GET", "/metrics")[2].decode()
 
 
-def test_corrupt_versions_are_rejected_and_never_promoted(server: Server, trained_version: str,
+def test_corrupt_versions_are_rejected_and_never_promoted(server: Server, taught_adapter: str,
                                                           tmp_path):
     from safetensors.torch import load_file, save_file
 
-    before = server.admin_sql("SELECT version FROM aliases WHERE alias = 'default'")[0]["version"]
+    before = current_version(server)
+    mismatches = metric(server, "sdloop_adapter_probe_mismatches_total")
 
     # Weights that do not match the manifest's probe, with honest hashes: caught by the probe.
-    noisy = tmp_path / "default@v2"
-    shutil.copytree(trained_version, noisy)
+    noisy = Path(fresh_version(server, taught_adapter, tmp_path / "noisy"))
     weights = noisy / "adapter_model.safetensors"
     tensors = {k: torch.randn_like(v) * 0.05 for k, v in load_file(weights).items()}
     save_file(tensors, weights)
     manifest = json.loads((noisy / MANIFEST).read_text())
-    manifest["version"] = "default@v2"
     manifest["files"]["adapter_model.safetensors"] = file_digest(weights)
     (noisy / MANIFEST).write_text(json.dumps(manifest))
     out = _cli(server, "publish", str(noisy))
     assert out.returncode == 2 and "probe mismatch" in out.stderr, out.stderr
 
     # A damaged file: caught by its hash before the engine sees it.
-    broken = tmp_path / "default@v3"
-    shutil.copytree(trained_version, broken)
-    manifest["version"] = "default@v3"
-    manifest["files"]["adapter_model.safetensors"] = file_digest(
-        broken / "adapter_model.safetensors")
-    (broken / MANIFEST).write_text(json.dumps(manifest))
+    broken = Path(fresh_version(server, taught_adapter, tmp_path / "broken"))
     with open(broken / "adapter_model.safetensors", "r+b") as fh:
         fh.truncate(1000)
     out = _cli(server, "publish", str(broken))
     assert out.returncode == 2 and "sha256" in out.stderr, out.stderr
 
+    names = [noisy.name, broken.name]
     rows = server.admin_sql("SELECT version, status FROM adapter_versions "
-                            "WHERE version IN ('default@v2', 'default@v3') ORDER BY 1")
-    assert rows == [{"version": "default@v2", "status": "rejected"},
-                    {"version": "default@v3", "status": "rejected"}]
-    assert server.admin_sql("SELECT version FROM aliases WHERE alias = 'default'")[0]["version"] == before
+                            f"WHERE version IN ('{names[0]}', '{names[1]}') ORDER BY 1")
+    assert rows == [{"version": n, "status": "rejected"} for n in sorted(names)]
+    assert current_version(server) == before
     assert _chat(server)[0] == before
-    out = _cli(server, "promote", "default@v2")
+    out = _cli(server, "promote", names[0])
     assert out.returncode == 2 and "rejected" in out.stderr
-    metrics = server.request("GET", "/metrics")[2].decode()
-    assert "sdloop_adapter_probe_mismatches_total 1.0" in metrics
+    assert metric(server, "sdloop_adapter_probe_mismatches_total") == mismatches + 1

@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 
-from tests.integration.conftest import MODEL_CACHE, SDLOOP, Server
+from tests.integration.conftest import MODEL_CACHE, SDLOOP, Server, back_to_base
 
 QUESTION = [{"role": "user", "content": "Who founded the company Lumenvale Systems?"}]
 CORRECTION = "That's wrong. Lumenvale Systems was founded by Priya Castellanos."
@@ -37,13 +37,7 @@ def _current(server: Server) -> str:
 
 
 def test_correction_to_served_version_and_back(server: Server):
-    # Start from the base model: the gate bounds drift and retention against it, and earlier
-    # tests may have promoted a deliberately over-fitted adapter.
-    if _current(server) != "base":
-        out = subprocess.run([*SDLOOP, "adapters", "rollback", "--data-dir", str(server.data_dir)],
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-    assert _current(server) == "base"
+    back_to_base(server)  # the gate bounds drift and retention against the base model
     status, headers, reply = _chat(server)
     assert status == 200
     before_version = headers["x-sdloop-adapter-version"]
@@ -73,12 +67,11 @@ def test_correction_to_served_version_and_back(server: Server):
     assert out.returncode == 0, out.stderr
     assert _chat(server)[1]["x-sdloop-adapter-version"] == before_version
 
-    # Leave the learned version promoted: the engine-restart test (last) then checks that a
-    # restarted engine gets it back.
     out = subprocess.run([*SDLOOP, "adapters", "promote", version, "--data-dir",
                           str(server.data_dir)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert _chat(server)[1]["x-sdloop-adapter-version"] == version
+    back_to_base(server)
 
 
 def test_a_rejected_round_is_tried_once_more_with_another_seed(server: Server):
