@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from feedback import FEEDBACK_KINDS, context_hash
 from learner.config import TEXT_FEEDBACK
-from store import QueryResult
+from store import Query, QueryResult
 
 # Episodes whose newest signal (feedback or follow-up) arrived after the given time: feedback
 # on an old completion brings it back.
@@ -129,7 +129,7 @@ def build_episodes(result: QueryResult, sources: Iterable[str]) -> list[Episode]
     return [ep for ep in episodes if ep.signals]
 
 
-def collect(query: Callable[[str, list[Any]], QueryResult], since: str,
+def collect(query: Query, since: str,
             sources: Iterable[str]) -> list[Episode]:
     """Episodes with a signal that arrived after `since` (ISO timestamp, UTC)."""
     return build_episodes(query(EPISODES_SQL, [since]), sources)

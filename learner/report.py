@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from html import escape
@@ -24,10 +24,7 @@ from typing import Any
 from feedback.events import FEEDBACK_TYPES, utcnow
 from learner.svg import MISSING, Key, Marker, Series, Track, bar_chart, fmt_number, line_chart, step_chart
 from store import BASE_VERSION, DEFAULT_ALIAS
-from store.query import QueryResult
-
-Query = Callable[[str, list[Any]], QueryResult]
-
+from store.query import Query
 
 STATUS_COLOURS = {
     "base": "#4e79a7", "promoted": "#2e7d32", "candidate": "#f0a202", "rejected": "#c62828",

@@ -34,12 +34,9 @@ from learner.responses import EnginePolicy, teacher_regenerations
 from learner.spec import Divergence, Support, TokenLossConfig
 from learner.trainer import AnchorItem, SelfDistillationTrainer, TrainItem, load_student
 from learner.versions import write_version
-from store import BASE_VERSION, DEFAULT_ALIAS, QueryResult
+from store import BASE_VERSION, DEFAULT_ALIAS, Query
 
 log = logging.getLogger(__name__)
-
-Query = Callable[[str, list[Any]], QueryResult]
-
 
 @dataclass(frozen=True)
 class RoundIO:
@@ -55,6 +52,8 @@ class RoundIO:
     policy: Callable[[str], EnginePolicy | None]
     # The base model's folder (the embedded model is converted on first use).
     base_model: Callable[[], str]
+
+
 _PAST_PROMPTS_SQL = """
 SELECT messages FROM episodes
 WHERE NOT has_signal AND status = 'ok'

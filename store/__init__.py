@@ -7,13 +7,14 @@ Imports only `feedback` (the events it writes). Public surface: `StoreWriter` (i
 and the names the versions tables are seeded with.
 """
 
-from store.query import QueryError, QueryResult, query_file, run_read_only
+from store.query import Query, QueryError, QueryResult, query_file, run_read_only
 from store.versions import BASE_VERSION, DEFAULT_ALIAS
 from store.writer import StoreClosed, StoreWriter
 
 __all__ = [
     "BASE_VERSION",
     "DEFAULT_ALIAS",
+    "Query",
     "QueryError",
     "QueryResult",
     "StoreClosed",

@@ -35,6 +35,11 @@ class QueryResult:
     truncated: bool
 
 
+# One read-only statement and its `?` parameters -> its result: how the learner and the report
+# read the store, whether through the running server's admin API or from the file.
+Query = Callable[[str, list[Any]], QueryResult]
+
+
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
     try:
         statements = con.extract_statements(sql)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
-from store import QueryResult, StoreWriter, run_read_only
+from store import Query, StoreWriter, run_read_only
 
 
 @pytest.fixture()
@@ -17,6 +16,6 @@ def writer(tmp_path) -> Iterator[StoreWriter]:
     w.close()
 
 
-def query_of(writer: StoreWriter) -> Callable[[str, list[Any]], QueryResult]:
+def query_of(writer: StoreWriter) -> Query:
     """A read-only query function on a writer's store, as the learner and the report get one."""
     return lambda sql, params: run_read_only(writer.cursor(), sql, 100_000, 10, params)

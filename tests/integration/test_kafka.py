@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 from kafka import KafkaProducer
 
-from feedback.events import CompletionEvent, FeedbackEvent, new_id, utcnow
+from feedback.events import FeedbackEvent, new_id, utcnow
 from feedback.kafka import KafkaSink
 from ops.bench.broker import Broker
 from serving.config import load_config
+from tests.factories import completion
 from tests.integration.conftest import (
     SDLOOP,
     Server,
@@ -170,10 +171,8 @@ def test_a_killed_ingester_resumes_with_no_loss_and_no_duplicates(broker: Broker
     futures = []
     for i in range(n):
         cid = f"chatcmpl-{i:06d}"
-        futures.append(sink.submit(CompletionEvent(
-            event_id=new_id("cmpl"), completion_id=cid, created_at=utcnow(), alias="default",
-            version="base", messages=[{"role": "user", "content": f"q{i}"}], params={},
-            stream=False, response_text=f"a{i}", token_ids=[1, 2, 3], session_id=f"s{i % 50}")))
+        futures.append(sink.submit(completion(
+            cid, [{"role": "user", "content": f"q{i}"}], text=f"a{i}", session_id=f"s{i % 50}")))
         if i % 3 == 0:
             futures.append(sink.submit(FeedbackEvent(
                 event_id=new_id("fb"), completion_id=cid, created_at=utcnow(), type="rating",
@@ -208,10 +207,7 @@ def test_poison_messages_are_dead_lettered_and_ingestion_goes_on(broker: Broker,
     ingest = start_ingest(tmp_path / "ingest", env)
     topic = env["SDLOOP_KAFKA__EVENTS_TOPIC"]
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
-    completion = CompletionEvent(
-        event_id=new_id("cmpl"), completion_id="chatcmpl-late", created_at=utcnow(),
-        alias="default", version="base", messages=QUESTION, params={}, stream=False,
-        response_text="Marenthal.")
+    late = completion("chatcmpl-late", QUESTION, text="Marenthal.")
     early_feedback = FeedbackEvent(event_id=new_id("fb"), completion_id="chatcmpl-late",
                                    created_at=utcnow(), type="rating", score=-1.0)
     try:
@@ -228,7 +224,7 @@ def test_poison_messages_are_dead_lettered_and_ingestion_goes_on(broker: Broker,
         assert ingest.request("GET", "/readyz")[0] == 200  # still ingesting
 
         # The completion the parked feedback waited for arrives: both are stored.
-        producer.send(topic, key=b"other", value=completion.to_json()).get(10)
+        producer.send(topic, key=b"other", value=late.to_json()).get(10)
         assert wait_count(ingest, "SELECT count(*) FROM feedback", 1) == 1
         left = ingest.sql("SELECT reason_code FROM dead_letters")
         assert sorted(r["reason_code"] for r in left) == ["invalid_event", "invalid_event",

@@ -1,5 +1,6 @@
-from feedback.events import CompletionEvent, FeedbackEvent, utcnow
+from feedback.events import FeedbackEvent, utcnow
 from feedback.redaction import redact_event, redact_text
+from tests.factories import completion
 
 
 def test_emails_phones_and_valid_card_numbers_are_replaced():
@@ -13,19 +14,15 @@ def test_ordinary_numbers_survive():
     assert redact_text(text) == text
 
 
-def _completion(**kw):
-    base = dict(event_id="e", completion_id="c", created_at=utcnow(), alias="default",
-                version="base", messages=[{"role": "user", "content": "hi"}], params={},
-                stream=False, response_text="ok", prompt_token_ids=[1, 2], token_ids=[3])
-    return CompletionEvent(**{**base, **kw})
+def _completion(messages=({"role": "user", "content": "hi"},), text="ok"):
+    return completion("c", list(messages), text=text, prompt_token_ids=[1, 2], token_ids=[3])
 
 
 def test_token_ids_are_dropped_only_where_text_changed():
     kept = redact_event(_completion())
     assert kept.token_ids == [3] and kept.prompt_token_ids == [1, 2]
     changed = redact_event(_completion(
-        messages=[{"role": "user", "content": "I am bob@example.com"}],
-        response_text="Hi bob@example.com"))
+        messages=[{"role": "user", "content": "I am bob@example.com"}], text="Hi bob@example.com"))
     assert changed.messages[0]["content"] == "I am [EMAIL]"
     assert changed.response_text == "Hi [EMAIL]"
     assert changed.token_ids is None and changed.prompt_token_ids is None
