@@ -1,5 +1,9 @@
 """The learner's subcommands, `sdloop learn` and `sdloop report` (registered under the
-`sdloop.commands` entry points), and the wiring of a round to the running server."""
+`sdloop.commands` entry points), and the wiring of a round to the running server.
+
+Every `sdloop` command loads this module to build its parser: torch and the trainer are
+imported only when a round runs.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,17 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from learner.responses import EnginePolicy
-from learner.round import RoundIO
 from serving.cli import Command
 from serving.client import ClientError, admin_call, server_state, store_query
 from serving.config import Config
 from serving.model_cache import ModelError, ensure_embedded_model
 from store import QueryError
+
+if TYPE_CHECKING:
+    from learner.responses import EnginePolicy
+    from learner.round import RoundIO
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +33,8 @@ WORKSPACE = "learner"
 def round_io(cfg: Config, progress: bool = True) -> RoundIO:
     """A round's reads, publishing and on-policy sampling, through the server that holds the
     data dir (its admin API and its engine), or the store file when none runs."""
+    from learner.responses import EnginePolicy
+    from learner.round import RoundIO
 
     def publish(folder: Path, promote: bool) -> str:
         server = server_state(cfg)

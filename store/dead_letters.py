@@ -2,7 +2,8 @@
 
 One row per message (`<topic>:<partition>:<offset>`), so a redelivered poison message is kept
 once. Feedback that names a completion not stored yet waits here as `unknown_completion` and
-is stored, and its row deleted, when that completion arrives (`store.ingest`).
+is stored, and its row deleted, when that completion arrives (`store.ingest`). Reason codes:
+not_json, invalid_event, unknown_completion, write_failed.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import duckdb
-
-REASON_CODES = ("not_json", "invalid_event", "unknown_completion", "write_failed")
 
 _INSERT = (
     'INSERT OR IGNORE INTO dead_letters (id, received_at, topic, "partition", "offset", key, '

@@ -47,7 +47,6 @@ _EVENT_ERRORS = (duckdb.ConversionException, duckdb.ConstraintException,
                  duckdb.TypeMismatchException)
 
 
-
 @dataclass
 class _Batch:
     size: int
