@@ -107,7 +107,12 @@ class LearnerConfig:
     checkpoint_every: int = 50  # training steps between resumable checkpoints (0: none)
     seed: int = 0
     # Gate.
-    retention_max_drop: float = 2.0  # accuracy points on the retention set, candidate vs base
+    # Points of the retention questions the base model answers right that the candidate may
+    # forget; a round fails only when it forgets significantly more (at `gate_confidence`).
+    retention_max_drop: float = 2.0
+    gate_confidence: float = 0.95
+    # Mean per-token NLL increase of the base model's right retention answers, nats.
+    retention_nll_max: float = 0.25
     drift_max: float = 0.1  # mean per-token KL(base || candidate) on neutral prompts
     gate_samples: int = 2  # teacher answers per signal drawn for the gate, never trained on
     retries: int = 1  # times a rejected round's episodes are tried again, with another seed

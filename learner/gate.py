@@ -1,22 +1,41 @@
 """The gate: a candidate is promoted only if it learned and did not forget.
 
-(a) On the held-out episodes the teacher–student divergence dropped. (b) On the fixed
-retention set shipped with the project (`learner/data/retention.json`) accuracy stays within
-`retention_max_drop` points of the base model's, and the drift, KL(base ‖ candidate) over the
-base model's own answers to neutral prompts, stays under `drift_max`. Base and candidate are
-measured in the same process on the same weights (adapter disabled vs enabled), greedy, batched.
+(a) Learned: on held-out teacher answers the teacher–student divergence dropped.
+(b) Did not forget, judged on the shipped retention set (`learner/data/retention.json`, ~300
+short-answer questions), restricted to the questions the base model answers right:
+  - exact match, as a paired comparison per question: the candidate forgot k of those N. The
+    gate fails when k is significantly more than `retention_max_drop` points allow: the
+    one-sided binomial test of "the candidate forgets at most that share" rejects at
+    `gate_confidence`. One unlucky question does not decide a round; a real regression does —
+    and bleed of a taught fact into neighbouring questions (other capitals, other animals) is
+    exactly such a regression;
+  - likelihood, with far more resolution than exact match: the mean per-token increase of the
+    negative log-likelihood of the base model's own right answers under the candidate;
+  - drift, KL(base ‖ candidate) over the base model's own answers to neutral prompts.
+Base and candidate are measured in the same process on the same weights (adapter disabled vs
+enabled). The base model's answers do not change between rounds: they are computed once and
+kept in the learner's workspace. The candidate is checked teacher-forced on them — one forward
+pass per question: if its greedy choice follows the base answer at least until a key has been
+said, greedy decoding would say it too — and only the questions where it turns away earlier
+are generated.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import re
 from dataclasses import asdict, dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from learner.inference import adapter_and_base_log_probs, generate_greedy, prompt_ids
+
+RETENTION_TOKENS = 32  # new tokens per retention answer (short answers say the key early)
 
 
 @dataclass
@@ -25,9 +44,12 @@ class GateResult:
     reasons: list[str]
     heldout_divergence_before: float
     heldout_divergence_after: float
-    retention_base: float
-    retention_candidate: float
+    retention_base: float  # % of the retention set the base model answers right
+    retention_candidate: float  # % of it the candidate still answers right (forgetting only)
     retention_forgotten: int  # questions the base model answers right and the candidate not
+    retention_questions: int  # the questions the base model answers right: the test's N
+    retention_p_value: float  # P(forgetting >= observed | the candidate forgets the bound's share)
+    retention_nll_increase: float  # mean per-token NLL increase of the base's right answers
     drift: float
 
     def as_dict(self) -> dict[str, Any]:
@@ -38,9 +60,104 @@ def retention_set() -> dict[str, Any]:
     return json.loads(resources.files("learner").joinpath("data", "retention.json").read_text())
 
 
-def _correct(tokenizer: Any, answers: list[list[int]], keys: list[list[str]]) -> list[bool]:
-    texts = [tokenizer.decode(a, skip_special_tokens=True).lower() for a in answers]
-    return [any(k.lower() in t for k in ks) for t, ks in zip(texts, keys, strict=True)]
+def says_key(text: str, keys: list[str]) -> bool:
+    """A key at the start of a word, case-insensitive ("Bras" matches "Brasília", "he" does
+    not match "the", "4" does not match "14")."""
+    low = text.lower()
+    return any(re.search(r"(?<!\w)" + re.escape(k.lower()) + (r"(?!\d)" if k[-1:].isdigit() else ""),
+                         low) for k in keys)
+
+
+def forgetting_p_value(forgotten: int, questions: int, max_drop_points: float) -> float:
+    """P(X >= forgotten) for X ~ Binomial(questions, max_drop_points / 100): how likely this much
+    forgetting is from a candidate that forgets exactly the allowed share. Small: significant."""
+    p = min(max(max_drop_points / 100.0, 0.0), 1.0)
+    if forgotten <= 0:
+        return 1.0
+    if p == 0.0:
+        return 0.0
+    if p == 1.0:
+        return 1.0
+    log_terms = [math.lgamma(questions + 1) - math.lgamma(j + 1) - math.lgamma(questions - j + 1)
+                 + j * math.log(p) + (questions - j) * math.log1p(-p)
+                 for j in range(forgotten, questions + 1)]
+    top = max(log_terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
+
+
+@dataclass
+class BaseReference:
+    """What the base model says and how sure it is, per retention question and drift prompt."""
+
+    answers: list[list[int]]  # greedy answer token ids
+    key_at: list[int | None]  # answer tokens after which a key has been said; None: base wrong
+    logprobs: list[list[float]]  # per-token log-probability of its answer
+    drift_answers: list[list[int]]
+
+
+def _key_at(tokenizer: Any, answer: list[int], keys: list[str]) -> int | None:
+    for t in range(1, len(answer) + 1):
+        if says_key(tokenizer.decode(answer[:t], skip_special_tokens=True), keys):
+            return t
+    return None
+
+
+@torch.no_grad()
+def answer_log_probs(model: Any, tokenizer: Any, prompts: list[list[int]], answers: list[list[int]],
+                     batch_size: int = 16) -> list[tuple[list[float], list[int]]]:
+    """Per answer: the log-probability of each of its tokens after its prompt, and the model's
+    greedy choice at each of those positions — teacher-forced, one forward pass per batch.
+
+    Sequences are padded on the right: causal attention never lets a real token see the padding
+    after it, and positions stay those of an unpadded pass."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    out: list[tuple[list[float], list[int]]] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [p + a for p, a in zip(prompts[start:start + batch_size],
+                                      answers[start:start + batch_size], strict=True)]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+        logits = model(input_ids=ids).logits.float()
+        batch = zip(prompts[start:start + batch_size], answers[start:start + batch_size], strict=True)
+        for row, (prompt, answer) in enumerate(batch):
+            first = len(prompt) - 1
+            logp = torch.log_softmax(logits[row, first:first + len(answer)], -1)
+            target = torch.tensor(answer, device=device)[:, None]
+            out.append((logp.gather(-1, target)[:, 0].tolist(), logp.argmax(-1).tolist()))
+    return out
+
+
+def base_reference(model: Any, tokenizer: Any, data: dict[str, Any],
+                   cache: Path | None = None, cache_key: str = "") -> BaseReference:
+    """The base model's answers (adapter disabled), from `cache` when it was made for the same
+    model, set and settings."""
+    digest = hashlib.sha256(json.dumps([cache_key, RETENTION_TOKENS, data],
+                                       sort_keys=True).encode()).hexdigest()
+    if cache is not None and cache.is_file():
+        try:
+            saved = json.loads(cache.read_text())
+            if saved.get("digest") == digest:
+                return BaseReference(**saved["reference"])
+        except (OSError, ValueError, TypeError, KeyError):
+            pass
+    questions = [[{"role": "user", "content": q["q"]}] for q in data["questions"]]
+    drift_convs = [[{"role": "user", "content": p}] for p in data["drift_prompts"]]
+    model.eval()
+    with model.disable_adapter():
+        answers = generate_greedy(model, tokenizer, questions, RETENTION_TOKENS)
+        key_at = [_key_at(tokenizer, a, q["a"]) for a, q in zip(answers, data["questions"],
+                                                                strict=True)]
+        scored = answer_log_probs(model, tokenizer, [prompt_ids(tokenizer, c) for c in questions],
+                                  answers)
+        logprobs = [lp if k is not None else [] for (lp, _), k in zip(scored, key_at, strict=True)]
+        drift_answers = generate_greedy(model, tokenizer, drift_convs, RETENTION_TOKENS)
+    ref = BaseReference(answers, key_at, logprobs, drift_answers)
+    if cache is not None:
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"digest": digest, "reference": asdict(ref)}))
+        tmp.replace(cache)
+    return ref
 
 
 @torch.no_grad()
@@ -57,30 +174,69 @@ def drift(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]],
     return total / max(count, 1)
 
 
-def evaluate(model: Any, tokenizer: Any, before: float, after: float, retention_max_drop: float,
-             drift_max: float, max_new_tokens: int = 32) -> GateResult:
-    data = retention_set()
-    questions = [[{"role": "user", "content": q["q"]}] for q in data["questions"]]
-    keys = [q["a"] for q in data["questions"]]
+@dataclass
+class Retention:
+    forgotten: list[int]  # indices of the questions the candidate no longer answers right
+    questions: int  # the base model answers this many right
+    nll_increase: float
+
+
+@torch.no_grad()
+def retention(model: Any, tokenizer: Any, data: dict[str, Any], ref: BaseReference) -> Retention:
+    """The candidate (adapter enabled) on the questions the base model answers right."""
     model.eval()
-    with model.disable_adapter():
-        base_ok = _correct(tokenizer, generate_greedy(model, tokenizer, questions, max_new_tokens),
-                           keys)
-        drift_convs = [[{"role": "user", "content": p}] for p in data["drift_prompts"]]
-        drift_base = generate_greedy(model, tokenizer, drift_convs, max_new_tokens)
-    cand_ok = _correct(tokenizer, generate_greedy(model, tokenizer, questions, max_new_tokens), keys)
-    base_acc = 100.0 * sum(base_ok) / len(questions)
-    cand_acc = 100.0 * sum(cand_ok) / len(questions)
-    forgotten = sum(1 for b, c in zip(base_ok, cand_ok, strict=True) if b and not c)
-    measured_drift = drift(model, tokenizer, drift_convs, drift_base)
+    right = [i for i, k in enumerate(ref.key_at) if k is not None]
+    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": data["questions"][i]["q"]}])
+               for i in right]
+    turned: list[int] = []
+    increases: list[float] = []
+    for i, (logp, greedy) in zip(right, answer_log_probs(model, tokenizer, prompts,
+                                                         [ref.answers[i] for i in right]),
+                                 strict=True):
+        answer, key_at = ref.answers[i], ref.key_at[i]
+        increases.append(sum(b - c for b, c in zip(ref.logprobs[i], logp, strict=True)) / len(answer))
+        # Greedy decoding follows the base answer up to the first token it would choose otherwise.
+        departs = next((t for t, (g, a) in enumerate(zip(greedy, answer, strict=True)) if g != a),
+                       len(answer))
+        if departs < key_at:
+            turned.append(i)
+    forgotten = []
+    if turned:
+        convs = [[{"role": "user", "content": data["questions"][i]["q"]}] for i in turned]
+        for i, answer in zip(turned, generate_greedy(model, tokenizer, convs, RETENTION_TOKENS),
+                             strict=True):
+            if not says_key(tokenizer.decode(answer, skip_special_tokens=True),
+                            data["questions"][i]["a"]):
+                forgotten.append(i)
+    return Retention(forgotten, len(right), sum(increases) / max(len(increases), 1))
+
+
+def evaluate(model: Any, tokenizer: Any, before: float, after: float, retention_max_drop: float,
+             drift_max: float, retention_nll_max: float, confidence: float = 0.95,
+             cache: Path | None = None, cache_key: str = "") -> GateResult:
+    data = retention_set()
+    ref = base_reference(model, tokenizer, data, cache, cache_key)
+    kept = retention(model, tokenizer, data, ref)
+    total = len(data["questions"])
+    forgotten = len(kept.forgotten)
+    base_acc = 100.0 * kept.questions / total
+    cand_acc = 100.0 * (kept.questions - forgotten) / total
+    p_value = forgetting_p_value(forgotten, kept.questions, retention_max_drop)
+    drift_convs = [[{"role": "user", "content": p}] for p in data["drift_prompts"]]
+    measured_drift = drift(model, tokenizer, drift_convs, ref.drift_answers)
 
     reasons = []
     if not after < before:
         reasons.append(f"held-out divergence did not drop ({before:.4f} -> {after:.4f})")
-    if base_acc - cand_acc > retention_max_drop:
-        reasons.append(f"retention accuracy fell {base_acc - cand_acc:.1f} points "
-                       f"({base_acc:.1f} -> {cand_acc:.1f}; bound {retention_max_drop:g})")
+    if p_value < 1.0 - confidence:
+        reasons.append(
+            f"retention: forgot {forgotten} of the {kept.questions} questions the base model answers "
+            f"right ({100.0 * forgotten / max(kept.questions, 1):.1f} %), significantly more than "
+            f"{retention_max_drop:g} points (p = {p_value:.3g} < {1.0 - confidence:.2g})")
+    if kept.nll_increase > retention_nll_max:
+        reasons.append(f"retention: the base model's right answers became {kept.nll_increase:.3f} "
+                       f"nats/token less likely (bound {retention_nll_max:g})")
     if measured_drift > drift_max:
         reasons.append(f"drift {measured_drift:.4f} over the bound {drift_max:g}")
     return GateResult(not reasons, reasons, before, after, base_acc, cand_acc, forgotten,
-                      measured_drift)
+                      kept.questions, p_value, kept.nll_increase, measured_drift)

@@ -30,6 +30,12 @@ RETENTION = Gauge("sdloop_learner_retention_accuracy",
                   "Retention-set accuracy (%) of the base model and of the last candidate.",
                   ["model"])
 DRIFT = Gauge("sdloop_learner_drift", "KL(base || candidate) on neutral prompts, last candidate.")
+PHASE_SECONDS = Gauge("sdloop_learner_phase_seconds",
+                      "Seconds the last round spent in each phase (load, responses, anchors, "
+                      "heldout_before, train, gate, write, publish).", ["phase"])
+RETENTION_FORGOTTEN = Gauge("sdloop_learner_retention_forgotten",
+                            "Retention questions the base model answers right that the last "
+                            "candidate forgot.")
 LAST_VERSION = Gauge("sdloop_learner_last_version", "1 for the version the last round produced.",
                      ["version", "status"])
 
@@ -66,6 +72,9 @@ def record_round(summary: dict[str, Any]) -> None:
         RETENTION.labels("base").set(gate["retention_base"])
         RETENTION.labels("candidate").set(gate["retention_candidate"])
         DRIFT.set(gate["drift"])
+        RETENTION_FORGOTTEN.set(gate.get("retention_forgotten", 0))
+    for phase, seconds in (summary.get("phases") or {}).items():
+        PHASE_SECONDS.labels(phase).set(seconds)
     if summary.get("version"):
         LAST_VERSION.clear()
         LAST_VERSION.labels(summary["version"], status).set(1)

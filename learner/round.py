@@ -38,6 +38,9 @@ from store import BASE_VERSION, DEFAULT_ALIAS, Query
 
 log = logging.getLogger(__name__)
 
+# The base model's retention answers, kept across rounds (they change only with the model).
+GATE_BASE = "gate_base.json"
+
 @dataclass(frozen=True)
 class RoundIO:
     """What a round takes from outside the trainer."""
@@ -112,28 +115,37 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
     key = plan_key({"parent": parent, "knobs": knobs.as_dict(), "learner": asdict(lcfg),
                     "max_steps": max_steps, "model": model_dir,
                     "episodes": [(e.completion_id, e.signal_at) for e in episodes]})
+    phases = PhaseClock()
     model, tokenizer = load_student(model_dir, lcfg, parent_path)
     trainer = SelfDistillationTrainer(model, tokenizer, lcfg, knobs)
     judge = SelfDistillationTrainer(model, tokenizer, lcfg, judge_knobs(knobs))
+    phases.done("load")
     plan = work.load_plan(key)
     if plan is None:
         policy = io.policy(parent) if knobs.responses == "on_policy" else None
         items = _train_items(model, tokenizer, episodes, knobs, template, lcfg, policy, progress)
         gate_items = _gate_items(model, tokenizer, episodes, template, lcfg, progress)
+        phases.done("responses")
         if not items or not gate_items:  # these knobs will never train on them: move on
             return {**summary, "status": "skipped", "reason": "no training example could be "
                     "built (no response passed the filter)"}, newest
         anchors = _anchors(model, tokenizer, query, lcfg) if knobs.anchor_weight else []
+        phases.done("anchors")
         before = judge.divergence(gate_items)
         work.save_plan(key, items, gate_items, anchors, before)
     else:
         items, gate_items, anchors, before = (plan["items"], plan["gate_items"], plan["anchors"],
                                               plan["before"])
+    phases.done("heldout_before")
     result = trainer.train(items, anchors, max_steps=max_steps, progress=progress,
                            resume=work.load_checkpoint() if plan else None,
                            save=work.save_checkpoint)
+    phases.done("train")
     after = judge.divergence(gate_items)
-    gate = evaluate(model, tokenizer, before, after, lcfg.retention_max_drop, lcfg.drift_max)
+    gate = evaluate(model, tokenizer, before, after, lcfg.retention_max_drop, lcfg.drift_max,
+                    lcfg.retention_nll_max, lcfg.gate_confidence,
+                    cache=work.path / GATE_BASE, cache_key=model_dir)
+    phases.done("gate")
     train = {"steps": result.steps, "resumed_at_step": result.resumed_at,
              "responses_from": _responses_from(knobs, items), "items": len(items),
              "gate_items": len(gate_items), "anchors": len(anchors),
@@ -145,10 +157,25 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
               "gate": {**gate.as_dict(), "enforced": lcfg.enforce_gate}}
     folder = write_version(model, tokenizer, adapters, version, model_dir, parent,
                            [(it.student_messages, it.response) for it in items], record)
+    phases.done("write")
     status = io.publish(folder, gate.passed or not lcfg.enforce_gate)
+    phases.done("publish")
     work.clear()
     return {**summary, "status": status, "version": version, "parent": parent,
-            "path": str(folder), **train, "gate": gate.as_dict()}, newest
+            "path": str(folder), **train, "gate": gate.as_dict(), "phases": phases.seconds}, newest
+
+
+class PhaseClock:
+    """Seconds spent in each phase of a round, in order (the summary's `phases`)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._mark = time.monotonic()
+
+    def done(self, phase: str) -> None:
+        now = time.monotonic()
+        self.seconds[phase] = round(now - self._mark, 1)
+        self._mark = now
 
 
 def judge_knobs(knobs: Knobs) -> Knobs:

@@ -24,6 +24,7 @@ def _learn(server: Server, *args: str, **knobs: str) -> dict:
            # a small, real round: teacher regenerations, a few anchors, a low learning rate
            "SDLOOP_LEARNER__RESPONSES": "teacher", "SDLOOP_LEARNER__TEACHER": "frozen",
            "SDLOOP_LEARNER__REGEN_SAMPLES": "2", "SDLOOP_LEARNER__ANCHOR_PROMPTS": "4",
+           # the loop, not the gate's bound, is under test here (tests/learner/test_gate_model.py)
            "SDLOOP_LEARNER__LR": "1e-4", "SDLOOP_LEARNER__RETENTION_MAX_DROP": "10",
            **{f"SDLOOP_LEARNER__{k.upper()}": v for k, v in knobs.items()}}
     out = subprocess.run([*SDLOOP, "learn", "--once", *args, "--data-dir", str(server.data_dir)],
@@ -82,7 +83,7 @@ def test_a_rejected_round_is_tried_once_more_with_another_seed(server: Server):
     assert status == 201
     before = _current(server)
     # A bound no candidate can meet: every round is rejected.
-    impossible = {"retention_max_drop": "-1000", "regen_samples": "1", "anchor_prompts": "2"}
+    impossible = {"drift_max": "-1", "regen_samples": "1", "anchor_prompts": "2"}
     first = _learn(server, "--max-steps", "1", **impossible)
     assert (first["status"], first["attempt"], first["retry_next_round"]) == ("rejected", 0, True)
     second = _learn(server, "--max-steps", "1", **impossible)

@@ -1,0 +1,60 @@
+"""The gate's retention judgement as logic: key matching, the significance test, and the
+shipped retention set's shape (on the real model: tests/learner/test_gate_model.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from learner.gate import forgetting_p_value, retention_set, says_key
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(("text", "keys", "said"), [
+    ("The capital of Brazil is Brasília.", ["Bras"], True),  # a prefix, for accents and plurals
+    ("the answer", ["he"], False),  # not inside a word
+    ("It has 14 legs.", ["4"], False),  # not inside a number
+    ("A dog has 4 legs.", ["4", "four"], True),
+    ("FOUR legs", ["four"], True),
+    ("", ["Paris"], False),
+])
+def test_a_key_counts_only_at_the_start_of_a_word(text, keys, said):
+    assert says_key(text, keys) is said
+
+
+def test_one_forgotten_question_is_not_significant_but_a_real_regression_is():
+    assert forgetting_p_value(0, 300, 2.0) == 1.0
+    assert forgetting_p_value(1, 300, 2.0) > 0.9
+    assert forgetting_p_value(6, 300, 2.0) > 0.05  # at the bound: as likely as not
+    assert forgetting_p_value(15, 300, 2.0) < 0.01  # 5 % of them: a regression
+    assert forgetting_p_value(1, 300, 0.0) == 0.0  # no forgetting allowed: any is significant
+
+
+def test_p_value_is_the_binomial_upper_tail():
+    n, p = 40, 0.05
+    for k in range(0, 8):
+        exact = sum(math.comb(n, j) * p ** j * (1 - p) ** (n - j) for j in range(k, n + 1))
+        assert forgetting_p_value(k, n, 5.0) == pytest.approx(min(exact, 1.0), rel=1e-9)
+
+
+def _norm(q: str) -> str:
+    return " ".join(q.lower().replace("colour", "color").split())
+
+
+def test_the_retention_set_has_power_and_is_disjoint_from_the_benchmarks():
+    data = retention_set()
+    questions = data["questions"]
+    assert len(questions) >= 300  # 2 points of 300 is 6 questions: the bound is resolved
+    bench = set()
+    for path in (ROOT / "ops" / "bench" / "data" / "retention.json",):
+        d = json.loads(path.read_text())
+        bench |= {_norm(q["q"]) for q in (d["questions"] if isinstance(d, dict) else d)}
+    assert not bench & {_norm(q["q"]) for q in questions}
+    for q in questions:
+        assert q["a"] and all(not (k.isalpha() and len(k) <= 2) for k in q["a"]), q
+        assert not any(k.lower() in q["q"].lower() for k in q["a"]), q  # the question gives it away
+    assert data["drift_prompts"]
