@@ -80,9 +80,10 @@ def teacher_regenerations(model: Any, tokenizer: Any, student_messages: list[dic
                           teacher_messages: list[dict[str, Any]], signal: str, n: int,
                           temperature: float, max_new_tokens: int, seed: int = 0,
                           ) -> list[list[int]]:
-    """The frozen teacher's answers with the signal in context, kept if they agree with it."""
-    with model.disable_adapter():
-        candidates = sample(model, tokenizer, teacher_messages, n, temperature, max_new_tokens, seed)
+    """The frozen teacher's answers with the signal in context, kept if they agree with it.
+    Called before training: the model is then the version the round improves (the frozen
+    teacher), whose earlier lessons the answers keep."""
+    candidates = sample(model, tokenizer, teacher_messages, n, temperature, max_new_tokens, seed)
     question = " ".join(str(m.get("content", "")) for m in student_messages if m.get("role") == "user")
     kept = []
     for ids in candidates:

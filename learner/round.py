@@ -198,10 +198,8 @@ def _gate_items(model: Any, tokenizer: Any, episodes: list[Episode], template: T
     for ep in tqdm(episodes, desc="held-out answers", unit="episode", disable=not progress):
         for signal in ep.signals:
             teacher = template.teacher_messages(ep.messages, signal.source, signal.text)
-            with model.disable_adapter():
-                answers = sample(model, tokenizer, teacher, lcfg.gate_samples,
-                                 lcfg.regen_temperature or 1.0, lcfg.max_new_tokens,
-                                 lcfg.seed + 1)
+            answers = sample(model, tokenizer, teacher, lcfg.gate_samples,
+                             lcfg.regen_temperature or 1.0, lcfg.max_new_tokens, lcfg.seed + 1)
             items += [TrainItem(ep.messages, teacher, a, signal.source, ep.completion_id)
                       for a in answers if a]
     return items
@@ -262,7 +260,8 @@ def _signal_ids(tokenizer: Any, text: str) -> list[int]:
 
 def _anchors(model: Any, tokenizer: Any, query: Any, lcfg: LearnerConfig) -> list[AnchorItem]:
     """Past prompts nobody asked to change (shipped general prompts where the store has too
-    few), answered by the frozen base model. Turns that answer a follow-up are left out: the
+    few), answered by the version the round improves (called before training), so the anchor
+    keeps what earlier rounds taught too. Turns that answer a follow-up are left out: the
     conversation may hold the very correction being learned."""
     rows = query(_PAST_PROMPTS_SQL, [lcfg.anchor_prompts]).rows
     conversations = [json.loads(r[0]) if isinstance(r[0], str) else r[0] for r in rows]
@@ -271,8 +270,7 @@ def _anchors(model: Any, tokenizer: Any, query: Any, lcfg: LearnerConfig) -> lis
             "data", "anchor_prompts.json").read_text())["prompts"]
         conversations += [[{"role": "user", "content": p}]
                           for p in shipped[: lcfg.anchor_prompts - len(conversations)]]
-    with model.disable_adapter():
-        answers = generate_greedy(model, tokenizer, conversations, lcfg.max_new_tokens)
+    answers = generate_greedy(model, tokenizer, conversations, lcfg.max_new_tokens)
     return [AnchorItem(c, a) for c, a in zip(conversations, answers, strict=True) if a]
 
 

@@ -3,11 +3,12 @@
 Teacher and student are one network. For each item the teacher scores the response token ids
 with the feedback in its prompt, the student scores the same ids without it, and the loss
 (learner.losses) pulls the student's next-token distributions toward the teacher's at every
-response position. The teacher's weights are the base model (`frozen`: adapter disabled), the
-adapter as it trains (`live`), or an exponential moving average of it (`ema(rate)`). Optional
-extras, each with its own named weight: cross-entropy on the response text (`ce_weight`) and the
-rehearsal anchor — forward KL from the frozen base to the student on past prompts nobody asked
-to change, which is what kept retention at base level on the embedded model.
+response position. The teacher's weights are those the round started from — the version being
+improved, the base model in a first round (`frozen`) —, the adapter as it trains (`live`), or an
+exponential moving average of it (`ema(rate)`). Optional extras, each with its own named weight:
+cross-entropy on the response text (`ce_weight`) and the rehearsal anchor — forward KL from the
+starting weights to the student on past prompts nobody asked to change, which is what kept
+retention at base level on the embedded model.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class TrainItem:
 
 @dataclass
 class AnchorItem:
-    """A past prompt and the frozen base model's own answer to it."""
+    """A past prompt and the starting version's own answer to it."""
 
     messages: list[dict[str, Any]]
     response: list[int]
@@ -92,8 +93,13 @@ class SelfDistillationTrainer:
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._ema = ([p.detach().clone() for p in self._trainable]
                      if knobs.teacher.name == "ema" else None)
+        # The weights the round started from: the version being improved (a fresh adapter adds
+        # nothing, so in a first round they are the base model's). The frozen teacher and the
+        # anchor's reference, so that a round on top of a learned version keeps what earlier
+        # rounds taught instead of distilling the model back toward base.
+        self._start = [p.detach().clone() for p in self._trainable]
         # Every item is scored once per pass: template its prompts once, and keep the hidden
-        # states of the weights that never change (the base model: a frozen teacher, the
+        # states of the weights that never change (the starting weights: a frozen teacher, the
         # anchor's reference) instead of running them again every step.
         self._prompts: dict[str, list[int]] = {}
         self._frozen: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
@@ -101,21 +107,27 @@ class SelfDistillationTrainer:
     # -- teacher weights -------------------------------------------------------------------
 
     @contextlib.contextmanager
+    def _weights(self, values: list[torch.Tensor]) -> Iterator[None]:
+        """The adapter with `values` swapped in for one forward pass, then put back."""
+        saved = [p.detach().clone() for p in self._trainable]
+        with torch.no_grad():
+            for p, v in zip(self._trainable, values, strict=True):
+                p.copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self._trainable, saved, strict=True):
+                    p.copy_(s)
+
+    @contextlib.contextmanager
     def _teacher_weights(self) -> Iterator[None]:
         if self.knobs.teacher.name == "live":
             yield
         else:  # ema: swap the averaged adapter in for the teacher's forward pass
             assert self._ema is not None
-            saved = [p.detach().clone() for p in self._trainable]
-            with torch.no_grad():
-                for p, e in zip(self._trainable, self._ema, strict=True):
-                    p.copy_(e)
-            try:
+            with self._weights(self._ema):
                 yield
-            finally:
-                with torch.no_grad():
-                    for p, s in zip(self._trainable, saved, strict=True):
-                        p.copy_(s)
 
     def _update_ema(self) -> None:
         if self._ema is None:
@@ -143,19 +155,19 @@ class SelfDistillationTrainer:
         return out.last_hidden_state[0, start:start + len(response)]
 
     @torch.no_grad()
-    def _base_hidden(self, messages: list[dict[str, Any]], response: list[int]) -> torch.Tensor:
-        """`_hidden` under the base weights (adapter off), computed once per (prompt, response)."""
+    def _start_hidden(self, messages: list[dict[str, Any]], response: list[int]) -> torch.Tensor:
+        """`_hidden` under the weights the round started from, once per (prompt, response)."""
         key = (self._prompt(messages)[0], tuple(response))
         hidden = self._frozen.get(key)
         if hidden is None:
-            with self.model.disable_adapter():
+            with self._weights(self._start):
                 # A copy: the slice is a view that would keep the whole forward's states.
                 hidden = self._frozen[key] = self._hidden(messages, response).clone()
         return hidden
 
     def _teacher_hidden(self, item: TrainItem) -> torch.Tensor:
         if self.knobs.teacher.name == "frozen":
-            return self._base_hidden(item.teacher_messages, item.response)
+            return self._start_hidden(item.teacher_messages, item.response)
         with torch.no_grad(), self._teacher_weights():
             return self._hidden(item.teacher_messages, item.response)
 
@@ -184,7 +196,7 @@ class SelfDistillationTrainer:
 
     def anchor_loss(self, item: AnchorItem) -> torch.Tensor:
         lm_head = self.model.get_base_model().lm_head
-        base_hidden = self._base_hidden(item.messages, item.response)
+        base_hidden = self._start_hidden(item.messages, item.response)
         s_hidden = self._hidden(item.messages, item.response)
         targets = torch.tensor(item.response, device=self.device)
         per_token, _ = chunked_token_losses(s_hidden, base_hidden, lm_head, targets, _ANCHOR_LOSS)
@@ -218,6 +230,7 @@ class SelfDistillationTrainer:
             first = self._restore(resume, optimizer, scheduler)
             losses, anchor_losses = list(resume["losses"]), list(resume["anchor_losses"])
             log.info("resuming training at step %d of %d", first, len(batches))
+        self._warm_start_hidden(items, anchors)
         self.model.train()
         bar = tqdm(range(first, len(batches)), desc="distilling", unit="step",
                    disable=not progress, initial=first, total=len(batches))
@@ -244,6 +257,16 @@ class SelfDistillationTrainer:
                       "ema": self._ema, "losses": losses, "anchor_losses": anchor_losses})
         self.model.eval()
         return TrainResult(len(batches), losses, anchor_losses, resumed_at=first)
+
+    def _warm_start_hidden(self, items: Sequence[TrainItem], anchors: Sequence[AnchorItem]) -> None:
+        """Everything the starting weights will be asked during training, asked now: swapping
+        them in mid-step would change parameters a step's graph still needs for its backward."""
+        if self.knobs.teacher.name == "frozen" and self.knobs.distill_weight:
+            for it in items:
+                self._start_hidden(it.teacher_messages, it.response)
+        if self.knobs.anchor_weight:
+            for anchor in anchors:
+                self._start_hidden(anchor.messages, anchor.response)
 
     def _restore(self, state: dict[str, Any], optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:

@@ -120,3 +120,26 @@ def test_a_run_resumed_from_a_checkpoint_ends_where_an_unbroken_one_does(model_d
     assert result.resumed_at == 2 and result.steps == 6 and len(result.losses) == 6
     got = list(resumed._trainable)  # noqa: SLF001
     assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want, strict=True))
+
+
+def test_a_round_on_a_learned_version_keeps_it_as_the_frozen_teacher(model_dir, tmp_path):
+    """The frozen teacher and the anchor's reference are the weights a round starts from: on top
+    of a learned version they are that version, not the base model it would pull back to."""
+    cfg = LearnerConfig(preset="sdft", teacher="frozen", passes=10, lr=2e-3, ce_weight=1.0)
+    model, tokenizer = load_student(model_dir, cfg)
+    SelfDistillationTrainer(model, tokenizer, cfg, resolve(cfg)).train([_item(tokenizer)],
+                                                                      progress=False)
+    model.save_pretrained(tmp_path / "parent")
+
+    child, tokenizer = load_student(model_dir, cfg, parent_adapter=tmp_path / "parent")
+    trainer = SelfDistillationTrainer(child, tokenizer, cfg, resolve(cfg))
+    response = _item(tokenizer).response
+    start = trainer._start_hidden(QUESTION, response)  # noqa: SLF001
+    with torch.no_grad():
+        parent = trainer._hidden(QUESTION, response)  # noqa: SLF001 - the parent, as loaded
+        with child.disable_adapter():
+            base = trainer._hidden(QUESTION, response)  # noqa: SLF001
+    assert torch.allclose(start, parent, atol=1e-5)
+    assert not torch.allclose(start, base, atol=1e-3)  # the parent learned something
+    trainer.train([_item(tokenizer)], progress=False)  # training moves the adapter ...
+    assert torch.equal(trainer._start_hidden(QUESTION, response), start)  # noqa: SLF001 - ... not the teacher
