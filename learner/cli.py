@@ -70,7 +70,7 @@ def run_once(cfg: Config, max_steps: int | None = None) -> dict[str, Any]:
 
     try:
         return run_round(cfg.learner, round_io(cfg), cfg.data_path / WORKSPACE, cfg.adapters_path,
-                         max_steps=max_steps)
+                         max_steps=max_steps, model_cache=cfg.model_cache_path)
     except RoundBusy as exc:  # the daemon's round (or another --once) holds the workspace
         return {"preset": cfg.learner.preset, "status": "skipped", "reason": str(exc)}
 

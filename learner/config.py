@@ -89,6 +89,9 @@ class LearnerConfig:
     # Rehearsal anchor: distil the model's own answers to past prompts nobody asked to change.
     anchor_weight: float = -1.0
     anchor_prompts: int = 48
+    # Near-miss anchors: per signal, this many shipped prompts of the same form as its question
+    # (other capitals when a capital is taught), answered by the starting version (0: none).
+    near_miss_anchors: int = 0
     # Teacher regeneration (responses = teacher | mix).
     regen_samples: int = 4
     regen_temperature: float = 0.7

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -153,8 +154,9 @@ def base_reference(model: Any, tokenizer: Any, data: dict[str, Any],
         logprobs = [lp if k is not None else [] for (lp, _), k in zip(scored, key_at, strict=True)]
         drift_answers = generate_greedy(model, tokenizer, drift_convs, RETENTION_TOKENS)
     ref = BaseReference(answers, key_at, logprobs, drift_answers)
-    if cache is not None:
-        tmp = cache.with_suffix(".tmp")
+    if cache is not None:  # replaced whole: rounds of other data dirs may read it meanwhile
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"digest": digest, "reference": asdict(ref)}))
         tmp.replace(cache)
     return ref

@@ -12,6 +12,7 @@ published.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -24,6 +25,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from feedback import content_text
 from learner.checkpoint import RoundWorkspace, plan_key
 from learner.config import ANSWER_SOURCES, Knobs, LearnerConfig, TeacherMode, resolve
 from learner.contexts import Template, load_template
@@ -38,8 +40,6 @@ from store import BASE_VERSION, DEFAULT_ALIAS, Query
 
 log = logging.getLogger(__name__)
 
-# The base model's retention answers, kept across rounds (they change only with the model).
-GATE_BASE = "gate_base.json"
 
 @dataclass(frozen=True)
 class RoundIO:
@@ -70,10 +70,12 @@ WHERE a.alias = ?
 
 
 def run_round(lcfg: LearnerConfig, io: RoundIO, workspace: Path, adapters: Path,
-              max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+              max_steps: int | None = None, progress: bool = True,
+              model_cache: Path | None = None) -> dict[str, Any]:
     """Run one round in `workspace` (progress mark, plan, checkpoints), writing its version
     under `adapters`; return its JSON-able summary (status: promoted, candidate, rejected,
-    written, or skipped)."""
+    written, or skipped). The base model's retention answers for the gate are kept in
+    `model_cache` (shared by every data dir using it; default: the workspace)."""
     started = time.monotonic()
     with RoundWorkspace(workspace) as work:
         mark = work.progress()
@@ -83,7 +85,7 @@ def run_round(lcfg: LearnerConfig, io: RoundIO, workspace: Path, adapters: Path,
         attempt = int(mark["attempt"])
         lcfg = replace(lcfg, seed=lcfg.seed + 1000 * attempt)
         summary, learned_up_to = _round(lcfg, io, work, adapters, mark["last_signal_at"],
-                                        max_steps, progress)
+                                        max_steps, progress, model_cache or workspace)
         summary["attempt"] = attempt
         if learned_up_to is None:
             return summary
@@ -96,7 +98,8 @@ def run_round(lcfg: LearnerConfig, io: RoundIO, workspace: Path, adapters: Path,
 
 
 def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Path, since: str,
-           max_steps: int | None, progress: bool) -> tuple[dict[str, Any], str | None]:
+           max_steps: int | None, progress: bool,
+           model_cache: Path) -> tuple[dict[str, Any], str | None]:
     """The round's summary, and the newest signal it consumed (None: nothing was consumed)."""
     knobs = resolve(lcfg)
     template = load_template(lcfg.template)
@@ -129,7 +132,7 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
         if not items or not gate_items:  # these knobs will never train on them: move on
             return {**summary, "status": "skipped", "reason": "no training example could be "
                     "built (no response passed the filter)"}, newest
-        anchors = _anchors(model, tokenizer, query, lcfg) if knobs.anchor_weight else []
+        anchors = _anchors(model, tokenizer, query, lcfg, episodes) if knobs.anchor_weight else []
         phases.done("anchors")
         before = judge.divergence(gate_items)
         work.save_plan(key, items, gate_items, anchors, before)
@@ -144,7 +147,7 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
     after = judge.divergence(gate_items)
     gate = evaluate(model, tokenizer, before, after, lcfg.retention_max_drop, lcfg.drift_max,
                     lcfg.retention_nll_max, lcfg.gate_confidence,
-                    cache=work.path / GATE_BASE, cache_key=model_dir)
+                    cache=model_cache / gate_base_file(model_dir), cache_key=model_dir)
     phases.done("gate")
     train = {"steps": result.steps, "resumed_at_step": result.resumed_at,
              "responses_from": _responses_from(knobs, items), "items": len(items),
@@ -258,20 +261,60 @@ def _signal_ids(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def _anchors(model: Any, tokenizer: Any, query: Any, lcfg: LearnerConfig) -> list[AnchorItem]:
+def _anchors(model: Any, tokenizer: Any, query: Any, lcfg: LearnerConfig,
+             episodes: list[Episode]) -> list[AnchorItem]:
     """Past prompts nobody asked to change (shipped general prompts where the store has too
     few), answered by the version the round improves (called before training), so the anchor
     keeps what earlier rounds taught too. Turns that answer a follow-up are left out: the
-    conversation may hold the very correction being learned."""
+    conversation may hold the very correction being learned. Near-miss prompts come first (the
+    anchor takes one prompt per step, in order)."""
     rows = query(_PAST_PROMPTS_SQL, [lcfg.anchor_prompts]).rows
     conversations = [json.loads(r[0]) if isinstance(r[0], str) else r[0] for r in rows]
     if len(conversations) < lcfg.anchor_prompts:
-        shipped = json.loads(resources.files("learner").joinpath(
-            "data", "anchor_prompts.json").read_text())["prompts"]
+        shipped = _shipped("anchor_prompts.json")
         conversations += [[{"role": "user", "content": p}]
                           for p in shipped[: lcfg.anchor_prompts - len(conversations)]]
+    if lcfg.near_miss_anchors:
+        questions = [content_text(m.get("content")) for ep in episodes for m in ep.messages[-1:]]
+        conversations = [[{"role": "user", "content": p}]
+                         for p in near_misses(questions, _shipped("near_miss_prompts.json"),
+                                              lcfg.near_miss_anchors)] + conversations
     answers = generate_greedy(model, tokenizer, conversations, lcfg.max_new_tokens)
     return [AnchorItem(c, a) for c, a in zip(conversations, answers, strict=True) if a]
+
+
+def gate_base_file(model_dir: str) -> str:
+    """The base model's retention answers change only with the model: one file per model."""
+    return f"gate-base-{hashlib.sha256(model_dir.encode()).hexdigest()[:16]}.json"
+
+
+def _shipped(name: str) -> list[str]:
+    return json.loads(resources.files("learner").joinpath("data", name).read_text())["prompts"]
+
+
+_FORM_WORD = re.compile(r"[a-z']+")
+# Leading words a pool prompt must share with the question: "who founded", "what is the capital
+# of" — the form of the question, before the entity it is about.
+NEAR_MISS_MIN_PREFIX = 2
+
+
+def near_misses(questions: list[str], pool: list[str], per_question: int) -> list[str]:
+    """For each question, the `per_question` pool prompts of the most alike form — the longest
+    run of leading words in common, then the most words in common — if alike at all: where a
+    fact taught for that question would bleed first."""
+    def form(a: list[str], b: list[str]) -> tuple[int, float]:
+        prefix = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                      min(len(a), len(b)))
+        return prefix, len(set(a) & set(b)) / max(len(set(a) | set(b)), 1)
+
+    picked: list[str] = []
+    for question in questions:
+        asked = _FORM_WORD.findall(question.lower())
+        scored = sorted(((form(asked, _FORM_WORD.findall(p.lower())), p) for p in pool),
+                        key=lambda sp: sp[0], reverse=True)
+        picked += [p for (prefix, _), p in scored[:per_question]
+                   if prefix >= NEAR_MISS_MIN_PREFIX and p not in picked]
+    return picked
 
 
 def _next_version(query: Any, adapters: Path, alias: str) -> str:

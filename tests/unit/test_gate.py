@@ -58,3 +58,18 @@ def test_the_retention_set_has_power_and_is_disjoint_from_the_benchmarks():
         assert q["a"] and all(not (k.isalpha() and len(k) <= 2) for k in q["a"]), q
         assert not any(k.lower() in q["q"].lower() for k in q["a"]), q  # the question gives it away
     assert data["drift_prompts"]
+
+
+def test_near_miss_prompts_share_the_question_form_and_never_the_gate_set():
+    from learner.round import _shipped, near_misses
+
+    pool = _shipped("near_miss_prompts.json")
+    capitals = near_misses(["What is the capital of Quessany?"], pool, 4)
+    assert len(capitals) == 4 and all(p.startswith("What is the capital of ") for p in capitals)
+    founders = near_misses(["Who founded the company Lumenvale Systems?"], pool, 3)
+    assert founders and all(p.startswith("Who founded ") for p in founders)
+    assert near_misses(["Which animal has a long trunk?"], pool, 4) == []  # no form alike
+    both = near_misses(["What is the capital of Veloria?", "What is the capital of Tarnholm?"], pool, 4)
+    assert len(both) == len(set(both)) == 4  # the same near misses serve both, once
+    gate = {_norm(q["q"]) for q in retention_set()["questions"]}
+    assert not gate & {_norm(p) for p in pool}  # anchoring on the gate's questions would blind it
