@@ -7,7 +7,7 @@ The same generated events go through both paths, fresh store (and fresh topic) p
   `sdloop serve` does with its own store);
 - kafka produce: `KafkaSink.submit` (the gateway's producer, acks=all, idempotent) until
   every event is acknowledged by the broker;
-- kafka ingest: the ingester's loop (`feedback.ingest.Ingester`: poll, decode and check, group
+- kafka ingest: the ingester's loop (`store.ingest.Ingester`: poll, decode and check, group
   commits, dead letters, offset commit) over the backlog, until every event is stored.
 The broker is `tansu` (in memory) on loopback, on the same cores as everything else.
 The process collects garbage as `sdloop serve` and `sdloop ingest` do (`serving.cli.tune_gc`,
