@@ -34,7 +34,12 @@ from typing import Any
 
 import torch
 
-from learner.inference import adapter_and_base_log_probs, generate_greedy, prompt_ids
+from learner.inference import (
+    adapter_and_base_log_probs,
+    answer_log_probs,
+    generate_greedy,
+    prompt_ids,
+)
 
 RETENTION_TOKENS = 32  # new tokens per retention answer (short answers say the key early)
 
@@ -101,32 +106,6 @@ def _key_at(tokenizer: Any, answer: list[int], keys: list[str]) -> int | None:
         if says_key(tokenizer.decode(answer[:t], skip_special_tokens=True), keys):
             return t
     return None
-
-
-@torch.no_grad()
-def answer_log_probs(model: Any, tokenizer: Any, prompts: list[list[int]], answers: list[list[int]],
-                     batch_size: int = 16) -> list[tuple[list[float], list[int]]]:
-    """Per answer: the log-probability of each of its tokens after its prompt, and the model's
-    greedy choice at each of those positions — teacher-forced, one forward pass per batch.
-
-    Sequences are padded on the right: causal attention never lets a real token see the padding
-    after it, and positions stay those of an unpadded pass."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    out: list[tuple[list[float], list[int]]] = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [p + a for p, a in zip(prompts[start:start + batch_size],
-                                      answers[start:start + batch_size], strict=True)]
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
-        logits = model(input_ids=ids).logits.float()
-        batch = zip(prompts[start:start + batch_size], answers[start:start + batch_size], strict=True)
-        for row, (prompt, answer) in enumerate(batch):
-            first = len(prompt) - 1
-            logp = torch.log_softmax(logits[row, first:first + len(answer)], -1)
-            target = torch.tensor(answer, device=device)[:, None]
-            out.append((logp.gather(-1, target)[:, 0].tolist(), logp.argmax(-1).tolist()))
-    return out
 
 
 def base_reference(model: Any, tokenizer: Any, data: dict[str, Any],
