@@ -92,6 +92,9 @@ class LearnerConfig:
     # Near-miss anchors: per signal, this many shipped prompts of the same form as its question
     # (other capitals when a capital is taught), answered by the starting version (0: none).
     near_miss_anchors: int = 0
+    # Anchor prompts in each training step (cycling through them all): with one, a short round
+    # touches only its first few anchors.
+    anchors_per_step: int = 1
     # Teacher regeneration (responses = teacher | mix).
     regen_samples: int = 4
     regen_temperature: float = 0.7
@@ -101,6 +104,8 @@ class LearnerConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
+    # Modules the LoRA adapts: "all-linear", or module names ("gate_proj,up_proj,down_proj").
+    lora_targets: str = "all-linear"
     lr: float = 5e-4
     warmup_ratio: float = 0.1
     passes: int = 6
@@ -193,6 +198,8 @@ def resolve(cfg: LearnerConfig) -> Knobs:
     for name in ("is_cap", "token_clip", "distill_weight", "ce_weight", "anchor_weight"):
         if knobs[name] < 0:
             raise ValueError(f"learner.{name}: must be >= 0, got {knobs[name]}")
+    if cfg.anchors_per_step < 1:
+        raise ValueError(f"learner.anchors_per_step: must be >= 1, got {cfg.anchors_per_step}")
     if not (knobs["distill_weight"] or knobs["ce_weight"]):
         raise ValueError("learner: distill_weight and ce_weight are both 0: nothing to train on")
     loss = TokenLossConfig(

@@ -2,7 +2,8 @@
 
 (a) Learned: on held-out teacher answers the teacher–student divergence dropped.
 (b) Did not forget, judged on the shipped retention set (`learner/data/retention.json`, ~300
-short-answer questions), restricted to the questions the base model answers right:
+short-answer questions), restricted to the questions the base model answers right, and
+promptly (its key within the first half of the answer window):
   - exact match, as a paired comparison per question: the candidate forgot k of those N. The
     gate fails when k is significantly more than `retention_max_drop` points allow: the
     one-sided binomial test of "the candidate forgets at most that share" rejects at
@@ -42,6 +43,12 @@ from learner.inference import (
 )
 
 RETENTION_TOKENS = 32  # new tokens per retention answer (short answers say the key early)
+# A question counts only where the base model says its key within this many tokens: half the
+# window, so a candidate that phrases the same answer with more preamble is not judged by where
+# the window cuts it off. Answers whose key comes at the end of a ramble (the multiplication
+# tables, "The answer to this classic problem is ...") turned on any change of style and
+# measured the window, not what the model knows.
+RETENTION_KEY_WITHIN = 16
 
 
 @dataclass
@@ -96,7 +103,8 @@ class BaseReference:
     """What the base model says and how sure it is, per retention question and drift prompt."""
 
     answers: list[list[int]]  # greedy answer token ids
-    key_at: list[int | None]  # answer tokens after which a key has been said; None: base wrong
+    key_at: list[int | None]  # answer tokens after which a key has been said; None: not said
+    # within RETENTION_KEY_WITHIN tokens (wrong, or too late to judge)
     logprobs: list[list[float]]  # per-token log-probability of its answer
     drift_answers: list[list[int]]
 
@@ -112,7 +120,7 @@ def base_reference(model: Any, tokenizer: Any, data: dict[str, Any],
                    cache: Path | None = None, cache_key: str = "") -> BaseReference:
     """The base model's answers (adapter disabled), from `cache` when it was made for the same
     model, set and settings."""
-    digest = hashlib.sha256(json.dumps([cache_key, RETENTION_TOKENS, data],
+    digest = hashlib.sha256(json.dumps([cache_key, RETENTION_TOKENS, RETENTION_KEY_WITHIN, data],
                                        sort_keys=True).encode()).hexdigest()
     if cache is not None and cache.is_file():
         try:
@@ -126,8 +134,8 @@ def base_reference(model: Any, tokenizer: Any, data: dict[str, Any],
     model.eval()
     with model.disable_adapter():
         answers = generate_greedy(model, tokenizer, questions, RETENTION_TOKENS)
-        key_at = [_key_at(tokenizer, a, q["a"]) for a, q in zip(answers, data["questions"],
-                                                                strict=True)]
+        key_at = [_key_at(tokenizer, a[:RETENTION_KEY_WITHIN], q["a"])
+                  for a, q in zip(answers, data["questions"], strict=True)]
         scored = answer_log_probs(model, tokenizer, [prompt_ids(tokenizer, c) for c in questions],
                                   answers)
         logprobs = [lp if k is not None else [] for (lp, _), k in zip(scored, key_at, strict=True)]

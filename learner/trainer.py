@@ -78,9 +78,15 @@ def load_student(model_dir: str | Path, cfg: LearnerConfig, parent_adapter: str 
         model = PeftModel.from_pretrained(base, str(parent_adapter), is_trainable=True)
     else:
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules="all-linear", task_type="CAUSAL_LM")
+                          target_modules=lora_targets(cfg.lora_targets), task_type="CAUSAL_LM")
         model = get_peft_model(base, lora)
     return model, tokenizer
+
+
+def lora_targets(spec: str) -> str | list[str]:
+    """peft's `target_modules` from the config's "all-linear" or comma-separated names."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    return "all-linear" if names in ([], ["all-linear"]) else names
 
 
 class SelfDistillationTrainer:
@@ -239,7 +245,9 @@ class SelfDistillationTrainer:
             optimizer.zero_grad(set_to_none=True)
             loss = sum(self.item_loss(items[i]) for i in batch) / len(batch)
             if anchors and self.knobs.anchor_weight:
-                a_loss = self.anchor_loss(anchors[step % len(anchors)])
+                k = min(cfg.anchors_per_step, len(anchors))
+                a_loss = sum(self.anchor_loss(anchors[(step * k + j) % len(anchors)])
+                             for j in range(k)) / k
                 anchor_losses.append(float(a_loss.detach()))
                 loss = loss + self.knobs.anchor_weight * a_loss
             loss.backward()

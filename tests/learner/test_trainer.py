@@ -73,6 +73,34 @@ def test_ema_teacher_and_anchor_and_cross_entropy_run_together(model_dir, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_each_step_takes_the_next_anchors_in_turn(model_dir):
+    cfg = LearnerConfig(passes=3, anchors_per_step=2)
+    model, tokenizer = load_student(model_dir, cfg)
+    used: list[str] = []
+
+    class Recording(SelfDistillationTrainer):
+        def anchor_loss(self, item):
+            used.append(item.messages[0]["content"])
+            return super().anchor_loss(item)
+
+    anchors = [AnchorItem([{"role": "user", "content": q}],
+                          tokenizer(a, add_special_tokens=False)["input_ids"])
+               for q, a in [("Capital of France?", "Paris."), ("Capital of Spain?", "Madrid."),
+                            ("Capital of Peru?", "Lima.")]]
+    result = Recording(model, tokenizer, cfg, resolve(cfg)).train(
+        [_item(tokenizer)], anchors=anchors, progress=False)
+    assert result.steps == 3 and len(result.anchor_losses) == 3
+    names = ["Capital of France?", "Capital of Spain?", "Capital of Peru?"]
+    assert used == [names[i % 3] for i in range(6)]  # every anchor twice, in order
+
+
+def test_lora_targets_name_the_adapted_modules(model_dir):
+    model, _ = load_student(model_dir, LearnerConfig(lora_targets="gate_proj, up_proj, down_proj"))
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters()
+               if ".lora_A" in n}
+    assert adapted == {"gate_proj", "up_proj", "down_proj"}
+
+
 def test_teacher_regenerations_carry_the_correction(model_dir):
     from learner.responses import teacher_regenerations
 

@@ -44,6 +44,7 @@ def test_explicit_knobs_win_over_the_preset():
     (LearnerConfig(ce_weight=-0.5), "ce_weight"),
     (LearnerConfig(anchor_weight=-1.5), "anchor_weight"),
     (LearnerConfig(preset="sft", ce_weight=0.0), "nothing to train on"),
+    (LearnerConfig(anchors_per_step=0), "learner.anchors_per_step"),
 ])
 def test_bad_knobs_name_the_key(cfg, words):
     with pytest.raises(ValueError, match=words):
