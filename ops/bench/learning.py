@@ -1,18 +1,39 @@
-"""Learning benchmark: does the endpoint answer better after users correct it, and still answer
-what it knew?
+"""Learning benchmark: what users get when they correct the endpoint — does it answer the
+corrected facts afterwards, in other words, and does it still answer what it knew?
 
-For each arm (a learner preset) it starts a fresh `sdloop serve`, teaches fictional facts
-through ordinary chat (the user asks, the model answers, the user replies "No, ... is Y."),
-runs `sdloop learn --once` after each batch of facts (one batch per round), then asks, through
-the endpoint and without any context, paraphrases of the taught questions (never trained on)
-and a retention set of general questions (disjoint from the gate's). Base figures are asked of
-the engine directly before anything is taught, so that nothing they log reaches the learner.
-The gate's verdict is recorded but not enforced, so that every arm's candidate is served and
-measured; the table says whether the default gate would have promoted it.
+A run is one learner setup (a preset, with the gate enforced or not) and one seed. It starts a
+fresh `sdloop serve`, teaches fictional facts through ordinary chat (the user asks, the model
+answers, the user replies "No, ... is Y.") in waves, and after each wave does what the daemon
+does on its next intervals: `sdloop learn --once`, again while the round's summary says
+`retry_next_round` (the gate rejected it and its episodes come back with another seed). After
+each wave's round it asks, without any context, paraphrases of every fact taught so far (never
+trained on) and a retention set of general questions (`data/retention.json`, disjoint from the
+gate's). Greedy, 40 new tokens; a fact counts when a key starts a word of the answer
+(`learner.gate.says_key`).
 
-    python ops/bench/learning.py                              # sdloop vs sft, 2 rounds
-    python ops/bench/learning.py --arms sdloop --rounds 1 --set lr=1e-3
-    python ops/bench/learning.py --facts ../shared/learning/dev_facts.json
+The facts of a run are a sample, drawn with the seed from the union of the `--facts` files
+(capitals and national symbols; people and dates; definitions), so that no single set or form
+is tuned to and seeds differ in the facts as well as in the learner's seed
+(SDLOOP_LEARNER__SEED). Every setup sees the same samples, so setups are compared paired.
+
+The questions are asked of the engine directly, under the name it serves the version the
+`default` alias points to (what the gateway forwards a user's request to), and not through the
+gateway: the gateway logs every answer, and the next round would take the logged probes and
+retention questions as its rehearsal anchors (the 48 newest unsignalled prompts) — the
+benchmark would be teaching its own test. Base figures are asked the same way of the base model
+once, before anything is taught (greedy: the same for every seed).
+
+The headline is the shipped defaults with the gate enforced: `sdloop` alone, all seeds. By
+default the comparison rows come after it, same seeds and facts: the `sft` preset (gate on) and
+`sdloop` with the gate off (safety off, not what users get). Each figure is printed per seed,
+then as median [min–max] over seeds, followed by the acceptance lines of the headline.
+
+    python ops/bench/learning.py                       # 3 seeds x 2 waves of 6 facts, + comparison
+    python ops/bench/learning.py --no-compare          # the headline only (a third of the time)
+    python ops/bench/learning.py --single              # one correction alone, one round, per seed
+    python ops/bench/learning.py --arms sdloop --gate-off none --set lr=2e-4
+    python ops/bench/learning.py --facts ../shared/learning/dev_facts.json ops/bench/data/facts.json
+    python ops/bench/learning.py --seeds 1 --per-wave 1 --max-steps 2 --no-compare   # smoke test
 """
 
 from __future__ import annotations
@@ -20,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -27,22 +49,67 @@ import sys
 import tempfile
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from learner.gate import says_key  # noqa: E402
 from ops.bench.server import start_server, stop_server  # noqa: E402
-from serving.chat import VERSION_HEADER  # noqa: E402
+from store.versions import BASE_VERSION, DEFAULT_ALIAS  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
-MAX_TOKENS = 40  # as the defaults were measured (README): greedy, 40 new tokens, substring match
+DEFAULT_FACTS = [DATA / "facts.json", DATA / "facts_people_dates.json",
+                 DATA / "facts_definitions.json"]
+MAX_TOKENS = 40  # as the defaults were measured (README): greedy, 40 new tokens
+# Knobs the benchmark sets itself: a --set of them would make the row labels lie.
+OWN_KNOBS = {"preset", "enforce_gate", "seed"}
+
+# Acceptance (issue 13), judged on the headline setup.
+TARGET_FACTS = 80.0  # % of paraphrases answered after the last wave, all facts
+TARGET_KEPT = 0.90  # wave-1 facts after the last wave / after wave 1
+TARGET_FIRST = 90.0  # % of rounds promoted on the first attempt
+TARGET_RETENTION = -2.0  # retention points vs base
+TARGET_SECONDS, TARGET_SECONDS_FACTS = 300.0, 6  # learner seconds per round of 6 corrections
+
+Fact = dict[str, Any]
 
 
-def load_facts(path: Path) -> list[dict[str, Any]]:
-    data = json.loads(path.read_text())
-    return data["facts"] if isinstance(data, dict) else data
+@dataclass(frozen=True)
+class Setup:
+    """One learner configuration the benchmark runs for every seed."""
+
+    preset: str
+    gate: bool  # learner.enforce_gate
+
+    @property
+    def label(self) -> str:
+        return self.preset if self.gate else f"{self.preset}, gate off"
+
+    def env(self, seed: int, knobs: dict[str, dict[str, str]]) -> dict[str, str]:
+        """SDLOOP_* overrides for the server and the learner: everything else stays shipped."""
+        chosen = {**knobs.get("", {}), **knobs.get(self.preset, {})}
+        return {**{f"SDLOOP_LEARNER__{k.upper()}": v for k, v in chosen.items()},
+                "SDLOOP_LEARNER__PRESET": self.preset,
+                "SDLOOP_LEARNER__ENFORCE_GATE": str(self.gate).lower(),
+                "SDLOOP_LEARNER__SEED": str(seed)}
+
+
+# -- facts ---------------------------------------------------------------------------------------
+
+def load_facts(paths: Iterable[Path]) -> list[Fact]:
+    """The union of the fact files (a list, or {"facts": [...]}), each fact tagged with its file
+    so that a sample's forms can be read off the output."""
+    facts: list[Fact] = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        facts += [{**f, "set": path.stem} for f in (data["facts"] if isinstance(data, dict) else data)]
+    asks = [f["ask"] for f in facts]
+    if len(set(asks)) != len(asks):
+        sys.exit("the fact files repeat a question: results are keyed by it")
+    return facts
 
 
 def load_retention(path: Path) -> list[dict[str, Any]]:
@@ -50,149 +117,403 @@ def load_retention(path: Path) -> list[dict[str, Any]]:
     return data["questions"] if isinstance(data, dict) else data
 
 
-def chat(url: str, model: str, messages: list[dict[str, str]]) -> tuple[str, str | None]:
+def sample_waves(facts: list[Fact], seed: int, waves: int, per_wave: int) -> list[list[Fact]]:
+    """The seed's facts, wave by wave: the same for every setup, so setups compare paired."""
+    if waves * per_wave > len(facts):
+        sys.exit(f"{waves} waves of {per_wave} facts need {waves * per_wave}; "
+                 f"the fact files hold {len(facts)}")
+    picked = random.Random(seed).sample(facts, waves * per_wave)
+    return [picked[i * per_wave:(i + 1) * per_wave] for i in range(waves)]
+
+
+# -- talking to the server -----------------------------------------------------------------------
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def chat(url: str, model: str, messages: list[dict[str, str]]) -> str:
     body = json.dumps({"model": model, "messages": messages, "max_tokens": MAX_TOKENS,
                        "temperature": 0.0}).encode()
     req = urllib.request.Request(f"{url}/v1/chat/completions", body,
                                  {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=300) as resp:
-        answer = json.loads(resp.read())
-        return answer["choices"][0]["message"]["content"] or "", resp.headers.get(VERSION_HEADER)
+        return json.loads(resp.read())["choices"][0]["message"]["content"] or ""
 
 
-def teach(url: str, facts: list[dict[str, Any]]) -> None:
-    """The user asks, the model answers, the user corrects it in the next turn."""
-    def one(fact: dict[str, Any]) -> None:
+def teach(url: str, facts: list[Fact]) -> None:
+    """Through the gateway, as a user would: ask, get an answer, correct it in the next turn.
+    One request at a time, as every request here (see `evaluate`)."""
+    for fact in facts:
         ask = [{"role": "user", "content": fact["ask"]}]
-        reply, _ = chat(url, "default", ask)
-        chat(url, "default", ask + [{"role": "assistant", "content": reply},
-                                    {"role": "user", "content": fact["correct"]}])
-
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(one, facts))
+        reply = chat(url, DEFAULT_ALIAS, ask)
+        chat(url, DEFAULT_ALIAS, ask + [{"role": "assistant", "content": reply},
+                                        {"role": "user", "content": fact["correct"]}])
 
 
-def evaluate(url: str, model: str, facts: list[dict[str, Any]],
+def base_model_name(engine_url: str) -> str:
+    return next(m["id"] for m in get_json(f"{engine_url}/v1/models")["data"] if not m.get("parent"))
+
+
+def served_version(url: str) -> str:
+    """The version the gateway answers `default` with right now."""
+    return next(m["version"] for m in get_json(f"{url}/v1/models")["data"] if m["id"] == DEFAULT_ALIAS)
+
+
+def evaluate(engine_url: str, model: str, facts: list[Fact],
              retention: list[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy (%) on every probe of every fact and on the retention questions."""
-    asks = [(p, f["key"]) for f in facts for p in f["probe"]]
-    asks += [(q["q"], q["a"]) for q in retention]
+    """Every paraphrase of every fact and every retention question, asked with no context of
+    `model` on the engine (nothing is logged for the learner). Per fact the probes' verdicts,
+    per retention question its verdict, and every answer.
 
-    def one(item: tuple[str, list[str]]) -> tuple[bool, str | None, str]:
-        text, version = chat(url, model, [{"role": "user", "content": item[0]}])
-        return any(k.lower() in text.lower() for k in item[1]), version, text
+    One question at a time: greedy answers of the CPU engine depend on what else is in the
+    batch. Measured on the base model, the 40 retention questions asked 8 at a time twice gave
+    11 different answers and verdicts ±1 question apart (more than the −2 points acceptance
+    allows); asked one at a time twice, identical answers."""
+    asks = [(p, f["key"], f["ask"]) for f in facts for p in f["probe"]]
+    asks += [(q["q"], q["a"], None) for q in retention]
+    answers = []
+    for question, keys, fact in asks:
+        text = chat(engine_url, model, [{"role": "user", "content": question}])
+        answers.append({"q": question, "fact": fact, "ok": says_key(text, keys), "answer": text})
+    probes: dict[str, list[bool]] = {}
+    for a in answers:
+        if a["fact"] is not None:
+            probes.setdefault(a["fact"], []).append(a["ok"])
+    return {"model": model, "facts": probes,
+            "retention": {a["q"]: a["ok"] for a in answers if a["fact"] is None},
+            "answers": answers}
 
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(one, asks))
-    n_probes = len(asks) - len(retention)
-    probes, kept = results[:n_probes], results[n_probes:]
-    return {"facts": 100.0 * sum(r[0] for r in probes) / max(len(probes), 1),
-            "retention": 100.0 * sum(r[0] for r in kept) / max(len(kept), 1),
-            "versions": sorted({str(r[1]) for r in results}),
-            "answers": [{"q": q, "ok": r[0], "answer": r[2]} for (q, _), r in zip(asks, results,
-                                                                                 strict=True)]}
+
+def facts_pct(ev: dict[str, Any], facts: list[Fact]) -> float:
+    """% of the paraphrases of `facts` answered (each probe weighs the same)."""
+    oks = [ok for f in facts for ok in ev["facts"][f["ask"]]]
+    return 100.0 * sum(oks) / max(len(oks), 1)
 
 
-def learn_once(data_dir: Path, env: dict[str, str], log: Path) -> dict[str, Any]:
+def retention_pct(ev: dict[str, Any]) -> float:
+    return 100.0 * sum(ev["retention"].values()) / max(len(ev["retention"]), 1)
+
+
+# -- the learner ---------------------------------------------------------------------------------
+
+def learn_once(data_dir: Path, env: dict[str, str], max_steps: int | None) -> dict[str, Any]:
+    """`sdloop learn --once` as the daemon runs it (a child process); its JSON summary."""
+    cmd = [sys.executable, "-m", "serving.cli", "learn", "--once", "--data-dir", str(data_dir)]
+    if max_steps is not None:
+        cmd += ["--max-steps", str(max_steps)]
+    log = data_dir / "learn.err"
     with open(log, "ab") as err:
-        out = subprocess.run(
-            [sys.executable, "-m", "serving.cli", "learn", "--once", "--data-dir", str(data_dir)],
-            stdout=subprocess.PIPE, stderr=err, env={**os.environ, **env}, check=False)
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, env={**os.environ, **env},
+                             check=False)
     if out.returncode != 0:
         sys.exit(f"sdloop learn --once failed ({out.returncode}); see {log}")
     return json.loads(out.stdout.decode().strip().splitlines()[-1])
 
 
-def run_arm(arm: str, facts: list[dict[str, Any]], retention: list[dict[str, Any]],
-            rounds: int, overrides: dict[str, str], keep: bool, base: dict[str, Any] | None,
-            ) -> tuple[dict[str, Any], dict[str, Any]]:
-    data_dir = Path(tempfile.mkdtemp(prefix=f"sdloop-learnbench-{arm}-"))
-    env = {"SDLOOP_LEARNER__PRESET": arm, "SDLOOP_LEARNER__ENFORCE_GATE": "false",
-           **{f"SDLOOP_LEARNER__{k.upper()}": v for k, v in overrides.items()}}
-    print(f"[{arm}] serving on {data_dir}", flush=True)
+def learn_round(data_dir: Path, env: dict[str, str], max_steps: int | None,
+                tag: str) -> dict[str, Any]:
+    """One round until its episodes are consumed: attempts while the last one says
+    `retry_next_round`, which is what the daemon does on its following intervals. The round's
+    seconds are the wall clock of all its attempts (what a user waits for)."""
+    attempts: list[dict[str, Any]] = []
+    started = time.monotonic()
+    while not attempts or attempts[-1].get("retry_next_round"):
+        summary = learn_once(data_dir, env, max_steps)
+        attempts.append(summary)
+        gate = summary.get("gate") or {}
+        print(f"[{tag}] attempt {summary.get('attempt', len(attempts) - 1)}: "
+              f"{summary.get('status')} {summary.get('version', '')} items {summary.get('items')} "
+              f"steps {summary.get('steps')} gate "
+              f"{'pass' if gate.get('passed') else gate.get('reasons', '-')} "
+              f"({summary.get('seconds', '?')} s)", flush=True)
+    phases: dict[str, float] = {}
+    for a in attempts:
+        for phase, s in (a.get("phases") or {}).items():
+            phases[phase] = round(phases.get(phase, 0.0) + s, 1)
+    return {"attempts": attempts, "first": attempts[0].get("status"), "tries": len(attempts),
+            "promoted": any(a.get("status") == "promoted" for a in attempts),
+            "gate_passed": [(a.get("gate") or {}).get("passed") for a in attempts],
+            "seconds": round(time.monotonic() - started, 1), "phases": phases}
+
+
+# -- one run -------------------------------------------------------------------------------------
+
+@dataclass
+class Bench:
+    """What every run shares."""
+
+    retention: list[dict[str, Any]]
+    knobs: dict[str, dict[str, str]]
+    max_steps: int | None
+    keep: bool
+    all_facts: list[Fact]
+    base: dict[str, Any] | None = None
+
+
+def run(bench: Bench, setup: Setup, seed: int, waves: list[list[Fact]]) -> dict[str, Any]:
+    """Serve, teach wave by wave with a round after each, evaluate after every round."""
+    tag = f"{setup.label} seed {seed}"
+    data_dir = Path(tempfile.mkdtemp(prefix=f"sdloop-learnbench-{setup.preset}-{seed}-"))
+    env = setup.env(seed, bench.knobs)
+    print(f"[{tag}] serving on {data_dir}", flush=True)
     proc, state = start_server(data_dir, env)
+    rounds, evals = [], []
     try:
-        if base is None:
-            with urllib.request.urlopen(state["engine_url"] + "/v1/models") as resp:
-                base_model = next(m["id"] for m in json.loads(resp.read())["data"]
-                                  if not m.get("parent"))
-            base = evaluate(state["engine_url"], base_model, facts, retention)
-            print(f"[base] facts {base['facts']:.1f}%  retention {base['retention']:.1f}%", flush=True)
-        batches = [facts[i::rounds] for i in range(rounds)]
-        summaries, learn_s = [], 0.0
-        for n, batch in enumerate(batches, 1):
-            teach(state["url"], batch)
-            started = time.monotonic()
-            summary = learn_once(data_dir, env, data_dir / "learn.err")
-            learn_s += time.monotonic() - started
-            summaries.append(summary)
-            gate = summary.get("gate", {})
-            print(f"[{arm}] round {n}: {summary.get('status')} {summary.get('version')} "
-                  f"items {summary.get('items')} steps {summary.get('steps')} "
-                  f"gate {'pass' if gate.get('passed') else gate.get('reasons')}", flush=True)
-        result = evaluate(state["url"], "default", facts, retention)
+        engine = state["engine_url"]
+        if bench.base is None:  # greedy, so the same for every run: asked once
+            bench.base = evaluate(engine, base_model_name(engine), bench.all_facts, bench.retention)
+            print(f"[base] facts {facts_pct(bench.base, bench.all_facts):.1f}%  retention "
+                  f"{retention_pct(bench.base):.1f}%", flush=True)
+        for n, wave in enumerate(waves, 1):
+            teach(state["url"], wave)
+            rounds.append({"wave": n, **learn_round(data_dir, env, bench.max_steps,
+                                                    f"{tag} wave {n}")})
+            version = served_version(state["url"])
+            model = base_model_name(engine) if version == BASE_VERSION else version
+            taught = [f for w in waves[:n] for f in w]
+            evals.append({"version": version, **evaluate(engine, model, taught, bench.retention)})
+            print(f"[{tag}] after wave {n}: serving {version}, facts "
+                  f"{facts_pct(evals[-1], taught):.1f}%, retention "
+                  f"{retention_pct(evals[-1]):.1f}%", flush=True)
     finally:
         stop_server(proc)
-    if not keep:
+    if not bench.keep:
         shutil.rmtree(data_dir, ignore_errors=True)
-    last_gate = summaries[-1].get("gate", {})
-    result.update(arm=arm, rounds=summaries, learn_seconds=learn_s,
-                  drift=last_gate.get("drift"), gate=",".join(
-                      "pass" if s.get("gate", {}).get("passed") else "fail" for s in summaries),
-                  divergence=[(s.get("gate", {}).get("heldout_divergence_before"),
-                               s.get("gate", {}).get("heldout_divergence_after"))
-                              for s in summaries])
-    return result, base
+    return {"setup": setup.label, "preset": setup.preset, "gate": setup.gate, "seed": seed,
+            "waves": [[f["ask"] for f in w] for w in waves],
+            "sets": [[f["set"] for f in w] for w in waves], "rounds": rounds, "evals": evals,
+            "figures": figures(waves, rounds, evals, bench.base or {})}
+
+
+def figures(waves: list[list[Fact]], rounds: list[dict[str, Any]], evals: list[dict[str, Any]],
+            base: dict[str, Any]) -> dict[str, float | None]:
+    """A run's scalar figures, named as the table's columns."""
+    n = len(waves)
+    out: dict[str, float | None] = {f"w{k}@{k}": facts_pct(evals[k - 1], waves[k - 1])
+                                    for k in range(1, n + 1)}
+    if n > 1:
+        out[f"w1@{n}"] = facts_pct(evals[-1], waves[0])
+        out[f"all@{n}"] = facts_pct(evals[-1], [f for w in waves for f in w])
+        out["w1 kept"] = out[f"w1@{n}"] / out["w1@1"] if out["w1@1"] else None
+    out["base facts"] = facts_pct(base, [f for w in waves for f in w])
+    out["retention"] = retention_pct(evals[-1])
+    out["vs base"] = out["retention"] - retention_pct(base)
+    out["1st promoted %"] = 100.0 * sum(r["first"] == "promoted" for r in rounds) / len(rounds)
+    out["learn s/round"] = statistics.mean(r["seconds"] for r in rounds)
+    return out
+
+
+# -- report --------------------------------------------------------------------------------------
+
+def spread(values: list[float | None], fmt: str = "{:.1f}") -> str:
+    """median [min–max] over seeds; the value alone for one seed."""
+    got = [v for v in values if v is not None]
+    if not got:
+        return "-"
+    mid = fmt.format(statistics.median(got))
+    return mid if len(got) == 1 else f"{mid} [{fmt.format(min(got))}–{fmt.format(max(got))}]"
+
+
+def print_rounds(runs: list[dict[str, Any]]) -> None:
+    """Every round: its first attempt's verdict, attempts, outcome, seconds and phases."""
+    phases = list(dict.fromkeys(p for r in runs for rd in r["rounds"] for p in rd["phases"]))
+    print(f"\n{'setup':<18}{'seed':>5}{'wave':>5}  {'1st attempt':<12}{'tries':>6}{'promoted':>9}  "
+          f"{'gate':<10}{'served after':<14}{'learn s':>8}" + "".join(f"{p[:8]:>9}" for p in phases))
+    for r in runs:
+        for rd, ev in zip(r["rounds"], r["evals"], strict=True):
+            gate = "/".join({True: "pass", False: "fail"}.get(g, "-") for g in rd["gate_passed"])
+            print(f"{r['setup']:<18}{r['seed']:>5}{rd['wave']:>5}  {str(rd['first']):<12}"
+                  f"{rd['tries']:>6}{'yes' if rd['promoted'] else 'no':>9}  {gate:<10}"
+                  f"{ev['version']:<14}{rd['seconds']:>8.0f}"
+                  + "".join(f"{rd['phases'].get(p, 0.0):>9.0f}" for p in phases))
+
+
+def print_figures(runs: list[dict[str, Any]], columns: list[str]) -> None:
+    """Per seed, one row per setup and seed; then median [min–max] over seeds, one column per
+    setup (the headline first)."""
+    labels = list(dict.fromkeys(r["setup"] for r in runs))
+    width = {c: max(len(c), 5) + 2 for c in columns}
+    print(f"\n{'setup':<18}{'seed':>5}" + "".join(f"{c:>{width[c]}}" for c in columns))
+    for r in runs:
+        print(f"{r['setup']:<18}{r['seed']:>5}" + "".join(
+            f"{spread([r['figures'].get(c)], cell_format(c)):>{width[c]}}" for c in columns))
+    seeds = len({r["seed"] for r in runs})
+    if seeds < 2:
+        return
+    heads = [f"{label}{'' if n else ' (headline)'}{' *' if 'gate off' in label else ''}"
+             for n, label in enumerate(labels)]
+    print(f"\nmedian [min–max] over {seeds} seeds\n{'':<16}" + "".join(f"{h:>26}" for h in heads))
+    for c in columns:
+        print(f"{c:<16}" + "".join(
+            f"{spread([r['figures'].get(c) for r in runs if r['setup'] == label], cell_format(c)):>26}"
+            for label in labels))
+    if any("gate off" in label for label in labels):
+        print("* gate off — safety off, not what users get")
+
+
+def cell_format(column: str) -> str:
+    return {"w1 kept": "{:.2f}", "vs base": "{:+.1f}", "learn s/round": "{:.0f}",
+            "1st promoted %": "{:.0f}"}.get(column, "{:.1f}")
+
+
+def check(name: str, ok: bool | None, got: str) -> dict[str, Any]:
+    verdict = "n/a" if ok is None else "PASS" if ok else "MISS"
+    print(f"  {verdict:<5} {name}: {got}")
+    return {"criterion": name, "verdict": verdict, "measured": got}
+
+
+def median_of(runs: list[dict[str, Any]], column: str) -> float | None:
+    got = [r["figures"].get(column) for r in runs]
+    got = [v for v in got if v is not None]
+    return statistics.median(got) if got else None
+
+
+def acceptance_waves(runs: list[dict[str, Any]], n: int, per_wave: int) -> list[dict[str, Any]]:
+    """Issue 13's lines for the headline setup: medians over seeds, rounds pooled."""
+    rounds = [rd for r in runs for rd in r["rounds"]]
+    first = 100.0 * sum(rd["first"] == "promoted" for rd in rounds) / len(rounds)
+    secs = statistics.median(rd["seconds"] for rd in rounds)
+    facts, kept, vs = median_of(runs, f"all@{n}" if n > 1 else "w1@1"), median_of(
+        runs, "w1 kept"), median_of(runs, "vs base")
+    scale = "" if per_wave == TARGET_SECONDS_FACTS else \
+        f" (target is for {TARGET_SECONDS_FACTS} corrections; this run taught {per_wave})"
+    return [
+        check(f"≥{TARGET_FACTS:.0f} % of paraphrases after wave {n}, all facts (median)",
+              facts is not None and facts >= TARGET_FACTS, f"{facts:.1f} %"),
+        check(f"wave-1 facts after wave {n} ≥ {TARGET_KEPT:.0%} of their level after wave 1 "
+              "(median)", None if kept is None or n < 2 else kept >= TARGET_KEPT,
+              "-" if kept is None else f"{kept:.2f}"),
+        check(f"≥{TARGET_FIRST:.0f} % of rounds promoted on the first attempt",
+              first >= TARGET_FIRST, f"{first:.0f} % of {len(rounds)} rounds"),
+        check(f"retention ≥ base {TARGET_RETENTION:+.0f} points (median)",
+              vs is not None and vs >= TARGET_RETENTION, f"{vs:+.1f} points"),
+        check(f"learner seconds per round ≤ {TARGET_SECONDS:.0f} s (median, all attempts)",
+              secs <= TARGET_SECONDS if per_wave == TARGET_SECONDS_FACTS else None,
+              f"{secs:.0f} s{scale}"),
+    ]
+
+
+def acceptance_single(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One correction alone: promoted on the first attempt in ≥2 of 3 seeds, ≥2 of 3
+    paraphrases answered (median over seeds)."""
+    first = sum(r["rounds"][0]["first"] == "promoted" for r in runs)
+    probes = statistics.median(sum(next(iter(r["evals"][-1]["facts"].values()))) for r in runs)
+    n_probes = len(next(iter(runs[0]["evals"][-1]["facts"].values())))
+    return [
+        check("promoted on the first attempt in ≥2/3 of the seeds", first * 3 >= 2 * len(runs),
+              f"{first} of {len(runs)} seeds"),
+        check("≥2/3 of the paraphrases answered (median over seeds)", probes * 3 >= 2 * n_probes,
+              f"{probes:g} of {n_probes}"),
+    ]
+
+
+def report(runs: list[dict[str, Any]], base: dict[str, Any], n: int, per_wave: int, single: bool,
+           smoke: bool) -> list[dict[str, Any]]:
+    """Every table and the acceptance lines; returns the latter for the JSON."""
+    columns = [f"w{k}@{k}" for k in range(1, n + 1)]
+    if n > 1:
+        columns += [f"w1@{n}", f"all@{n}", "w1 kept"]
+    columns += ["base facts", "retention", "vs base", "1st promoted %", "learn s/round"]
+    print_rounds(runs)
+    print_figures(runs, columns)
+    print(f"\nbase model: retention {retention_pct(base):.1f} %; taught facts before teaching: "
+          "the base facts column")
+    print(f"\nwK@J: % of the paraphrases of wave K's facts answered after wave J's round (no "
+          f"context, greedy);{f' w1 kept: w1@{n} / w1@1;' if n > 1 else ''} retention: % of "
+          f"{len(runs[0]['evals'][-1]['retention'])} general questions after the last round, "
+          "vs base in points; learn s: wall clock of all attempts of a round; 1st promoted: "
+          "rounds whose first attempt was promoted; gate: each attempt's verdict (gate off: "
+          "recorded, not enforced).")
+    headline = [r for r in runs if r["setup"] == runs[0]["setup"]]
+    print(f"\nAcceptance, {runs[0]['setup']} (shipped defaults, gate enforced), "
+          f"{len(headline)} seed(s)" + (" — SMOKE TEST (--max-steps): not a measurement" if smoke
+                                         else "") + ":")
+    return acceptance_single(headline) if single else acceptance_waves(headline, n, per_wave)
+
+
+# -- command line --------------------------------------------------------------------------------
+
+def parse_knobs(pairs: list[str], error: Callable[[str], None]) -> dict[str, dict[str, str]]:
+    """--set [PRESET.]KEY=VALUE → {preset or "": {key: value}}."""
+    knobs: dict[str, dict[str, str]] = {}
+    for kv in pairs:
+        key, sep, value = kv.partition("=")
+        preset, _, knob = key.rpartition(".")
+        if not sep or not knob:
+            error(f"--set {kv}: expected [PRESET.]KEY=VALUE")
+        if knob.lower() in OWN_KNOBS:
+            error(f"--set {knob}: the benchmark sets it (use --arms, --gate-off, --seeds)")
+        knobs.setdefault(preset, {})[knob] = value
+    return knobs
+
+
+def setups(args: argparse.Namespace) -> list[Setup]:
+    """The headline (the first arm, gate on) first, then the comparison rows."""
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    off = [a.strip() for a in args.gate_off.split(",") if a.strip() and a.strip() != "none"]
+    if args.no_compare:
+        arms, off = arms[:1], []
+    return [Setup(a, True) for a in arms] + [Setup(a, False) for a in off]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", default="sdloop,sft",
+                        help="presets run with the gate enforced; the first is the headline")
+    parser.add_argument("--gate-off", default="sdloop", metavar="ARMS",
+                        help="presets also run with the gate off, for comparison ('none': no such "
+                             "row)")
+    parser.add_argument("--no-compare", action="store_true",
+                        help="only the headline: the first of --arms, gate enforced")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (learner seed and sample)")
+    parser.add_argument("--waves", type=int, default=2, help="waves of facts, a round after each")
+    parser.add_argument("--per-wave", type=int, default=6, help="facts taught per wave")
+    parser.add_argument("--single", action="store_true",
+                        help="one correction taught alone, one round (= --waves 1 --per-wave 1)")
+    parser.add_argument("--facts", type=Path, nargs="+", default=DEFAULT_FACTS,
+                        help="fact files; each run samples from their union")
+    parser.add_argument("--retention", type=Path, default=DATA / "retention.json")
+    parser.add_argument("--set", action="append", default=[], metavar="[ARM.]KEY=VALUE",
+                        help="a [learner] knob for every arm (lr=1e-3) or for one (sdloop.lr=1e-3)")
+    parser.add_argument("--max-steps", type=int, help="cap training steps per round (smoke tests)")
+    parser.add_argument("--out", type=Path, help="every figure and answer, JSON (default: a file "
+                                                   "under the temp dir, printed)")
+    parser.add_argument("--keep", action="store_true", help="keep each run's data dir")
+    args = parser.parse_args()
+    args.knobs = parse_knobs(args.set, parser.error)
+    if args.single:
+        args.waves, args.per_wave = 1, 1
+    if min(args.seeds, args.waves, args.per_wave) < 1:
+        parser.error("--seeds, --waves and --per-wave must be at least 1")
+    if not setups(args):
+        parser.error("no arm to run")
+    args.out = args.out or Path(tempfile.gettempdir()) / f"sdloop-learnbench-{int(time.time())}.json"
+    return args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arms", default="sdloop,sft", help="learner presets, comma-separated")
-    parser.add_argument("--facts", type=Path, default=DATA / "facts.json")
-    parser.add_argument("--retention", type=Path, default=DATA / "retention.json")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="facts are taught in this many batches, a learner round after each")
-    parser.add_argument("--set", action="append", default=[], metavar="[ARM.]KEY=VALUE",
-                        help="a [learner] knob for every arm (lr=1e-3) or for one (sdloop.lr=1e-3)")
-    parser.add_argument("--out", type=Path, help="write every figure and answer here (JSON)")
-    parser.add_argument("--keep", action="store_true", help="keep each arm's data dir")
-    args = parser.parse_args()
-    overrides: dict[str, dict[str, str]] = {}
-    for kv in args.set:
-        key, value = kv.split("=", 1)
-        arm, _, knob = key.rpartition(".")
-        overrides.setdefault(arm, {})[knob] = value
-    facts, retention = load_facts(args.facts), load_retention(args.retention)
-    print(f"{len(facts)} facts x {len(facts[0]['probe'])} paraphrases, {len(retention)} retention "
-          f"questions, {args.rounds} round(s); machine: {os.cpu_count()} cpus", flush=True)
-
-    base, results = None, []
-    for arm in args.arms.split(","):
-        arm = arm.strip()
-        knobs = {**overrides.get("", {}), **overrides.get(arm, {})}
-        result, base = run_arm(arm, facts, retention, args.rounds, knobs, args.keep, base)
-        results.append(result)
-
-    assert base is not None
-    print(f"\n{'arm':<10}{'facts %':>9}{'retention %':>13}{'vs base':>9}{'drift':>8}"
-          f"{'held-out div':>16}{'gate/round':>16}{'learn s':>9}")
-    print(f"{'base':<10}{base['facts']:>9.1f}{base['retention']:>13.1f}{'':>9}{'':>8}{'':>16}"
-          f"{'':>16}{'':>9}")
-    for r in results:
-        before, after = r["divergence"][-1]
-        div = f"{before:.2f}->{after:.2f}" if before is not None else "-"
-        print(f"{r['arm']:<10}{r['facts']:>9.1f}{r['retention']:>13.1f}"
-              f"{r['retention'] - base['retention']:>+9.1f}{(r['drift'] or 0):>8.3f}{div:>16}"
-              f"{r['gate']:>16}{r['learn_seconds']:>9.0f}")
-    print(f"\nfacts: {len(facts) * len(facts[0]['probe'])} paraphrased probes, no context; one probe "
-          f"= {100 / (len(facts) * len(facts[0]['probe'])):.1f} points; retention: one question = "
-          f"{100 / len(retention):.1f} points; drift and held-out divergence: the gate's, last round; "
-          "gate/round: the default gate's verdict on each round (recorded, not enforced here); "
-          f"median learn s per round: "
-          + ", ".join(f"{r['arm']} {statistics.median(s.get('seconds', 0) for s in r['rounds']):.0f}"
-                      for r in results))
-    if args.out:
-        args.out.write_text(json.dumps({"base": base, "arms": results}, indent=1, default=str))
+    args = parse_args()
+    facts = load_facts(args.facts)
+    bench = Bench(load_retention(args.retention), args.knobs, args.max_steps, args.keep, facts)
+    plan = setups(args)
+    samples = {s: sample_waves(facts, s, args.waves, args.per_wave) for s in range(args.seeds)}
+    print(f"{len(facts)} facts in {len(args.facts)} file(s); per run {args.waves} wave(s) x "
+          f"{args.per_wave}; {args.seeds} seed(s); setups: {', '.join(s.label for s in plan)}; "
+          f"{len(bench.retention)} retention questions; machine: {os.cpu_count()} cpus; "
+          f"writing {args.out}", flush=True)
+    runs: list[dict[str, Any]] = []
+    record = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}
+    for setup in plan:  # the headline's seeds first: a stopped benchmark still has them
+        for seed, waves in samples.items():
+            runs.append(run(bench, setup, seed, waves))
+            args.out.write_text(json.dumps({**record, "base": bench.base}, indent=1, default=str))
+    record["acceptance"] = report(runs, bench.base or {}, args.waves, args.per_wave, args.single,
+                                  args.max_steps is not None)
+    args.out.write_text(json.dumps({**record, "base": bench.base}, indent=1, default=str))
+    print(f"\nwritten: {args.out}")
 
 
 if __name__ == "__main__":
