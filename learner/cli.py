@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,14 +66,46 @@ def round_io(cfg: Config, progress: bool = True) -> RoundIO:
 
 def run_once(cfg: Config, max_steps: int | None = None) -> dict[str, Any]:
     """One round on this data dir; `skipped` when another round holds its workspace."""
+    import torch
+
     from learner.checkpoint import RoundBusy
     from learner.round import run_round
 
+    cores = round_cores(cfg.learner.threads, sorted(os.sched_getaffinity(0)),
+                        _local_cpu_engine(cfg) and not torch.cuda.is_available())
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(len(cores))
+    log.info("round on cores %s", cores)
     try:
-        return run_round(cfg.learner, round_io(cfg), cfg.data_path / WORKSPACE, cfg.adapters_path,
-                         max_steps=max_steps, model_cache=cfg.model_cache_path)
+        summary = run_round(cfg.learner, round_io(cfg), cfg.data_path / WORKSPACE,
+                            cfg.adapters_path, max_steps=max_steps,
+                            model_cache=cfg.model_cache_path)
     except RoundBusy as exc:  # the daemon's round (or another --once) holds the workspace
-        return {"preset": cfg.learner.preset, "status": "skipped", "reason": str(exc)}
+        summary = {"preset": cfg.learner.preset, "status": "skipped", "reason": str(exc)}
+    return {**summary, "threads": len(cores)}
+
+
+def round_cores(threads: int, usable: list[int], beside_cpu_engine: bool) -> list[int]:
+    """The cores a round computes on. Two processes whose OpenMP threads share a core both
+    stall at every parallel region's barrier (a round beside a busy engine ran ~5x slower), so
+    by default (`threads = 0`) a round takes only what a vLLM-CPU engine on this machine leaves
+    free: its worker binds every usable core but the last (VLLM_CPU_OMP_THREADS_BIND=auto
+    reserves one for its scheduler process). `threads` > 0: that many, from the last core down,
+    the cores the engine binds last."""
+    if threads > 0:
+        return usable[-threads:]
+    if beside_cpu_engine and len(usable) > 1:
+        return usable[-1:]
+    return usable
+
+
+def _local_cpu_engine(cfg: Config) -> bool:
+    """A server of this data dir runs its engine as a child on this machine."""
+    try:
+        server = server_state(cfg)
+    except ClientError:  # starting: its engine will be here
+        return True
+    return bool(server and server.get("engine_pgid"))
 
 
 def _learn_arguments(parser: argparse.ArgumentParser, common: Callable[..., None]) -> None:

@@ -92,6 +92,10 @@ class LearnerConfig:
     # Near-miss anchors: per signal, this many shipped prompts of the same form as its question
     # (other capitals when a capital is taught), answered by the starting version (0: none).
     near_miss_anchors: int = 0
+    # Replay: the questions earlier rounds of the version being improved learned from (its
+    # lineage's episodes, newest first, up to this many), answered by that version and added to
+    # the anchor, so a round keeps what earlier rounds taught (0: none).
+    replay_prompts: int = 64
     # Anchor prompts in each training step (cycling through them all): with one, a short round
     # touches only its first few anchors.
     anchors_per_step: int = 1
@@ -113,6 +117,9 @@ class LearnerConfig:
     grad_clip: float = 1.0
     chunk_size: int = 128
     checkpoint_every: int = 50  # training steps between resumable checkpoints (0: none)
+    # CPU threads of a round. 0: the cores a vLLM-CPU engine on this machine leaves free (it
+    # binds its worker to every usable core but the last), all of them when there is none.
+    threads: int = 0
     seed: int = 0
     # Gate.
     # Points of the retention questions the base model answers right that the candidate may
@@ -198,6 +205,9 @@ def resolve(cfg: LearnerConfig) -> Knobs:
     for name in ("is_cap", "token_clip", "distill_weight", "ce_weight", "anchor_weight"):
         if knobs[name] < 0:
             raise ValueError(f"learner.{name}: must be >= 0, got {knobs[name]}")
+    for name in ("anchor_prompts", "near_miss_anchors", "replay_prompts", "threads"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"learner.{name}: must be >= 0, got {getattr(cfg, name)}")
     if cfg.anchors_per_step < 1:
         raise ValueError(f"learner.anchors_per_step: must be >= 1, got {cfg.anchors_per_step}")
     if not (knobs["distill_weight"] or knobs["ce_weight"]):

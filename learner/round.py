@@ -63,6 +63,24 @@ WHERE NOT has_signal AND status = 'ok'
   AND completion_id NOT IN (SELECT next_completion_id FROM followups)
 ORDER BY created_at DESC LIMIT ?
 """
+# The questions the version a round improves was taught, its own episodes first, then its
+# parent's, back to base: the lineage of `parent` links in the learner's own manifests. The
+# depth bound ends the walk should the links ever form a loop; entries of `episodes` that are
+# not completion ids match nothing.
+_TAUGHT_SQL = """
+WITH RECURSIVE lineage(version, parent, manifest, depth) AS (
+    SELECT version, parent, manifest, 0 FROM adapter_versions WHERE version = ?
+    UNION ALL
+    SELECT v.version, v.parent, v.manifest, l.depth + 1
+    FROM adapter_versions v JOIN lineage l ON v.version = l.parent
+    WHERE l.depth < 256
+), taught AS (
+    SELECT depth, unnest(json_extract_string(manifest, '$.episodes[*]')) AS completion_id
+    FROM lineage
+)
+SELECT e.completion_id, e.messages FROM taught t JOIN episodes e USING (completion_id)
+ORDER BY t.depth, e.created_at DESC
+"""
 _CURRENT_SQL = """
 SELECT a.version, v.path FROM aliases a LEFT JOIN adapter_versions v USING (version)
 WHERE a.alias = ?
@@ -132,7 +150,8 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
         if not items or not gate_items:  # these knobs will never train on them: move on
             return {**summary, "status": "skipped", "reason": "no training example could be "
                     "built (no response passed the filter)"}, newest
-        anchors = _anchors(model, tokenizer, query, lcfg, episodes) if knobs.anchor_weight else []
+        anchors = (_anchors(model, tokenizer, query, lcfg, episodes, parent)
+                   if knobs.anchor_weight else [])
         phases.done("anchors")
         before = judge.divergence(gate_items)
         work.save_plan(key, items, gate_items, anchors, before)
@@ -262,14 +281,16 @@ def _signal_ids(tokenizer: Any, text: str) -> list[int]:
 
 
 def _anchors(model: Any, tokenizer: Any, query: Any, lcfg: LearnerConfig,
-             episodes: list[Episode]) -> list[AnchorItem]:
-    """Past prompts nobody asked to change (shipped general prompts where the store has too
-    few), answered by the version the round improves (called before training), so the anchor
-    keeps what earlier rounds taught too. Turns that answer a follow-up are left out: the
-    conversation may hold the very correction being learned. Near-miss prompts come first (the
-    anchor takes one prompt per step, in order)."""
+             episodes: list[Episode], parent: str) -> list[AnchorItem]:
+    """Prompts whose answers the round must not change, answered by the version it improves
+    (called before training), in the order the trainer takes them: the questions earlier
+    rounds of that version taught (replay: without them every later round would wear down
+    what the earlier ones learned), near-miss prompts of the form being taught, then past
+    prompts nobody asked to change (shipped general prompts where the store has too few).
+    Turns that answer a follow-up are left out of the past prompts: the conversation may hold
+    the very correction being learned; so are replayed questions asked again in this round."""
     rows = query(_PAST_PROMPTS_SQL, [lcfg.anchor_prompts]).rows
-    conversations = [json.loads(r[0]) if isinstance(r[0], str) else r[0] for r in rows]
+    conversations = [_as_json(r[0]) for r in rows]
     if len(conversations) < lcfg.anchor_prompts:
         shipped = _shipped("anchor_prompts.json")
         conversations += [[{"role": "user", "content": p}]
@@ -279,8 +300,34 @@ def _anchors(model: Any, tokenizer: Any, query: Any, lcfg: LearnerConfig,
         conversations = [[{"role": "user", "content": p}]
                          for p in near_misses(questions, _shipped("near_miss_prompts.json"),
                                               lcfg.near_miss_anchors)] + conversations
+    conversations = taught_prompts(query, parent, episodes, lcfg.replay_prompts) + conversations
     answers = generate_greedy(model, tokenizer, conversations, lcfg.max_new_tokens)
     return [AnchorItem(c, a) for c, a in zip(conversations, answers, strict=True) if a]
+
+
+def taught_prompts(query: Query, version: str, episodes: list[Episode],
+                   limit: int) -> list[list[dict[str, Any]]]:
+    """Up to `limit` distinct prompts that `version` and its ancestors were trained on, newest
+    round first, leaving out those this round learns from again."""
+    if limit <= 0 or version == BASE_VERSION:
+        return []
+    now = {json.dumps(ep.messages, sort_keys=True) for ep in episodes}
+    ids = {ep.completion_id for ep in episodes}
+    out: list[list[dict[str, Any]]] = []
+    for completion_id, messages in query(_TAUGHT_SQL, [version]).rows:
+        messages = _as_json(messages)
+        key = json.dumps(messages, sort_keys=True)
+        if completion_id in ids or key in now:
+            continue
+        now.add(key)
+        out.append(messages)
+        if len(out) == limit:
+            break
+    return out
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
 
 
 def gate_base_file(model_dir: str) -> str:

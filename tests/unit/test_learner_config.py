@@ -45,6 +45,9 @@ def test_explicit_knobs_win_over_the_preset():
     (LearnerConfig(anchor_weight=-1.5), "anchor_weight"),
     (LearnerConfig(preset="sft", ce_weight=0.0), "nothing to train on"),
     (LearnerConfig(anchors_per_step=0), "learner.anchors_per_step"),
+    (LearnerConfig(replay_prompts=-1), "learner.replay_prompts"),
+    (LearnerConfig(near_miss_anchors=-4), "learner.near_miss_anchors"),
+    (LearnerConfig(threads=-1), "learner.threads"),
 ])
 def test_bad_knobs_name_the_key(cfg, words):
     with pytest.raises(ValueError, match=words):
