@@ -99,6 +99,9 @@ class LearnerConfig:
     # Anchor prompts in each training step (cycling through them all): with one, a short round
     # touches only its first few anchors.
     anchors_per_step: int = 1
+    # The first this many tokens of each anchor answer are held (0: the whole answer): a
+    # retention answer is decided in its first tokens, and a shorter anchor costs less.
+    anchor_tokens: int = 0
     # Teacher regeneration (responses = teacher | mix).
     regen_samples: int = 4
     regen_temperature: float = 0.7
@@ -205,7 +208,8 @@ def resolve(cfg: LearnerConfig) -> Knobs:
     for name in ("is_cap", "token_clip", "distill_weight", "ce_weight", "anchor_weight"):
         if knobs[name] < 0:
             raise ValueError(f"learner.{name}: must be >= 0, got {knobs[name]}")
-    for name in ("anchor_prompts", "near_miss_anchors", "replay_prompts", "threads"):
+    for name in ("anchor_prompts", "near_miss_anchors", "replay_prompts", "threads",
+                 "anchor_tokens"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"learner.{name}: must be >= 0, got {getattr(cfg, name)}")
     if cfg.anchors_per_step < 1:

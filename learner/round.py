@@ -301,7 +301,8 @@ def _anchors(model: Any, tokenizer: Any, query: Any, lcfg: LearnerConfig,
                          for p in near_misses(questions, _shipped("near_miss_prompts.json"),
                                               lcfg.near_miss_anchors)] + conversations
     conversations = taught_prompts(query, parent, episodes, lcfg.replay_prompts) + conversations
-    answers = generate_greedy(model, tokenizer, conversations, lcfg.max_new_tokens)
+    answers = generate_greedy(model, tokenizer, conversations,
+                              lcfg.anchor_tokens or lcfg.max_new_tokens)
     return [AnchorItem(c, a) for c, a in zip(conversations, answers, strict=True) if a]
 
 
