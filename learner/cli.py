@@ -71,8 +71,7 @@ def run_once(cfg: Config, max_steps: int | None = None) -> dict[str, Any]:
     from learner.checkpoint import RoundBusy
     from learner.round import run_round
 
-    cores = round_cores(cfg.learner.threads, sorted(os.sched_getaffinity(0)),
-                        _local_cpu_engine(cfg) and not torch.cuda.is_available())
+    cores = round_cores(cfg.learner.threads, sorted(os.sched_getaffinity(0)))
     os.sched_setaffinity(0, cores)
     torch.set_num_threads(len(cores))
     log.info("round on cores %s", cores)
@@ -85,27 +84,14 @@ def run_once(cfg: Config, max_steps: int | None = None) -> dict[str, Any]:
     return {**summary, "threads": len(cores)}
 
 
-def round_cores(threads: int, usable: list[int], beside_cpu_engine: bool) -> list[int]:
-    """The cores a round computes on. Two processes whose OpenMP threads share a core both
-    stall at every parallel region's barrier (a round beside a busy engine ran ~5x slower), so
-    by default (`threads = 0`) a round takes only what a vLLM-CPU engine on this machine leaves
-    free: its worker binds every usable core but the last (VLLM_CPU_OMP_THREADS_BIND=auto
-    reserves one for its scheduler process). `threads` > 0: that many, from the last core down,
-    the cores the engine binds last."""
-    if threads > 0:
-        return usable[-threads:]
-    if beside_cpu_engine and len(usable) > 1:
-        return usable[-1:]
-    return usable
-
-
-def _local_cpu_engine(cfg: Config) -> bool:
-    """A server of this data dir runs its engine as a child on this machine."""
-    try:
-        server = server_state(cfg)
-    except ClientError:  # starting: its engine will be here
-        return True
-    return bool(server and server.get("engine_pgid"))
+def round_cores(threads: int, usable: list[int]) -> list[int]:
+    """The cores a round computes on: all usable ones (`threads = 0`), or `threads` of them
+    counted from the last — the cores a vLLM-CPU engine on the same machine binds last (its
+    worker takes every usable core but the last). Two processes whose OpenMP threads share a
+    core both stall at every barrier, so beside an engine under steady traffic a round is
+    better kept off its cores; beside an idle one that costs it the cores it leaves unused (half
+    its speed on the 2-core machine), which is why that is not the default."""
+    return usable[-threads:] if threads > 0 else usable
 
 
 def _learn_arguments(parser: argparse.ArgumentParser, common: Callable[..., None]) -> None:

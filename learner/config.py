@@ -120,8 +120,8 @@ class LearnerConfig:
     grad_clip: float = 1.0
     chunk_size: int = 128
     checkpoint_every: int = 50  # training steps between resumable checkpoints (0: none)
-    # CPU threads of a round. 0: the cores a vLLM-CPU engine on this machine leaves free (it
-    # binds its worker to every usable core but the last), all of them when there is none.
+    # CPU threads of a round, on the last cores (a vLLM-CPU engine's worker binds every usable
+    # core but the last). 0: all usable cores.
     threads: int = 0
     seed: int = 0
     # Gate.
