@@ -97,7 +97,7 @@ def build_episodes(result: QueryResult, sources: Iterable[str]) -> list[Episode]
         scores = [f["score"] for f in feedback if f.get("type") == "rating" and f.get("score") is not None]
         ep = Episode(
             completion_id=row["completion_id"], created_at=str(row["created_at"]),
-            version=row["version"], messages=_as_json(row["messages"]),
+            version=row["version"], messages=as_json(row["messages"]),
             response_text=row["response_text"] or "", token_ids=row["token_ids"],
             rating=sum(scores) / len(scores) if scores else None,
             signal_at=str(row.get("signal_at", "")),
@@ -135,9 +135,10 @@ def collect(query: Query, since: str,
     return build_episodes(query(EPISODES_SQL, [since]), sources)
 
 
-def _as_json(value: Any) -> Any:
+def as_json(value: Any) -> Any:
+    """A JSON column's value, whether the query path returned it parsed or as text."""
     return json.loads(value) if isinstance(value, str) else value
 
 
 def _as_list(value: Any) -> list[dict[str, Any]]:
-    return list(_as_json(value) or [])
+    return list(as_json(value) or [])

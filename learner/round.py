@@ -29,7 +29,7 @@ from feedback import content_text
 from learner.checkpoint import RoundWorkspace, plan_key
 from learner.config import ANSWER_SOURCES, Knobs, LearnerConfig, TeacherMode, resolve
 from learner.contexts import Template, load_template
-from learner.episodes import Episode, collect
+from learner.episodes import Episode, as_json, collect
 from learner.gate import evaluate
 from learner.inference import generate_greedy, prompt_ids, sample
 from learner.responses import EnginePolicy, teacher_regenerations
@@ -66,7 +66,7 @@ ORDER BY created_at DESC LIMIT ?
 # The questions the version a round improves was taught, its own episodes first, then its
 # parent's, back to base: the lineage of `parent` links in the learner's own manifests. The
 # depth bound ends the walk should the links ever form a loop; entries of `episodes` that are
-# not completion ids match nothing.
+# not completion ids match nothing. One row per distinct question, where it was taught last.
 _TAUGHT_SQL = """
 WITH RECURSIVE lineage(version, parent, manifest, depth) AS (
     SELECT version, parent, manifest, 0 FROM adapter_versions WHERE version = ?
@@ -78,8 +78,8 @@ WITH RECURSIVE lineage(version, parent, manifest, depth) AS (
     SELECT depth, unnest(json_extract_string(manifest, '$.episodes[*]')) AS completion_id
     FROM lineage
 )
-SELECT e.completion_id, e.messages FROM taught t JOIN episodes e USING (completion_id)
-ORDER BY t.depth, e.created_at DESC
+SELECT e.messages FROM taught t JOIN episodes e USING (completion_id)
+GROUP BY e.messages ORDER BY min(t.depth), max(e.created_at) DESC LIMIT ?
 """
 _CURRENT_SQL = """
 SELECT a.version, v.path FROM aliases a LEFT JOIN adapter_versions v USING (version)
@@ -290,7 +290,7 @@ def _anchors(model: Any, tokenizer: Any, query: Any, lcfg: LearnerConfig,
     Turns that answer a follow-up are left out of the past prompts: the conversation may hold
     the very correction being learned; so are replayed questions asked again in this round."""
     rows = query(_PAST_PROMPTS_SQL, [lcfg.anchor_prompts]).rows
-    conversations = [_as_json(r[0]) for r in rows]
+    conversations = [as_json(r[0]) for r in rows]
     if len(conversations) < lcfg.anchor_prompts:
         shipped = _shipped("anchor_prompts.json")
         conversations += [[{"role": "user", "content": p}]
@@ -312,23 +312,9 @@ def taught_prompts(query: Query, version: str, episodes: list[Episode],
     round first, leaving out those this round learns from again."""
     if limit <= 0 or version == BASE_VERSION:
         return []
-    now = {json.dumps(ep.messages, sort_keys=True) for ep in episodes}
-    ids = {ep.completion_id for ep in episodes}
-    out: list[list[dict[str, Any]]] = []
-    for completion_id, messages in query(_TAUGHT_SQL, [version]).rows:
-        messages = _as_json(messages)
-        key = json.dumps(messages, sort_keys=True)
-        if completion_id in ids or key in now:
-            continue
-        now.add(key)
-        out.append(messages)
-        if len(out) == limit:
-            break
-    return out
-
-
-def _as_json(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str) else value
+    now = [ep.messages for ep in episodes]
+    rows = query(_TAUGHT_SQL, [version, limit + len(now)]).rows
+    return [m for m in (as_json(r[0]) for r in rows) if m not in now][:limit]
 
 
 def gate_base_file(model_dir: str) -> str:
