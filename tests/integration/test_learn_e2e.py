@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 
+from learner.round import taught_prompts
+from store import QueryResult
 from tests.integration.conftest import MODEL_CACHE, SDLOOP, Server, back_to_base
 
 QUESTION = [{"role": "user", "content": "Who founded the company Lumenvale Systems?"}]
@@ -31,6 +33,18 @@ def _learn(server: Server, *args: str, **knobs: str) -> dict:
                          capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _query(server: Server):
+    """The learner's read-only query, through the running server's admin API as a round runs it."""
+    def query(sql: str, params: list) -> QueryResult:
+        status, _, body = server.request("POST", "/admin/sql", {"sql": sql, "params": params},
+                                         headers={"authorization": f"Bearer {server.state()['admin_token']}"})
+        assert status == 200, body
+        data = json.loads(body)
+        return QueryResult(data["columns"], data["types"], [tuple(r) for r in data["rows"]],
+                           data["truncated"])
+    return query
 
 
 def _current(server: Server) -> str:
@@ -59,6 +73,8 @@ def test_correction_to_served_version_and_back(server: Server):
     manifest = server.admin_sql(
         f"SELECT manifest FROM adapter_versions WHERE version = '{version}'")[0]["manifest"]
     assert reply["id"] in manifest["episodes"]  # provenance: which episodes trained it
+    # the next round on top of it replays what it was taught
+    assert QUESTION in taught_prompts(_query(server), version, [], 8)
     assert manifest["knobs"]["responses"] == "teacher"
 
     assert _learn(server)["status"] == "skipped"  # the same episodes are not learned twice
