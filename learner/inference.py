@@ -7,9 +7,11 @@ are here once. The serving engine is never asked from here (see `learner.respons
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 
 def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
@@ -87,21 +89,41 @@ def answer_log_probs(model: Any, tokenizer: Any, prompts: list[list[int]], answe
     """Per answer: the log-probability of each of its tokens after its prompt, and the model's
     greedy choice at each of those positions — teacher-forced, one forward pass per batch.
 
-    Sequences are padded on the right: causal attention never lets a real token see the padding
-    after it, and positions stay those of an unpadded pass."""
+    Chat-templated prompts share their opening (the system turn, the user header): it is run
+    once and its keys and values reused by every batch, and the vocabulary projection runs on
+    the answer positions only — on the gate's few hundred short questions that is most of the
+    work. Sequences are padded on the right: causal attention never lets a real token see the
+    padding after it, and positions stay those of an unpadded pass."""
+    if not prompts:
+        return []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    out: list[tuple[list[float], list[int]]] = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [p + a for p, a in zip(prompts[start:start + batch_size],
-                                      answers[start:start + batch_size], strict=True)]
+    decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
+    # Every prompt keeps at least its last token, whose position predicts the first answer token.
+    shared = os.path.commonprefix(prompts)[: min(len(p) for p in prompts) - 1]
+    prefix_kv = []
+    if shared:
+        cache = decoder(input_ids=torch.tensor([shared], device=device), use_cache=True).past_key_values
+        prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
+    # Batches of alike lengths pad least; results come back in the callers' order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(answers[i]))
+    out: list[tuple[list[float], list[int]]] = [([], [])] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        picked = order[start:start + batch_size]
+        batch = [(prompts[i], answers[i]) for i in picked]
+        rows = [p[len(shared):] + a for p, a in batch]
         width = max(len(r) for r in rows)
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
-        logits = model(input_ids=ids).logits.float()
-        batch = zip(prompts[start:start + batch_size], answers[start:start + batch_size], strict=True)
-        for row, (prompt, answer) in enumerate(batch):
-            first = len(prompt) - 1
-            logp = torch.log_softmax(logits[row, first:first + len(answer)], -1)
+        mask = torch.tensor([[1] * (len(shared) + len(r)) + [0] * (width - len(r)) for r in rows],
+                            device=device)
+        past = (DynamicCache(ddp_cache_data=[(k.expand(len(rows), -1, -1, -1),
+                                              v.expand(len(rows), -1, -1, -1))
+                                             for k, v in prefix_kv]) if prefix_kv else None)
+        hidden = decoder(input_ids=ids, attention_mask=mask, past_key_values=past,
+                         use_cache=past is not None).last_hidden_state
+        for row, (i, (prompt, answer)) in enumerate(zip(picked, batch, strict=True)):
+            first = len(prompt) - 1 - len(shared)
+            logp = torch.log_softmax(lm_head(hidden[row, first:first + len(answer)]).float(), -1)
             target = torch.tensor(answer, device=device)[:, None]
-            out.append((logp.gather(-1, target)[:, 0].tolist(), logp.argmax(-1).tolist()))
+            out[i] = (logp.gather(-1, target)[:, 0].tolist(), logp.argmax(-1).tolist())
     return out

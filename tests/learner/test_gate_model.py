@@ -8,11 +8,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from learner.config import LearnerConfig, resolve
 from learner.contexts import load_template
 from learner.gate import base_reference, retention, retention_set, says_key
-from learner.inference import generate_greedy
+from learner.inference import answer_log_probs, generate_greedy, prompt_ids, response_log_probs
 from learner.trainer import SelfDistillationTrainer, TrainItem, load_student
 
 MODEL_CACHE = Path(os.environ.get(
@@ -60,3 +61,20 @@ def test_the_shortcut_finds_what_full_generation_finds(model_dir, subset, tmp_pa
                                               subset["questions"][i]["a"])]
     assert kept.forgotten == lost and lost  # the taught capital bled into real ones
     assert kept.nll_increase > 0
+
+
+def test_batched_scoring_matches_one_sequence_at_a_time(model_dir, subset):
+    """The shared prompt opening run once, batches sorted by length, logits only at the answer:
+    the same numbers as a plain forward pass per sequence, in the callers' order."""
+    model, tokenizer = load_student(model_dir, LearnerConfig())
+    convs = [[{"role": "user", "content": q["q"]}] for q in subset["questions"][:5]]
+    convs.append([{"role": "system", "content": "Be brief."}, *QUESTION])  # shares less
+    prompts = [prompt_ids(tokenizer, c) for c in convs]
+    answers = generate_greedy(model, tokenizer, convs, 12)
+    answers[0] = answers[0][:3]  # lengths differ: sorting moves it
+    scored = answer_log_probs(model, tokenizer, prompts, answers, batch_size=4)
+    for prompt, answer, (logp, greedy) in zip(prompts, answers, scored, strict=True):
+        full = response_log_probs(model, prompt, answer)
+        assert logp == pytest.approx(full.gather(-1, torch.tensor(answer)[:, None])[:, 0].tolist(),
+                                     abs=1e-4)
+        assert greedy == full.argmax(-1).tolist()
