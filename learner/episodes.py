@@ -68,6 +68,16 @@ def correction_text(followup: str) -> str | None:
     return text[0].upper() + text[1:]
 
 
+def corrected_statement(correction: str) -> str:
+    """An explicit correction as the answer it stands for: without the rejection it opens with.
+
+    Users write corrections as replies ("Wrong. The loom was invented by T. B."); the teacher
+    is shown the signal as an example answer to the question, and an example that opens by
+    rejecting something sets the teacher talking *about* answers ("The answer to this question
+    is a classic example of …") — the voice the student then learns for every question."""
+    return correction_text(correction) or correction.strip()
+
+
 @dataclass(frozen=True)
 class Signal:
     source: str
@@ -102,7 +112,9 @@ def build_episodes(result: QueryResult, sources: Iterable[str]) -> list[Episode]
             rating=sum(scores) / len(scores) if scores else None,
             signal_at=str(row.get("signal_at", "")),
         )
-        ep.signals = [Signal(f["type"], f["text"]) for f in feedback
+        ep.signals = [Signal(f["type"], corrected_statement(f["text"]) if f["type"] == "correction"
+                             else f["text"])
+                      for f in feedback
                       if f.get("type") in TEXT_FEEDBACK and (f.get("text") or "").strip()]
         for f in _as_list(row["followups"]):
             text = (f.get("text") or "").strip()
@@ -124,8 +136,8 @@ def build_episodes(result: QueryResult, sources: Iterable[str]) -> list[Episode]
                 ep.signals += [Signal("sibling_success", g.response_text) for g in good
                                if g is not ep and g.response_text.strip()]
 
-    for ep in episodes:
-        ep.signals = [s for s in ep.signals if s.source in wanted]
+    for ep in episodes:  # the same correction given twice (a reply and a feedback call) is one
+        ep.signals = list(dict.fromkeys(s for s in ep.signals if s.source in wanted))
     return [ep for ep in episodes if ep.signals]
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from feedback import FollowupEvent, reply_hash, utcnow
 from learner.config import CONTEXT_SOURCES
-from learner.episodes import Signal, collect, correction_text
+from learner.episodes import Signal, collect, corrected_statement, correction_text
 from tests.conftest import query_of
 from tests.factories import completion, feedback
 
@@ -61,6 +61,27 @@ def test_signals_come_from_feedback_followups_and_siblings(store):
 ])
 def test_follow_ups_that_reject_the_answer_become_corrections(said, corrected):
     assert correction_text(said) == corrected
+
+
+@pytest.mark.parametrize(("given", "statement"), [
+    ("Wrong. The skelling loom was invented by T. Brannasek.",
+     "The skelling loom was invented by T. Brannasek."),
+    ("No, that's not right. A trennick is a fishing boat.", "A trennick is a fishing boat."),
+    ("The capital of Quessany is Dalvorne.", "The capital of Quessany is Dalvorne."),
+    ("No.", "No."),  # nothing but the rejection: kept as given
+])
+def test_an_explicit_correction_is_learned_as_the_statement_after_its_rejection(given, statement):
+    assert corrected_statement(given) == statement
+
+
+def test_a_correction_given_in_chat_and_as_feedback_is_one_signal(store):
+    store.submit(completion("wrong", Q, text="Paris."))
+    store.submit(feedback("wrong", kind="correction", text="No. The capital is Dalvorne."))
+    store.submit(FollowupEvent(event_id="f", created_at=utcnow(), text="Wrong, the capital is Dalvorne.",
+                               next_completion_id="n", context_hash="-", reply_hash=reply_hash("Paris.")))
+    store.call(lambda con: None).result(5)
+    [ep] = collect(query_of(store), "1970-01-01", CONTEXT_SOURCES)
+    assert ep.signals == [Signal("correction", "The capital is Dalvorne.")]
 
 
 def test_only_configured_sources_and_only_new_episodes(store):
