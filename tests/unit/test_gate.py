@@ -73,3 +73,14 @@ def test_near_miss_prompts_share_the_question_form_and_never_the_gate_set():
     assert len(both) == len(set(both)) == 4  # the same near misses serve both, once
     gate = {_norm(q["q"]) for q in retention_set()["questions"]}
     assert not gate & {_norm(p) for p in pool}  # anchoring on the gate's questions would blind it
+
+
+def test_shipped_anchor_prompts_never_hold_the_gate_questions():
+    from learner.round import _shipped
+
+    gate = {_norm(q["q"]) for q in retention_set()["questions"]}
+    bench = {_norm(q["q"]) for q in json.loads(
+        (ROOT / "ops" / "bench" / "data" / "retention.json").read_text())["questions"]}
+    anchors = {_norm(p) for p in _shipped("anchor_prompts.json")}
+    assert not anchors & gate  # the anchor would hold exactly what the gate measures
+    assert not anchors & bench
