@@ -105,13 +105,12 @@ def run_round(lcfg: LearnerConfig, io: RoundIO, workspace: Path, adapters: Path,
         summary, learned_up_to = _round(lcfg, io, work, adapters, mark["last_signal_at"],
                                         max_steps, progress, model_cache or workspace)
         summary["attempt"] = attempt
-        if learned_up_to is None:
-            return summary
         retry = summary["status"] == "rejected" and attempt < lcfg.retries
-        work.save_progress({
-            "last_signal_at": mark["last_signal_at"] if retry else learned_up_to,
-            "rounds": mark["rounds"] + (summary["status"] != "skipped"),
-            "attempt": attempt + 1 if retry else 0})
+        if learned_up_to is not None:
+            work.save_progress({
+                "last_signal_at": mark["last_signal_at"] if retry else learned_up_to,
+                "rounds": mark["rounds"] + (summary["status"] != "skipped"),
+                "attempt": attempt + 1 if retry else 0})
     return {**summary, "retry_next_round": retry, "seconds": round(time.monotonic() - started, 1)}
 
 

@@ -77,7 +77,8 @@ def test_correction_to_served_version_and_back(server: Server):
     assert QUESTION in taught_prompts(_query(server), version, [], 8)
     assert manifest["knobs"]["responses"] == "teacher"
 
-    assert _learn(server)["status"] == "skipped"  # the same episodes are not learned twice
+    again = _learn(server)  # the same episodes are not learned twice
+    assert (again["status"], again["retry_next_round"]) == ("skipped", False) and "seconds" in again
 
     out = subprocess.run([*SDLOOP, "adapters", "rollback", "--data-dir", str(server.data_dir)],
                          capture_output=True, text=True, timeout=120)
