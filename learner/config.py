@@ -47,7 +47,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # base level.
     "sdloop": dict(context=list(CONTEXT_SOURCES), responses="teacher", divergence="forward_kl",
                    support="full_vocab", teacher="frozen", is_cap=0.0, token_clip=0.0,
-                   skip_first_tokens=0, distill_weight=1.0, ce_weight=0.5, anchor_weight=1.0),
+                   skip_first_tokens=0, distill_weight=1.0, ce_weight=0.5, anchor_weight=8.0),
     "sdft": dict(context=["demonstration", "correction"], responses="on_policy",
                  divergence="forward_kl", support="full_vocab", teacher="ema(0.01)",
                  is_cap=0.0, token_clip=0.0, skip_first_tokens=0, distill_weight=1.0,
@@ -91,17 +91,17 @@ class LearnerConfig:
     anchor_prompts: int = 48
     # Near-miss anchors: per signal, this many shipped prompts of the same form as its question
     # (other capitals when a capital is taught), answered by the starting version (0: none).
-    near_miss_anchors: int = 0
+    near_miss_anchors: int = 32
     # Replay: the questions earlier rounds of the version being improved learned from (its
     # lineage's episodes, newest first, up to this many), answered by that version and added to
     # the anchor, so a round keeps what earlier rounds taught (0: none).
     replay_prompts: int = 64
     # Anchor prompts in each training step (cycling through them all): with one, a short round
     # touches only its first few anchors.
-    anchors_per_step: int = 1
+    anchors_per_step: int = 16
     # The first this many tokens of each anchor answer are held (0: the whole answer): a
     # retention answer is decided in its first tokens, and a shorter anchor costs less.
-    anchor_tokens: int = 0
+    anchor_tokens: int = 16
     # Teacher regeneration (responses = teacher | mix).
     regen_samples: int = 4
     regen_temperature: float = 0.7
@@ -116,6 +116,9 @@ class LearnerConfig:
     lr: float = 5e-4
     warmup_ratio: float = 0.1
     passes: int = 6
+    # Steps a round takes at least (whole passes are added until it does): a small round is
+    # sized by this, a large one by `passes`.
+    min_steps: int = 24
     batch_size: int = 1
     grad_clip: float = 1.0
     chunk_size: int = 128
@@ -209,7 +212,7 @@ def resolve(cfg: LearnerConfig) -> Knobs:
         if knobs[name] < 0:
             raise ValueError(f"learner.{name}: must be >= 0, got {knobs[name]}")
     for name in ("anchor_prompts", "near_miss_anchors", "replay_prompts", "threads",
-                 "anchor_tokens"):
+                 "anchor_tokens", "min_steps"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"learner.{name}: must be >= 0, got {getattr(cfg, name)}")
     if cfg.anchors_per_step < 1:

@@ -89,41 +89,54 @@ def answer_log_probs(model: Any, tokenizer: Any, prompts: list[list[int]], answe
     """Per answer: the log-probability of each of its tokens after its prompt, and the model's
     greedy choice at each of those positions — teacher-forced, one forward pass per batch.
 
-    Chat-templated prompts share their opening (the system turn, the user header): it is run
-    once and its keys and values reused by every batch, and the vocabulary projection runs on
-    the answer positions only — on the gate's few hundred short questions that is most of the
-    work. Sequences are padded on the right: causal attention never lets a real token see the
-    padding after it, and positions stay those of an unpadded pass."""
+    The prompts' shared opening runs once a batch (`answer_hidden`), and the vocabulary
+    projection runs on the answer positions only — on the gate's few hundred short questions
+    that is most of the work."""
     if not prompts:
         return []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
-    # Every prompt keeps at least its last token, whose position predicts the first answer token.
-    shared = os.path.commonprefix(prompts)[: min(len(p) for p in prompts) - 1]
-    prefix_kv = []
-    if shared:
-        cache = decoder(input_ids=torch.tensor([shared], device=device), use_cache=True).past_key_values
-        prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
+    lm_head = model.get_output_embeddings()
     # Batches of alike lengths pad least; results come back in the callers' order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(answers[i]))
     out: list[tuple[list[float], list[int]]] = [([], [])] * len(prompts)
     for start in range(0, len(order), batch_size):
         picked = order[start:start + batch_size]
-        batch = [(prompts[i], answers[i]) for i in picked]
-        rows = [p[len(shared):] + a for p, a in batch]
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
-        mask = torch.tensor([[1] * (len(shared) + len(r)) + [0] * (width - len(r)) for r in rows],
-                            device=device)
-        past = (DynamicCache(ddp_cache_data=[(k.expand(len(rows), -1, -1, -1),
-                                              v.expand(len(rows), -1, -1, -1))
-                                             for k, v in prefix_kv]) if prefix_kv else None)
-        hidden = decoder(input_ids=ids, attention_mask=mask, past_key_values=past,
-                         use_cache=past is not None).last_hidden_state
-        for row, (i, (prompt, answer)) in enumerate(zip(picked, batch, strict=True)):
-            first = len(prompt) - 1 - len(shared)
-            logp = torch.log_softmax(lm_head(hidden[row, first:first + len(answer)]).float(), -1)
-            target = torch.tensor(answer, device=device)[:, None]
+        for i, hidden in zip(picked, answer_hidden(model, [prompts[i] for i in picked],
+                                                    [answers[i] for i in picked], pad),
+                             strict=True):
+            logp = torch.log_softmax(lm_head(hidden).float(), -1)
+            target = torch.tensor(answers[i], device=device)[:, None]
             out[i] = (logp.gather(-1, target)[:, 0].tolist(), logp.argmax(-1).tolist())
     return out
+
+
+def answer_hidden(model: Any, prompts: list[list[int]], answers: list[list[int]],
+                  pad: int) -> list[torch.Tensor]:
+    """The final hidden states at the positions that predict each answer token ([len(answer),
+    H] per answer), every prompt + answer in one forward pass — with gradient when the caller
+    has it on.
+
+    Chat-templated prompts share their opening (the system turn, the user header): it runs
+    once for the batch and its keys and values are reused by every row. Rows are padded on the
+    right: causal attention never lets a real token see the padding after it, and positions
+    stay those of an unpadded pass."""
+    device = next(model.parameters()).device
+    decoder = model.get_decoder()
+    # Every prompt keeps at least its last token, whose position predicts the first answer token.
+    shared = os.path.commonprefix(prompts)[: min(len(p) for p in prompts) - 1]
+    past = None
+    if shared:
+        cache = decoder(input_ids=torch.tensor([shared], device=device), use_cache=True).past_key_values
+        past = DynamicCache(ddp_cache_data=[(layer.keys.expand(len(prompts), -1, -1, -1),
+                                             layer.values.expand(len(prompts), -1, -1, -1))
+                                            for layer in cache.layers])
+    rows = [p[len(shared):] + a for p, a in zip(prompts, answers, strict=True)]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * (len(shared) + len(r)) + [0] * (width - len(r)) for r in rows],
+                        device=device)
+    hidden = decoder(input_ids=ids, attention_mask=mask, past_key_values=past,
+                     use_cache=past is not None).last_hidden_state
+    return [hidden[row, len(p) - 1 - len(shared):len(p) - 1 - len(shared) + len(a)]
+            for row, (p, a) in enumerate(zip(prompts, answers, strict=True))]

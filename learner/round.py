@@ -97,11 +97,8 @@ def run_round(lcfg: LearnerConfig, io: RoundIO, workspace: Path, adapters: Path,
     started = time.monotonic()
     with RoundWorkspace(workspace) as work:
         mark = work.progress()
-        # A rejected round's episodes come back `retries` times, each attempt with another
-        # seed (other teacher samples, order and gate answers): at this model size a
-        # candidate's retention moves by a few questions from seed to seed.
         attempt = int(mark["attempt"])
-        lcfg = replace(lcfg, seed=lcfg.seed + 1000 * attempt)
+        lcfg = retry_config(lcfg, attempt)
         summary, learned_up_to = _round(lcfg, io, work, adapters, mark["last_signal_at"],
                                         max_steps, progress, model_cache or workspace)
         summary["attempt"] = attempt
@@ -112,6 +109,19 @@ def run_round(lcfg: LearnerConfig, io: RoundIO, workspace: Path, adapters: Path,
                 "rounds": mark["rounds"] + (summary["status"] != "skipped"),
                 "attempt": attempt + 1 if retry else 0})
     return {**summary, "retry_next_round": retry, "seconds": round(time.monotonic() - started, 1)}
+
+
+def retry_config(lcfg: LearnerConfig, attempt: int) -> LearnerConfig:
+    """The knobs of attempt `attempt` (0: the first) of a round's episodes. A rejected round's
+    episodes come back `retries` times, each time with another seed (other teacher samples,
+    step order and gate answers: at this model size retention moves by a few questions from
+    seed to seed) and the rehearsal anchor held twice as hard: what rejects a round is nearly
+    always what it forgot, and the anchor's weight is the lever that moved that most
+    (README, "Levers against bleed")."""
+    if attempt <= 0:
+        return lcfg
+    weight = resolve(lcfg).anchor_weight
+    return replace(lcfg, seed=lcfg.seed + 1000 * attempt, anchor_weight=weight * 2 ** attempt)
 
 
 def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Path, since: str,

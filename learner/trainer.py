@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from learner.config import Knobs, LearnerConfig
-from learner.inference import prompt_ids
+from learner.inference import answer_hidden, prompt_ids
 from learner.losses import (
     TokenLossConfig,
     chunked_token_losses,
@@ -200,13 +200,20 @@ class SelfDistillationTrainer:
             loss = loss - self.knobs.ce_weight * student_y.mean()
         return loss
 
-    def anchor_loss(self, item: AnchorItem) -> torch.Tensor:
+    def anchor_loss(self, anchors: Sequence[AnchorItem]) -> torch.Tensor:
+        """Mean over `anchors` of each one's mean per-token KL(start ‖ student), all of them in
+        one forward pass."""
         lm_head = self.model.get_base_model().lm_head
-        base_hidden = self._start_hidden(item.messages, item.response)
-        s_hidden = self._hidden(item.messages, item.response)
-        targets = torch.tensor(item.response, device=self.device)
-        per_token, _ = chunked_token_losses(s_hidden, base_hidden, lm_head, targets, _ANCHOR_LOSS)
-        return per_token.mean()
+        base = torch.cat([self._start_hidden(a.messages, a.response) for a in anchors])
+        pad = self.tokenizer.pad_token_id
+        student = torch.cat(answer_hidden(
+            self.model, [self._prompt(a.messages)[1] for a in anchors],
+            [a.response for a in anchors],
+            self.tokenizer.eos_token_id if pad is None else pad))
+        targets = torch.tensor([t for a in anchors for t in a.response], device=self.device)
+        per_token, _ = chunked_token_losses(student, base, lm_head, targets, _ANCHOR_LOSS)
+        return torch.stack([part.mean() for part in
+                            per_token.split([len(a.response) for a in anchors])]).mean()
 
     # -- training --------------------------------------------------------------------------
 
@@ -218,10 +225,8 @@ class SelfDistillationTrainer:
         with `resume` (such a checkpoint) continue where it was taken. The step order is a
         function of the seed, so a resumed run takes the same steps as an unbroken one."""
         cfg = self.cfg
-        rng = random.Random(cfg.seed)
         torch.manual_seed(cfg.seed)
-        order = [i for _ in range(cfg.passes) for i in rng.sample(range(len(items)), len(items))]
-        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        batches = step_plan(len(items), cfg)
         if max_steps is not None:
             batches = batches[:max_steps]
         total = max(len(batches), 1)
@@ -246,8 +251,8 @@ class SelfDistillationTrainer:
             loss = sum(self.item_loss(items[i]) for i in batch) / len(batch)
             if anchors and self.knobs.anchor_weight:
                 k = min(cfg.anchors_per_step, len(anchors))
-                a_loss = sum(self.anchor_loss(anchors[(step * k + j) % len(anchors)])
-                             for j in range(k)) / k
+                a_loss = self.anchor_loss([anchors[(step * k + j) % len(anchors)]
+                                           for j in range(k)])
                 anchor_losses.append(float(a_loss.detach()))
                 loss = loss + self.knobs.anchor_weight * a_loss
             loss.backward()
@@ -293,6 +298,19 @@ class SelfDistillationTrainer:
         self.model.eval()
         values = [float(self.item_loss(it)) for it in items]
         return sum(values) / len(values) if values else float("nan")
+
+
+def step_plan(items: int, cfg: LearnerConfig) -> list[list[int]]:
+    """The item indices of each training step: whole passes over the items in an order drawn
+    from the seed (a resumed run takes the same steps as an unbroken one), at least `passes`
+    of them and as many more as a small round needs to reach `min_steps` — one correction's
+    two items would otherwise get a dozen steps, too few for the fact to be said in other
+    words than the trained question's."""
+    rng = random.Random(cfg.seed)
+    order: list[int] = []
+    while items and (len(order) < cfg.passes * items or len(order) < cfg.min_steps * cfg.batch_size):
+        order += rng.sample(range(items), items)
+    return [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
 
 
 def _linear_warmup_decay(step: int, warmup: int, total: int) -> float:

@@ -166,7 +166,8 @@ def train_version(root: Path, version: str, question: list[dict[str, Any]], corr
     from learner.trainer import SelfDistillationTrainer, TrainItem, load_student
     from learner.versions import write_version
 
-    cfg = LearnerConfig(preset="sdft", teacher="frozen", passes=20, lr=2e-3, ce_weight=1.0)
+    cfg = LearnerConfig(preset="sdft", teacher="frozen", min_steps=0, passes=20, lr=2e-3,
+                        ce_weight=1.0)
     model_dir = f"{MODEL_CACHE}/SmolLM2-135M-Instruct"
     model, tokenizer = load_student(model_dir, cfg)
     teacher = load_template("sdft_example").teacher_messages(question, "correction", correction)

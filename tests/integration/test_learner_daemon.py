@@ -39,6 +39,7 @@ def test_a_killed_round_is_resumed_by_the_next_and_the_daemon_lives_on(server: S
         "SDLOOP_ENGINE__URL": server.state()["engine_url"], "SDLOOP_LEARNER__INTERVAL_S": "2",
         "SDLOOP_LEARNER__METRICS_PORT": str(metrics_port), "SDLOOP_LEARNER__PASSES": "12",
         "SDLOOP_LEARNER__CHECKPOINT_EVERY": "4", "SDLOOP_LEARNER__REGEN_SAMPLES": "2",
+        "SDLOOP_LEARNER__ANCHORS_PER_STEP": "1",  # the kill and the resume, not the anchor
         "SDLOOP_LEARNER__ANCHOR_PROMPTS": "4", "SDLOOP_LEARNER__LR": "1e-4",
         "SDLOOP_LEARNER__ENFORCE_GATE": "false"})
     log = gw.data_dir / "logs" / "learner.log"

@@ -45,7 +45,8 @@ def test_an_unchanged_model_forgets_nothing(model_dir, subset, tmp_path):
 
 
 def test_the_shortcut_finds_what_full_generation_finds(model_dir, subset, tmp_path):
-    cfg = LearnerConfig(preset="sdft", teacher="frozen", passes=20, lr=2e-3, ce_weight=1.0)
+    cfg = LearnerConfig(preset="sdft", teacher="frozen", min_steps=0, passes=20, lr=2e-3,
+                        ce_weight=1.0)
     model, tokenizer = load_student(model_dir, cfg)
     ref = base_reference(model, tokenizer, subset)
     teacher = load_template("sdft_example").teacher_messages(QUESTION, "correction", CORRECTION)

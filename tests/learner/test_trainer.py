@@ -36,7 +36,7 @@ def _item(tokenizer, preset_template="sdft_example") -> TrainItem:
 
 @pytest.mark.parametrize("preset", ["opsd", "sdft", "sdpo", "hindsight"])
 def test_a_few_steps_lower_the_teacher_student_divergence(model_dir, preset):
-    cfg = LearnerConfig(preset=preset, lr=1e-3, passes=6, warmup_ratio=0.0,
+    cfg = LearnerConfig(preset=preset, lr=1e-3, min_steps=0, passes=6, warmup_ratio=0.0,
                         context=["correction"], teacher="frozen")
     knobs = resolve(cfg)
     model, tokenizer = load_student(model_dir, cfg)
@@ -53,7 +53,7 @@ def test_a_few_steps_lower_the_teacher_student_divergence(model_dir, preset):
 
 
 def test_ema_teacher_and_anchor_and_cross_entropy_run_together(model_dir, tmp_path):
-    cfg = LearnerConfig(preset="sdft", passes=2, ce_weight=0.5, anchor_weight=1.0)
+    cfg = LearnerConfig(preset="sdft", min_steps=0, passes=2, ce_weight=0.5, anchor_weight=1.0)
     knobs = resolve(cfg)
     model, tokenizer = load_student(model_dir, cfg)
     trainer = SelfDistillationTrainer(model, tokenizer, cfg, knobs)
@@ -74,14 +74,14 @@ def test_ema_teacher_and_anchor_and_cross_entropy_run_together(model_dir, tmp_pa
 
 
 def test_each_step_takes_the_next_anchors_in_turn(model_dir):
-    cfg = LearnerConfig(passes=3, anchors_per_step=2)
+    cfg = LearnerConfig(min_steps=0, passes=3, anchors_per_step=2)
     model, tokenizer = load_student(model_dir, cfg)
     used: list[str] = []
 
     class Recording(SelfDistillationTrainer):
-        def anchor_loss(self, item):
-            used.append(item.messages[0]["content"])
-            return super().anchor_loss(item)
+        def anchor_loss(self, anchors):
+            used.extend(a.messages[0]["content"] for a in anchors)
+            return super().anchor_loss(anchors)
 
     anchors = [AnchorItem([{"role": "user", "content": q}],
                           tokenizer(a, add_special_tokens=False)["input_ids"])
@@ -92,6 +92,28 @@ def test_each_step_takes_the_next_anchors_in_turn(model_dir):
     assert result.steps == 3 and len(result.anchor_losses) == 3
     names = ["Capital of France?", "Capital of Spain?", "Capital of Peru?"]
     assert used == [names[i % 3] for i in range(6)]  # every anchor twice, in order
+
+
+def test_anchors_scored_together_lose_what_they_lose_one_at_a_time(model_dir):
+    cfg = LearnerConfig()
+    model, tokenizer = load_student(model_dir, cfg)
+    trainer = SelfDistillationTrainer(model, tokenizer, cfg, resolve(cfg))
+    trainer.train([_item(tokenizer)], max_steps=2, progress=False)  # the student moves off base
+    anchors = [AnchorItem([{"role": "user", "content": q}],
+                          tokenizer(a, add_special_tokens=False)["input_ids"])
+               for q, a in [("Capital of France?", "Paris, on the Seine."), ("Who wrote Hamlet?",
+                            "William Shakespeare wrote Hamlet around 1600."), ("2+2?", "4")]]
+    def loss_and_grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return float(loss), [p.grad.clone() for p in trainer._trainable]  # noqa: SLF001
+
+    together, grads = loss_and_grads(trainer.anchor_loss(anchors))
+    alone, alone_grads = loss_and_grads(
+        sum(trainer.anchor_loss([a]) for a in anchors) / len(anchors))
+    assert alone > 0 and together == pytest.approx(alone, rel=1e-4)
+    off = sum(float((g - h).norm() ** 2) for g, h in zip(grads, alone_grads, strict=True))
+    assert off ** 0.5 < 1e-3 * sum(float(h.norm() ** 2) for h in alone_grads) ** 0.5
 
 
 def test_lora_targets_name_the_adapted_modules(model_dir):
@@ -116,7 +138,7 @@ def test_teacher_regenerations_carry_the_correction(model_dir):
 
 
 def test_a_run_resumed_from_a_checkpoint_ends_where_an_unbroken_one_does(model_dir):
-    cfg = LearnerConfig(preset="sdloop", passes=6, lr=1e-3, checkpoint_every=2)
+    cfg = LearnerConfig(preset="sdloop", min_steps=0, passes=6, lr=1e-3, checkpoint_every=2)
     knobs = resolve(cfg)
 
     def fresh():
@@ -153,7 +175,7 @@ def test_a_run_resumed_from_a_checkpoint_ends_where_an_unbroken_one_does(model_d
 def test_a_round_on_a_learned_version_keeps_it_as_the_frozen_teacher(model_dir, tmp_path):
     """The frozen teacher and the anchor's reference are the weights a round starts from: on top
     of a learned version they are that version, not the base model it would pull back to."""
-    cfg = LearnerConfig(preset="sdft", teacher="frozen", passes=10, lr=2e-3, ce_weight=1.0)
+    cfg = LearnerConfig(preset="sdft", teacher="frozen", min_steps=0, passes=10, lr=2e-3, ce_weight=1.0)
     model, tokenizer = load_student(model_dir, cfg)
     SelfDistillationTrainer(model, tokenizer, cfg, resolve(cfg)).train([_item(tokenizer)],
                                                                       progress=False)
