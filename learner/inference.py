@@ -123,8 +123,10 @@ def answer_hidden(model: Any, prompts: list[list[int]], answers: list[list[int]]
     stay those of an unpadded pass."""
     device = next(model.parameters()).device
     decoder = model.get_decoder()
-    # Every prompt keeps at least its last token, whose position predicts the first answer token.
-    shared = os.path.commonprefix(prompts)[: min(len(p) for p in prompts) - 1]
+    # Every prompt keeps at least its last token, whose position predicts the first answer token;
+    # a single row has nothing to share.
+    shared = (os.path.commonprefix(prompts)[: min(len(p) for p in prompts) - 1]
+              if len(prompts) > 1 else [])
     past = None
     if shared:
         cache = decoder(input_ids=torch.tensor([shared], device=device), use_cache=True).past_key_values

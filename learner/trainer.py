@@ -96,6 +96,8 @@ class SelfDistillationTrainer:
         self.cfg = cfg
         self.knobs = knobs
         self.device = next(model.parameters()).device
+        pad = tokenizer.pad_token_id
+        self._pad = tokenizer.eos_token_id if pad is None else pad
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._ema = ([p.detach().clone() for p in self._trainable]
                      if knobs.teacher.name == "ema" else None)
@@ -154,11 +156,12 @@ class SelfDistillationTrainer:
 
     def _hidden(self, messages: list[dict[str, Any]], response: list[int]) -> torch.Tensor:
         """Final hidden states at the positions that predict each response token."""
-        _, prompt = self._prompt(messages)
-        ids = torch.tensor([prompt + response], device=self.device)
-        out = self.model.get_base_model().model(input_ids=ids)
-        start = len(prompt) - 1
-        return out.last_hidden_state[0, start:start + len(response)]
+        return self._hiddens([(messages, response)])[0]
+
+    def _hiddens(self, pairs: Sequence[tuple[list[dict[str, Any]], list[int]]]) -> list[torch.Tensor]:
+        """`_hidden` of several (messages, response) pairs, in one forward pass."""
+        return answer_hidden(self.model, [self._prompt(m)[1] for m, _ in pairs],
+                             [r for _, r in pairs], self._pad)
 
     @torch.no_grad()
     def _start_hidden(self, messages: list[dict[str, Any]], response: list[int]) -> torch.Tensor:
@@ -205,11 +208,7 @@ class SelfDistillationTrainer:
         one forward pass."""
         lm_head = self.model.get_base_model().lm_head
         base = torch.cat([self._start_hidden(a.messages, a.response) for a in anchors])
-        pad = self.tokenizer.pad_token_id
-        student = torch.cat(answer_hidden(
-            self.model, [self._prompt(a.messages)[1] for a in anchors],
-            [a.response for a in anchors],
-            self.tokenizer.eos_token_id if pad is None else pad))
+        student = torch.cat(self._hiddens([(a.messages, a.response) for a in anchors]))
         targets = torch.tensor([t for a in anchors for t in a.response], device=self.device)
         per_token, _ = chunked_token_losses(student, base, lm_head, targets, _ANCHOR_LOSS)
         return torch.stack([part.mean() for part in
