@@ -49,6 +49,7 @@ def test_explicit_knobs_win_over_the_preset():
     (LearnerConfig(near_miss_anchors=-4), "learner.near_miss_anchors"),
     (LearnerConfig(threads=-1), "learner.threads"),
     (LearnerConfig(anchor_tokens=-16), "learner.anchor_tokens"),
+    (LearnerConfig(min_steps=-1), "learner.min_steps"),
 ])
 def test_bad_knobs_name_the_key(cfg, words):
     with pytest.raises(ValueError, match=words):
