@@ -70,11 +70,16 @@ def test_near_miss_prompts_share_the_question_form_and_never_the_gate_set():
     assert len(capitals) == 4 and all(p.startswith("What is the capital of ") for p in capitals)
     founders = near_misses(["Who founded the company Lumenvale Systems?"], pool, 3)
     assert founders and all(p.startswith("Who founded ") for p in founders)
+    definitions = near_misses(["What is a quillet?"], pool, 16)
+    assert len(definitions) == 16 and all(p.startswith(("What is a ", "What is an ")) for p in definitions)
+    scales = near_misses(["What does the Orrin scale measure?"], pool, 4)
+    assert len(scales) == 4 and all(p.startswith("What does the ") and "scale measure" in p for p in scales)
     assert near_misses(["Which animal has a long trunk?"], pool, 4) == []  # no form alike
     both = near_misses(["What is the capital of Veloria?", "What is the capital of Tarnholm?"], pool, 4)
     assert len(both) == len(set(both)) == 4  # the same near misses serve both, once
     gate = {_norm(q["q"]) for q in retention_set()["questions"]}
     assert not gate & {_norm(p) for p in pool}  # anchoring on the gate's questions would blind it
+    assert not _bench_questions() & {_norm(p) for p in pool}  # nor the benchmark's measure
 
 
 def test_shipped_anchor_prompts_never_hold_the_gate_questions():
