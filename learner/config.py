@@ -47,7 +47,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # base level.
     "sdloop": dict(context=list(CONTEXT_SOURCES), responses="teacher", divergence="forward_kl",
                    support="full_vocab", teacher="frozen", is_cap=0.0, token_clip=0.0,
-                   skip_first_tokens=0, distill_weight=1.0, ce_weight=0.5, anchor_weight=8.0),
+                   skip_first_tokens=0, distill_weight=1.0, ce_weight=0.5, anchor_weight=16.0),
     "sdft": dict(context=["demonstration", "correction"], responses="on_policy",
                  divergence="forward_kl", support="full_vocab", teacher="ema(0.01)",
                  is_cap=0.0, token_clip=0.0, skip_first_tokens=0, distill_weight=1.0,
@@ -119,6 +119,8 @@ class LearnerConfig:
     # Steps a round takes at least (whole passes are added until it does): a small round is
     # sized by this, a large one by `passes`.
     min_steps: int = 24
+    # Steps a round takes at most (0: no bound): past it, each step takes more items instead.
+    step_budget: int = 0
     batch_size: int = 1
     grad_clip: float = 1.0
     chunk_size: int = 128
@@ -212,7 +214,7 @@ def resolve(cfg: LearnerConfig) -> Knobs:
         if knobs[name] < 0:
             raise ValueError(f"learner.{name}: must be >= 0, got {knobs[name]}")
     for name in ("anchor_prompts", "near_miss_anchors", "replay_prompts", "threads",
-                 "anchor_tokens", "min_steps"):
+                 "anchor_tokens", "min_steps", "step_budget"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"learner.{name}: must be >= 0, got {getattr(cfg, name)}")
     if cfg.anchors_per_step < 1:

@@ -21,7 +21,7 @@ def test_presets_resolve_to_their_published_defaults():
     assert (sft.responses, sft.distill_weight, sft.ce_weight, sft.anchor_weight) == ("signal", 0, 1, 0)
     default = resolve(LearnerConfig())
     assert (default.preset, default.responses, default.teacher, default.ce_weight,
-            default.anchor_weight) == ("sdloop", "teacher", TeacherMode("frozen"), 0.5, 8.0)
+            default.anchor_weight) == ("sdloop", "teacher", TeacherMode("frozen"), 0.5, 16.0)
 
 
 def test_explicit_knobs_win_over_the_preset():
@@ -50,6 +50,7 @@ def test_explicit_knobs_win_over_the_preset():
     (LearnerConfig(threads=-1), "learner.threads"),
     (LearnerConfig(anchor_tokens=-16), "learner.anchor_tokens"),
     (LearnerConfig(min_steps=-1), "learner.min_steps"),
+    (LearnerConfig(step_budget=-8), "learner.step_budget"),
 ])
 def test_bad_knobs_name_the_key(cfg, words):
     with pytest.raises(ValueError, match=words):
