@@ -119,8 +119,6 @@ class LearnerConfig:
     # Steps a round takes at least (whole passes are added until it does): a small round is
     # sized by this, a large one by `passes`.
     min_steps: int = 24
-    # Steps a round takes at most (0: no bound): past it, each step takes more items instead.
-    step_budget: int = 0
     batch_size: int = 1
     grad_clip: float = 1.0
     chunk_size: int = 128
@@ -214,7 +212,7 @@ def resolve(cfg: LearnerConfig) -> Knobs:
         if knobs[name] < 0:
             raise ValueError(f"learner.{name}: must be >= 0, got {knobs[name]}")
     for name in ("anchor_prompts", "near_miss_anchors", "replay_prompts", "threads",
-                 "anchor_tokens", "min_steps", "step_budget"):
+                 "anchor_tokens", "min_steps"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"learner.{name}: must be >= 0, got {getattr(cfg, name)}")
     if cfg.anchors_per_step < 1:

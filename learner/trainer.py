@@ -304,17 +304,12 @@ def step_plan(items: int, cfg: LearnerConfig) -> list[list[int]]:
     from the seed (a resumed run takes the same steps as an unbroken one), at least `passes`
     of them and as many more as a small round needs to reach `min_steps` — one correction's
     two items would otherwise get a dozen steps, too few for the fact to be said in other
-    words than the trained question's. A round with more work than `step_budget` steps takes
-    more items in each step instead of more steps: a step's cost is mostly its anchors, so
-    twelve corrections cost little more than six."""
+    words than the trained question's."""
     rng = random.Random(cfg.seed)
     order: list[int] = []
     while items and (len(order) < cfg.passes * items or len(order) < cfg.min_steps * cfg.batch_size):
         order += rng.sample(range(items), items)
-    size = cfg.batch_size
-    if cfg.step_budget and len(order) > cfg.step_budget * size:
-        size = -(-len(order) // cfg.step_budget)  # ceil: the passes fit in the budget
-    return [order[i:i + size] for i in range(0, len(order), size)]
+    return [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
 
 
 def _linear_warmup_decay(step: int, warmup: int, total: int) -> float:

@@ -50,7 +50,6 @@ def test_explicit_knobs_win_over_the_preset():
     (LearnerConfig(threads=-1), "learner.threads"),
     (LearnerConfig(anchor_tokens=-16), "learner.anchor_tokens"),
     (LearnerConfig(min_steps=-1), "learner.min_steps"),
-    (LearnerConfig(step_budget=-8), "learner.step_budget"),
 ])
 def test_bad_knobs_name_the_key(cfg, words):
     with pytest.raises(ValueError, match=words):

@@ -26,12 +26,3 @@ def test_the_step_order_is_a_function_of_the_seed():
                                                            seed=1))
     assert len(step_plan(5, cfg)) == 10 and all(len(b) == 2 for b in step_plan(5, cfg))
     assert step_plan(0, cfg) == []
-
-
-def test_a_round_past_its_step_budget_takes_more_items_a_step_not_more_steps():
-    cfg = LearnerConfig(passes=6, min_steps=24, step_budget=48)
-    plan = step_plan(30, cfg)
-    assert len(plan) <= 48 and max(len(step) for step in plan) == 4  # 180 item-steps in 48 steps
-    assert sorted(i for step in plan for i in step) == sorted(list(range(30)) * 6)  # every pass kept
-    assert len(step_plan(2, cfg)) == 24  # a small round is unchanged by the budget
-    assert len(step_plan(30, LearnerConfig(passes=6, min_steps=24))) == 180  # no budget: no bound
