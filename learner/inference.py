@@ -40,11 +40,16 @@ def adapter_and_base_log_probs(model: Any, prompt: list[int],
         return tuned, response_log_probs(model, prompt, response)
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads a batch: the tokenizer's pad token, or end-of-text where it has none."""
+    return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+
+
 @torch.no_grad()
 def generate_greedy(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]],
                     max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
     """Greedy answers (token ids, ending at end-of-turn) to many conversations, batched."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     eos = tokenizer.eos_token_id
     device = next(model.parameters()).device
     answers: list[list[int]] = []
@@ -71,8 +76,7 @@ def sample(model: Any, tokenizer: Any, messages: list[dict[str, Any]], n: int,
     out = model.generate(
         ids, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
         top_p=None, top_k=None, max_new_tokens=max_new_tokens, num_return_sequences=n,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-        else tokenizer.eos_token_id,
+        pad_token_id=pad_id(tokenizer),
     )
     eos = tokenizer.eos_token_id
     responses = []
@@ -94,7 +98,7 @@ def answer_log_probs(model: Any, tokenizer: Any, prompts: list[list[int]], answe
     that is most of the work."""
     if not prompts:
         return []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     lm_head = model.get_output_embeddings()
     # Batches of alike lengths pad least; results come back in the callers' order.

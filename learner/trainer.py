@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from learner.config import Knobs, LearnerConfig
-from learner.inference import answer_hidden, prompt_ids
+from learner.inference import answer_hidden, pad_id, prompt_ids
 from learner.losses import (
     TokenLossConfig,
     chunked_token_losses,
@@ -96,8 +96,7 @@ class SelfDistillationTrainer:
         self.cfg = cfg
         self.knobs = knobs
         self.device = next(model.parameters()).device
-        pad = tokenizer.pad_token_id
-        self._pad = tokenizer.eos_token_id if pad is None else pad
+        self._pad = pad_id(tokenizer)
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._ema = ([p.detach().clone() for p in self._trainable]
                      if knobs.teacher.name == "ema" else None)
