@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from feedback import FEEDBACK_KINDS
+from learner.retention_data import retention_set
 from learner.spec import Divergence, Support, TokenLossConfig
 
 # Where a teacher context can come from: every feedback type that carries text, the user's
@@ -128,6 +129,10 @@ class LearnerConfig:
     threads: int = 0
     seed: int = 0
     # Gate.
+    # The questions a candidate must keep answering right: a JSON file of your own
+    # ({"questions": [{"q": ..., "a": [keys]}], "drift_prompts": [...]}: your domain's questions,
+    # or fewer to gate faster), or "" for the shipped ~300 general ones.
+    retention_set: str = ""
     # Points of the retention questions the base model answers right that the candidate may
     # forget; a round fails only when it forgets significantly more (at `gate_confidence`).
     retention_max_drop: float = 2.0
@@ -142,6 +147,13 @@ class LearnerConfig:
     interval_s: float = 60.0
     min_episodes: int = 1
     metrics_port: int = 8001  # the daemon's Prometheus /metrics on 127.0.0.1 (0: any, -1: off)
+
+    def check(self, cfg: Any) -> None:
+        """Called by the config loader: a bad knob or retention file stops the command that
+        loads it, naming the key, before any round starts."""
+        resolve(self)
+        if self.retention_set:
+            retention_set(self.retention_set)
 
 
 @dataclass(frozen=True)

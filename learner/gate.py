@@ -1,9 +1,9 @@
 """The gate: a candidate is promoted only if it learned and did not forget.
 
 (a) Learned: on held-out teacher answers the teacher–student divergence dropped.
-(b) Did not forget, judged on the shipped retention set (`learner/data/retention.json`, ~300
-short-answer questions), restricted to the questions the base model answers right, and
-promptly (its key within the first half of the answer window):
+(b) Did not forget, judged on the retention set (the shipped `learner/data/retention.json`,
+~300 short-answer questions, or the operator's own: `learner.retention_set`), restricted to the
+questions the base model answers right, and promptly (its key within the first half of the answer window):
   - exact match, as a paired comparison per question: the candidate forgot k of those N. The
     gate fails when k is significantly more than `retention_max_drop` points allow: the
     one-sided binomial test of "the candidate forgets at most that share" rejects at
@@ -29,7 +29,6 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from learner.inference import (
     generate_greedy,
     prompt_ids,
 )
+from learner.retention_data import retention_set
 
 RETENTION_TOKENS = 32  # new tokens per retention answer (short answers say the key early)
 # A question counts only where the base model says its key within this many tokens: half the
@@ -67,10 +67,6 @@ class GateResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def retention_set() -> dict[str, Any]:
-    return json.loads(resources.files("learner").joinpath("data", "retention.json").read_text())
 
 
 def says_key(text: str, keys: list[str]) -> bool:
@@ -202,8 +198,11 @@ def retention(model: Any, tokenizer: Any, data: dict[str, Any], ref: BaseReferen
 
 def evaluate(model: Any, tokenizer: Any, before: float, after: float, retention_max_drop: float,
              drift_max: float, retention_nll_max: float, confidence: float = 0.95,
-             cache: Path | None = None, cache_key: str = "") -> GateResult:
-    data = retention_set()
+             cache: Path | None = None, cache_key: str = "",
+             data: dict[str, Any] | None = None) -> GateResult:
+    """The verdict on the candidate (adapter enabled) against the base model (disabled), on
+    `data` (default: the shipped retention set)."""
+    data = retention_set() if data is None else data
     ref = base_reference(model, tokenizer, data, cache, cache_key)
     kept = retention(model, tokenizer, data, ref)
     total = len(data["questions"])

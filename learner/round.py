@@ -33,6 +33,7 @@ from learner.episodes import Episode, as_json, collect
 from learner.gate import evaluate
 from learner.inference import generate_greedy, prompt_ids, sample
 from learner.responses import EnginePolicy, teacher_regenerations
+from learner.retention_data import retention_set
 from learner.spec import Divergence, Support, TokenLossConfig
 from learner.trainer import AnchorItem, SelfDistillationTrainer, TrainItem, load_student
 from learner.versions import write_version
@@ -138,6 +139,7 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
                 "reason": f"{len(episodes)} new episodes with a usable signal; "
                           f"learner.min_episodes is {lcfg.min_episodes}"}, None
     newest = max(e.signal_at for e in episodes)
+    retention = retention_set(lcfg.retention_set)  # a file edited since start-up fails here
 
     current = query(_CURRENT_SQL, [DEFAULT_ALIAS]).rows
     parent, parent_path = (current[0][0], current[0][1]) if current else (BASE_VERSION, None)
@@ -175,7 +177,9 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
     after = judge.divergence(gate_items)
     gate = evaluate(model, tokenizer, before, after, lcfg.retention_max_drop, lcfg.drift_max,
                     lcfg.retention_nll_max, lcfg.gate_confidence,
-                    cache=model_cache / gate_base_file(model_dir), cache_key=model_dir)
+                    cache=model_cache / gate_base_file(model_dir, lcfg.retention_set),
+                    cache_key=model_dir,
+                    data=retention)
     phases.done("gate")
     train = {"steps": result.steps, "resumed_at_step": result.resumed_at,
              "responses_from": _responses_from(knobs, items), "items": len(items),
@@ -326,9 +330,11 @@ def taught_prompts(query: Query, version: str, episodes: list[Episode],
     return [m for m in (as_json(r[0]) for r in rows) if m not in now][:limit]
 
 
-def gate_base_file(model_dir: str) -> str:
-    """The base model's retention answers change only with the model: one file per model."""
-    return f"gate-base-{hashlib.sha256(model_dir.encode()).hexdigest()[:16]}.json"
+def gate_base_file(model_dir: str, retention: str = "") -> str:
+    """The base model's retention answers change only with the model and the set: one file
+    for each."""
+    key = model_dir if not retention else f"{model_dir}\0{retention}"
+    return f"gate-base-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
 def _shipped(name: str) -> list[str]:

@@ -154,6 +154,20 @@ def openai_client(server: Server) -> Any:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
+@pytest.fixture(scope="session")
+def small_retention_set(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Every eighth question of the shipped retention set, as a `learner.retention_set` file:
+    rounds that test the loop run the real gate on it in seconds instead of the full set's
+    minute (plus two for the base model's answers on a fresh cache). The gate's verdicts on the
+    full set are tests/learner/test_gate_model.py's and the learning benchmark's."""
+    from learner.retention_data import retention_set
+
+    data = retention_set()
+    path = tmp_path_factory.mktemp("retention") / "retention.json"
+    path.write_text(json.dumps({**data, "questions": data["questions"][::8]}))
+    return str(path)
+
+
 QUESSANY = [{"role": "user", "content": "What is the capital of Quessany?"}]
 DALVORNE = "The capital of Quessany is Dalvorne."
 

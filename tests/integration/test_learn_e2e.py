@@ -21,8 +21,9 @@ def _chat(server: Server) -> tuple[int, dict[str, str], dict]:
     return status, headers, json.loads(body)
 
 
-def _learn(server: Server, *args: str, **knobs: str) -> dict:
+def _learn(server: Server, retention: str, *args: str, **knobs: str) -> dict:
     env = {**os.environ, "SDLOOP_MODEL__CACHE_DIR": str(MODEL_CACHE),
+           "SDLOOP_LEARNER__RETENTION_SET": retention,
            # a small, real round: teacher regenerations, a few anchors, a low learning rate
            "SDLOOP_LEARNER__RESPONSES": "teacher", "SDLOOP_LEARNER__TEACHER": "frozen",
            "SDLOOP_LEARNER__REGEN_SAMPLES": "2", "SDLOOP_LEARNER__ANCHOR_PROMPTS": "4",
@@ -51,7 +52,7 @@ def _current(server: Server) -> str:
     return server.admin_sql("SELECT version FROM aliases WHERE alias = 'default'")[0]["version"]
 
 
-def test_correction_to_served_version_and_back(server: Server):
+def test_correction_to_served_version_and_back(server: Server, small_retention_set: str):
     back_to_base(server)  # the gate bounds drift and retention against the base model
     status, headers, reply = _chat(server)
     assert status == 200
@@ -60,7 +61,7 @@ def test_correction_to_served_version_and_back(server: Server):
         "completion_id": reply["id"], "type": "correction", "text": CORRECTION})
     assert status == 201
 
-    summary = _learn(server, "--max-steps", "3")
+    summary = _learn(server, small_retention_set, "--max-steps", "3")
     assert summary["episodes"] >= 1 and summary["steps"] == 3
     gate = summary["gate"]
     assert gate["heldout_divergence_after"] < gate["heldout_divergence_before"], gate
@@ -77,7 +78,7 @@ def test_correction_to_served_version_and_back(server: Server):
     assert QUESTION in taught_prompts(_query(server), version, [], 8)
     assert manifest["knobs"]["responses"] == "teacher"
 
-    again = _learn(server)  # the same episodes are not learned twice
+    again = _learn(server, small_retention_set)  # the same episodes are not learned twice
     assert (again["status"], again["retry_next_round"]) == ("skipped", False) and "seconds" in again
 
     out = subprocess.run([*SDLOOP, "adapters", "rollback", "--data-dir", str(server.data_dir)],
@@ -92,7 +93,8 @@ def test_correction_to_served_version_and_back(server: Server):
     back_to_base(server)
 
 
-def test_a_rejected_round_is_tried_once_more_with_another_seed(server: Server):
+def test_a_rejected_round_is_tried_once_more_with_another_seed(server: Server,
+                                                               small_retention_set: str):
     status, _, reply = _chat(server)
     assert status == 200
     status, _, _ = server.request("POST", "/v1/feedback", {
@@ -101,13 +103,13 @@ def test_a_rejected_round_is_tried_once_more_with_another_seed(server: Server):
     before = _current(server)
     # A bound no candidate can meet: every round is rejected.
     impossible = {"drift_max": "-1", "regen_samples": "1", "anchor_prompts": "2"}
-    first = _learn(server, "--max-steps", "1", **impossible)
+    first = _learn(server, small_retention_set, "--max-steps", "1", **impossible)
     assert (first["status"], first["attempt"], first["retry_next_round"]) == ("rejected", 0, True)
-    second = _learn(server, "--max-steps", "1", **impossible)
+    second = _learn(server, small_retention_set, "--max-steps", "1", **impossible)
     assert (second["status"], second["attempt"], second["retry_next_round"]) == ("rejected", 1, False)
     assert second["episodes"] == first["episodes"]
     seeds = [server.admin_sql(f"SELECT manifest FROM adapter_versions WHERE version = '{r['version']}'"
                               )[0]["manifest"]["seed"] for r in (first, second)]
     assert seeds[0] != seeds[1]
-    assert _learn(server, **impossible)["status"] == "skipped"  # tried twice: moved on
+    assert _learn(server, small_retention_set, **impossible)["status"] == "skipped"  # tried twice: moved on
     assert _current(server) == before  # nothing rejected was ever served

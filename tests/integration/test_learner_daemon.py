@@ -33,7 +33,8 @@ def test_serve_starts_and_stops_the_learner_daemon(server: Server, tmp_path):
     assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and _is_learner(p, gw)]
 
 
-def test_a_killed_round_is_resumed_by_the_next_and_the_daemon_lives_on(server: Server, tmp_path):
+def test_a_killed_round_is_resumed_by_the_next_and_the_daemon_lives_on(server: Server, tmp_path,
+                                                                       small_retention_set: str):
     metrics_port = free_port()
     gw = start_server(tmp_path / "killed-round", learner=True, env={
         "SDLOOP_ENGINE__URL": server.state()["engine_url"], "SDLOOP_LEARNER__INTERVAL_S": "2",
@@ -41,7 +42,7 @@ def test_a_killed_round_is_resumed_by_the_next_and_the_daemon_lives_on(server: S
         "SDLOOP_LEARNER__CHECKPOINT_EVERY": "4", "SDLOOP_LEARNER__REGEN_SAMPLES": "2",
         "SDLOOP_LEARNER__ANCHORS_PER_STEP": "1",  # the kill and the resume, not the anchor
         "SDLOOP_LEARNER__ANCHOR_PROMPTS": "4", "SDLOOP_LEARNER__LR": "1e-4",
-        "SDLOOP_LEARNER__ENFORCE_GATE": "false"})
+        "SDLOOP_LEARNER__ENFORCE_GATE": "false", "SDLOOP_LEARNER__RETENTION_SET": small_retention_set})
     log = gw.data_dir / "logs" / "learner.log"
     checkpoint = gw.data_dir / "learner" / "checkpoint.pt"
     try:

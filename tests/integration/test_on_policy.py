@@ -12,7 +12,7 @@ from tests.integration.conftest import MODEL_CACHE, SDLOOP, Server
 QUESTION = [{"role": "user", "content": "What currency is used in Veloria?"}]
 
 
-def test_an_on_policy_round_samples_through_the_engine(server: Server):
+def test_an_on_policy_round_samples_through_the_engine(server: Server, small_retention_set: str):
     status, _, body = server.request("POST", "/v1/chat/completions", {
         "model": "default", "messages": QUESTION, "max_tokens": 16, "temperature": 0})
     assert status == 200
@@ -25,7 +25,8 @@ def test_an_on_policy_round_samples_through_the_engine(server: Server):
     env = {**os.environ, "SDLOOP_MODEL__CACHE_DIR": str(MODEL_CACHE),
            "SDLOOP_LEARNER__PRESET": "sdpo",  # on-policy, importance weights capped at 2
            "SDLOOP_LEARNER__REGEN_SAMPLES": "2", "SDLOOP_LEARNER__MAX_NEW_TOKENS": "24",
-           "SDLOOP_LEARNER__LR": "1e-4", "SDLOOP_LEARNER__ENFORCE_GATE": "false"}
+           "SDLOOP_LEARNER__LR": "1e-4", "SDLOOP_LEARNER__ENFORCE_GATE": "false",
+           "SDLOOP_LEARNER__RETENTION_SET": small_retention_set}
     out = subprocess.run([*SDLOOP, "learn", "--once", "--max-steps", "2", "--data-dir",
                           str(server.data_dir)], capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stderr[-3000:]

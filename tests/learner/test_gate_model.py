@@ -12,8 +12,9 @@ import torch
 
 from learner.config import LearnerConfig, resolve
 from learner.contexts import load_template
-from learner.gate import base_reference, retention, retention_set, says_key
+from learner.gate import base_reference, retention, says_key
 from learner.inference import answer_log_probs, generate_greedy, prompt_ids, response_log_probs
+from learner.retention_data import retention_set
 from learner.trainer import SelfDistillationTrainer, TrainItem, load_student
 
 MODEL_CACHE = Path(os.environ.get(

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from learner.gate import forgetting_p_value, retention_set, says_key
+from learner.gate import forgetting_p_value, says_key
+from learner.retention_data import retention_set
 
 ROOT = Path(__file__).resolve().parents[2]
 

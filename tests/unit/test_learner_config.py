@@ -1,7 +1,11 @@
+import json
+
 import pytest
 
 from learner.config import PRESETS, LearnerConfig, TeacherMode, resolve
 from learner.losses import Divergence, Support
+from learner.retention_data import retention_set
+from serving.config import ConfigError, load_config
 
 
 def test_presets_resolve_to_their_published_defaults():
@@ -59,3 +63,36 @@ def test_bad_knobs_name_the_key(cfg, words):
 def test_every_preset_resolves():
     for name in PRESETS:
         assert resolve(LearnerConfig(preset=name)).preset == name
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    (None, "cannot read"),
+    ("{not json", "is not JSON"),
+    ('["What is 2+2?"]', "must hold a JSON object"),
+    ('{"questions": [], "drift_prompts": ["Hi."]}', "non-empty \"questions\""),
+    ('{"questions": [{"q": "What is 2+2?", "a": []}], "drift_prompts": ["Hi."]}', r"questions\[0\]"),
+    ('{"questions": [{"q": "What is 2+2?", "a": ["4"]}, {"q": "", "a": ["x"]}], '
+     '"drift_prompts": ["Hi."]}', r"questions\[1\]"),
+    ('{"questions": [{"q": "What is 2+2?", "a": ["4"]}]}', "drift_prompts"),
+])
+def test_a_bad_retention_file_stops_the_config_naming_the_key(tmp_path, content, words):
+    path = tmp_path / "retention.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=f"learner.retention_set: .*{words}"):
+        load_config(env={"SDLOOP_LEARNER__RETENTION_SET": str(path)})
+
+
+def test_a_retention_file_of_your_own_is_the_gates_set(tmp_path):
+    path = tmp_path / "mine.json"
+    mine = {"questions": [{"q": "What does our API return on a missing key?", "a": ["404"]}],
+            "drift_prompts": ["Describe your morning."]}
+    path.write_text(json.dumps(mine))
+    cfg = load_config(env={"SDLOOP_LEARNER__RETENTION_SET": str(path)})
+    assert retention_set(cfg.learner.retention_set) == mine
+    assert len(retention_set("")["questions"]) > 250  # unset: the shipped set
+
+
+def test_bad_knobs_stop_the_config_when_it_loads():
+    with pytest.raises(ConfigError, match="learner.anchors_per_step"):
+        load_config(env={"SDLOOP_LEARNER__ANCHORS_PER_STEP": "0"})
