@@ -301,13 +301,22 @@ class EngineManager:
         await self._post("/v1/unload_lora_adapter", {"lora_name": name})
 
     async def score(self, model: str, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
-        """Log-probability of each response token after the prompt, under `model`."""
-        data = await self._post("/v1/completions", {
-            "model": model, "prompt": prompt_ids + response_ids, "max_tokens": 1,
-            "prompt_logprobs": 0, "temperature": 0.0,
-        })
-        entries = data["choices"][0]["prompt_logprobs"]
-        return [entries[len(prompt_ids) + i][str(t)]["logprob"] for i, t in enumerate(response_ids)]
+        """Log-probability of each response token after the prompt and the tokens before it,
+        under `model`: one one-token generation per position, asked together (they batch, and
+        share the prompt's cached prefix), each reporting the log-probability of the token it
+        was asked about. Not `prompt_logprobs`: vLLM computes those in the step's LoRA layout,
+        and on the CPU build one such request beside requests on an adapter kills the engine
+        core — a probe during traffic would take every client's requests with it."""
+        async def at(position: int) -> float:
+            token = response_ids[position]
+            data = await self._post("/v1/completions", {
+                "model": model, "prompt": prompt_ids + response_ids[:position], "max_tokens": 1,
+                "temperature": 0.0, "logprobs": 1, "logprob_token_ids": [token],
+                "return_tokens_as_token_ids": True,
+            })
+            return float(data["choices"][0]["logprobs"]["top_logprobs"][0][f"token_id:{token}"])
+
+        return list(await asyncio.gather(*(at(i) for i in range(len(response_ids)))))
 
     async def _post(self, path: str, body: dict[str, object]) -> object:
         assert self._session is not None

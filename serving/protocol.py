@@ -1,7 +1,8 @@
 """The bodies the gateway's routes accept, as pydantic models (strict: no silent coercion).
 
-Chat: only what the gateway itself relies on is validated (alias, messages, stream, n);
-sampling parameters pass through and vLLM validates them, answering its own OpenAI-style 400.
+Chat: only what the gateway itself relies on is validated (alias, messages, stream, n), and the
+prompt-scoring parameters are refused; sampling parameters pass through and vLLM validates them,
+answering its own OpenAI-style 400.
 Feedback: `feedback.FeedbackRequest` (the feedback package validates its own events). Admin:
 the SQL and adapter-action bodies below. A body that fails gets 422 naming the field.
 """
@@ -22,6 +23,13 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
+# Log-probabilities of the prompt's own tokens. vLLM computes them in the step's LoRA batch
+# layout, and with runtime LoRA on the CPU build one such request sharing a step with requests
+# on an adapter kills the engine core (punica_cpu `bgmv_shrink`, in
+# `_get_prompt_logprobs_dict`) — every client's requests with it. `echo` turns them on in chat.
+_PROMPT_SCORING = ("prompt_logprobs", "prompt_logprob_token_ids", "echo")
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -29,6 +37,9 @@ class ChatRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     n: int = 1
+    prompt_logprobs: None = None
+    prompt_logprob_token_ids: None = None
+    echo: Literal[False] = False
 
     @field_validator("n")
     @classmethod
@@ -36,6 +47,15 @@ class ChatRequest(BaseModel):
         if n != 1:
             raise ValueError("only n=1 is supported: the feedback store keeps one answer per id")
         return n
+
+    @field_validator(*_PROMPT_SCORING, mode="wrap")
+    @classmethod
+    def _no_prompt_scoring(cls, value: Any, handler: Any) -> Any:
+        if value is None or value is False:
+            return handler(value)
+        raise ValueError("log-probabilities of the prompt are not served here (leave out "
+                         "echo, prompt_logprobs and prompt_logprob_token_ids); logprobs and "
+                         "top_logprobs give the answer's")
 
 
 class _Admin(BaseModel):

@@ -186,7 +186,8 @@ class AdapterRegistry:
         try:
             got = await self._engine.score(version, prompt, response)
             got_base = await self._engine.score(self._engine.served_model_name, prompt, response)
-        except (EngineRequestError, EngineUnavailable, KeyError) as exc:
+        except (EngineRequestError, EngineUnavailable, KeyError, IndexError, TypeError,
+                ValueError) as exc:  # the last four: an answer not in the shape asked for
             await self._unload_quietly(version)
             raise RegistryError(422, f"probe of {version} failed: {exc}") from None
         gap = probe_gap(probe, got, got_base)

