@@ -78,24 +78,8 @@ async def _forward(
     headers: dict[str, str], started: float, ticket: InFlight,
 ) -> Response:
     """Send the request to the engine and relay the answer back."""
-    assert gw.http is not None
-    try:
-        resp = await gw.http.post(
-            f"{gw.engine.base_url}/v1/chat/completions",
-            data=json.dumps(upstream),
-            headers={"content-type": "application/json", "x-request-id": request_hex},
-        )
-    except (aiohttp.ClientConnectionError, OSError) as exc:
-        gw.engine.mark_unreachable(f"{type(exc).__name__}: {exc}")
-        raise APIError(503, f"The inference engine is unavailable ({type(exc).__name__}); "
-                            "retry in a moment.", code="engine_unavailable") from None
-    except aiohttp.ClientError as exc:
-        raise APIError(502, f"The inference engine answered badly ({type(exc).__name__}).",
-                       code="engine_error") from None
-
+    resp, raw = await _ask_engine(gw, upstream, request_hex, event)
     if resp.status != 200:
-        raw = await resp.read()
-        resp.release()
         return _relay_error(resp.status, raw, headers)
 
     # The engine accepted the request: its last user message is now part of the record.
@@ -109,15 +93,6 @@ async def _forward(
         ))
 
     if not event.stream:
-        try:
-            raw = await resp.read()
-        except (aiohttp.ClientError, OSError) as exc:
-            event.status, event.error = "engine_error", f"response broke: {type(exc).__name__}"
-            gw.capture_nowait(event)
-            raise APIError(503, f"The inference engine dropped the request ({type(exc).__name__}).",
-                           code="engine_unavailable") from None
-        finally:
-            resp.release()
         finish_from_json(event, json.loads(raw), started)
         gw.capture_nowait(event)
         count_tokens(event)
@@ -128,6 +103,48 @@ async def _forward(
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache"},
     )
+
+
+async def _ask_engine(gw: Gateway, upstream: dict[str, Any], request_hex: str,
+                      event: CompletionEvent) -> tuple[aiohttp.ClientResponse, bytes]:
+    """The engine's response, and its whole body unless it is a stream that starts well.
+
+    When the engine drops the request before anything reached the client — it died (a crash,
+    a kill, a restart under way) — the request waits for the restarted engine and is sent once
+    more (`server.retry_after_restart_s`); a stream already relayed cannot be, and ends with an
+    error event instead (`_relay_stream`)."""
+    assert gw.http is not None
+    for retried in (False, True):
+        accepted = False
+        try:
+            resp = await gw.http.post(
+                f"{gw.engine.base_url}/v1/chat/completions",
+                data=json.dumps(upstream),
+                headers={"content-type": "application/json", "x-request-id": request_hex},
+            )
+            if event.stream and resp.status == 200:
+                return resp, b""
+            accepted = True
+            try:
+                return resp, await resp.read()
+            finally:
+                resp.release()
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
+            gw.engine.mark_unreachable(f"{type(exc).__name__}: {exc}")
+            wait = gw.cfg.server.retry_after_restart_s
+            if not retried and wait > 0 and await gw.engine.wait_ready(wait):
+                metrics.RETRIED_AFTER_RESTART.inc()
+                continue
+            what = "dropped the request" if accepted else "is unavailable"
+            if accepted:  # the engine had it: the record says how it ended
+                event.status, event.error = "engine_error", f"response broke: {type(exc).__name__}"
+                gw.capture_nowait(event)
+            raise APIError(503, f"The inference engine {what} ({type(exc).__name__}); retry in a "
+                                "moment.", code="engine_unavailable") from None
+        except aiohttp.ClientError as exc:
+            raise APIError(502, f"The inference engine answered badly ({type(exc).__name__}).",
+                           code="engine_error") from None
+    raise AssertionError("unreachable")
 
 
 def _relay_error(status: int, raw: bytes, headers: dict[str, str]) -> Response:

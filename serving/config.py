@@ -56,6 +56,10 @@ class ServerConfig:
     # This gateway's name in the replica_versions table (which version each replica serves).
     # Empty: <hostname>:<port>.
     replica_id: str = ""
+    # A request the engine dropped before anything reached the client (the engine died or is
+    # restarting) waits up to this long for the restarted engine and is sent once more; 0:
+    # answer 503 at once.
+    retry_after_restart_s: float = 120.0
 
 
 @dataclass

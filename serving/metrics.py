@@ -26,6 +26,9 @@ CAPTURE_DROPPED = Counter(
 )
 ENGINE_UP = Gauge("sdloop_engine_up", "1 while the inference engine answers its health check.")
 ENGINE_RESTARTS = Counter("sdloop_engine_restarts", "Times the engine process was restarted.")
+RETRIED_AFTER_RESTART = Counter(
+    "sdloop_requests_retried_after_restart",
+    "Chat requests the engine dropped, sent once more to the restarted engine.")
 ALIAS_VERSION = Gauge(
     "sdloop_alias_version", "1 for the version each alias points to now.", ["alias", "version"]
 )

@@ -1,4 +1,5 @@
-"""The engine dies: requests get a clear 503, the manager restarts it, serving resumes."""
+"""The engine dies: new requests get a clear 503, the one it was answering is sent once more to
+the restarted engine, the manager restarts it, serving resumes."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -31,9 +33,15 @@ def test_engine_killed_gives_503_then_restarts(server: Server, taught_adapter: s
     assert out.returncode == 0, out.stderr
     restarts = metric(server, "sdloop_engine_restarts_total")
     pgid = server.state()["engine_pgid"]
+    in_flight: list[tuple[int, dict]] = []  # a long answer the kill catches half-way
+    caught = threading.Thread(target=lambda: in_flight.append(_long_chat(server)), daemon=True)
+    caught.start()
+    time.sleep(2)
     os.killpg(pgid, signal.SIGKILL)
 
     deadline = time.monotonic() + 30
+    while server.request("GET", "/readyz")[0] != 503 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the gateway noticed (else a request could still be sent, and retried)
     while True:
         status, _, body = server.request("POST", "/v1/chat/completions", {
             "model": "default", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
@@ -47,6 +55,10 @@ def test_engine_killed_gives_503_then_restarts(server: Server, taught_adapter: s
     assert server.request("GET", "/healthz")[0] == 200  # the gateway itself is alive
 
     wait_ready(server)
+    caught.join(300)  # sent once more to the restarted engine, not dropped
+    assert in_flight and in_flight[0][0] == 200, in_flight
+    assert in_flight[0][1]["choices"][0]["message"]["content"]
+    assert metric(server, "sdloop_requests_retried_after_restart_total") >= 1
     status, headers, _ = server.request("POST", "/v1/chat/completions", {
         "model": "default", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert status == 200
@@ -55,3 +67,10 @@ def test_engine_killed_gives_503_then_restarts(server: Server, taught_adapter: s
     assert metric(server, "sdloop_engine_restarts_total") == restarts + 1
     assert server.state()["engine_pgid"] != pgid
     back_to_base(server)
+
+
+def _long_chat(server: Server) -> tuple[int, dict]:
+    status, _, body = server.request("POST", "/v1/chat/completions", {
+        "model": "default", "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+        "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}]})
+    return status, json.loads(body)

@@ -93,6 +93,9 @@ class FakeEngine:
                                                 "type": "BadRequestError", "code": 400}}, status=400)
         if body["messages"][-1]["content"] == "crash":
             return web.Response(status=500, text="Internal Server Error")
+        if body["messages"][-1]["content"] == "die once" and self.requests.count(body) == 1:
+            request.transport.close()  # the engine died with the request in it
+            raise ConnectionResetError
         if not body.get("stream"):
             return web.json_response({
                 "id": rid, "object": "chat.completion", "model": body["model"],
@@ -146,6 +149,13 @@ class EngineState:
     def mark_unreachable(self, reason: str) -> None:
         self.unreachable.append(reason)
         self.ready = False
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """The restarted engine: ready again at once when `restarts` says it comes back."""
+        self.ready = self.restarts
+        return self.ready
+
+    restarts = False
 
 
 class Harness:
@@ -345,6 +355,24 @@ def test_an_engine_that_is_not_ready_or_unreachable_gives_503(tmp_path):
         assert h.engine.unreachable and not h.engine.ready  # routed nowhere until healthy again
         assert h.client.get("/readyz").status_code == 503
         assert h.rows("SELECT count(*) FROM completions") == [(0,)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_the_engine_dropped_is_sent_once_more_to_the_restarted_engine(
+        gw: Harness, fake_engine: FakeEngine, stream: bool):
+    gw.engine.restarts = True
+    before = len(fake_engine.requests)
+    resp = gw.chat([{"role": "user", "content": "die once"}], stream=stream)
+    assert resp.status_code == 200, resp.text
+    assert len(fake_engine.requests) == before + 2  # the dropped one, then the retry
+    assert gw.engine.unreachable  # routed nowhere until the engine was back
+    assert gw.rows("SELECT status, count(*) FROM completions GROUP BY status") == [("ok", 1)]
+
+
+def test_a_request_dropped_with_no_engine_back_gets_503(gw: Harness):
+    resp = gw.chat([{"role": "user", "content": "die once"}])  # the engine does not come back
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "engine_unavailable"
+    assert gw.rows("SELECT count(*) FROM completions") == [(0,)]  # it never answered
 
 
 def test_unknown_alias_is_404_naming_the_models_served(gw: Harness):
