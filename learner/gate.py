@@ -3,7 +3,8 @@
 (a) Learned: on held-out teacher answers the teacher–student divergence dropped.
 (b) Did not forget, judged on the retention set (the shipped `learner/data/retention.json`,
 ~300 short-answer questions, or the operator's own: `learner.retention_set`), restricted to the
-questions the base model answers right, and promptly (its key within the first half of the answer window):
+questions the base model answers right, and promptly (its key within the first half of the
+answer window):
   - exact match, as a paired comparison per question: the candidate forgot k of those N. The
     gate fails when k is significantly more than `retention_max_drop` points allow: the
     one-sided binomial test of "the candidate forgets at most that share" rejects at
@@ -40,7 +41,6 @@ from learner.inference import (
     generate_greedy,
     prompt_ids,
 )
-from learner.retention_data import retention_set
 
 RETENTION_TOKENS = 32  # new tokens per retention answer (short answers say the key early)
 # A question counts only where the base model says its key within this many tokens: half the
@@ -196,13 +196,12 @@ def retention(model: Any, tokenizer: Any, data: dict[str, Any], ref: BaseReferen
     return Retention(forgotten, len(right), sum(increases) / max(len(increases), 1))
 
 
-def evaluate(model: Any, tokenizer: Any, before: float, after: float, retention_max_drop: float,
-             drift_max: float, retention_nll_max: float, confidence: float = 0.95,
-             cache: Path | None = None, cache_key: str = "",
-             data: dict[str, Any] | None = None) -> GateResult:
-    """The verdict on the candidate (adapter enabled) against the base model (disabled), on
-    `data` (default: the shipped retention set)."""
-    data = retention_set() if data is None else data
+def evaluate(model: Any, tokenizer: Any, data: dict[str, Any], before: float, after: float,
+             retention_max_drop: float, drift_max: float, retention_nll_max: float,
+             confidence: float = 0.95, cache: Path | None = None,
+             cache_key: str = "") -> GateResult:
+    """The verdict on the candidate (adapter enabled) against the base model (disabled), on the
+    retention set `data` (`learner.retention_data.retention_set`)."""
     ref = base_reference(model, tokenizer, data, cache, cache_key)
     kept = retention(model, tokenizer, data, ref)
     total = len(data["questions"])

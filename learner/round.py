@@ -175,11 +175,10 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
                            save=work.save_checkpoint)
     phases.done("train")
     after = judge.divergence(gate_items)
-    gate = evaluate(model, tokenizer, before, after, lcfg.retention_max_drop, lcfg.drift_max,
-                    lcfg.retention_nll_max, lcfg.gate_confidence,
+    gate = evaluate(model, tokenizer, retention, before, after, lcfg.retention_max_drop,
+                    lcfg.drift_max, lcfg.retention_nll_max, lcfg.gate_confidence,
                     cache=model_cache / gate_base_file(model_dir, lcfg.retention_set),
-                    cache_key=model_dir,
-                    data=retention)
+                    cache_key=model_dir)
     phases.done("gate")
     train = {"steps": result.steps, "resumed_at_step": result.resumed_at,
              "responses_from": _responses_from(knobs, items), "items": len(items),

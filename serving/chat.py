@@ -114,7 +114,8 @@ async def _ask_engine(gw: Gateway, upstream: dict[str, Any], request_hex: str,
     more (`server.retry_after_restart_s`); a stream already relayed cannot be, and ends with an
     error event instead (`_relay_stream`)."""
     assert gw.http is not None
-    for retried in (False, True):
+    retried = False
+    while True:
         accepted = False
         try:
             resp = await gw.http.post(
@@ -134,6 +135,7 @@ async def _ask_engine(gw: Gateway, upstream: dict[str, Any], request_hex: str,
             wait = gw.cfg.server.retry_after_restart_s
             if not retried and wait > 0 and await gw.engine.wait_ready(wait):
                 metrics.RETRIED_AFTER_RESTART.inc()
+                retried = True
                 continue
             what = "dropped the request" if accepted else "is unavailable"
             if accepted:  # the engine had it: the record says how it ended
@@ -144,7 +146,6 @@ async def _ask_engine(gw: Gateway, upstream: dict[str, Any], request_hex: str,
         except aiohttp.ClientError as exc:
             raise APIError(502, f"The inference engine answered badly ({type(exc).__name__}).",
                            code="engine_error") from None
-    raise AssertionError("unreachable")
 
 
 def _relay_error(status: int, raw: bytes, headers: dict[str, str]) -> Response:

@@ -37,9 +37,9 @@ class ChatRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     n: int = 1
-    prompt_logprobs: None = None
-    prompt_logprob_token_ids: None = None
-    echo: Literal[False] = False
+    prompt_logprobs: Any = None
+    prompt_logprob_token_ids: Any = None
+    echo: Any = False
 
     @field_validator("n")
     @classmethod
@@ -48,11 +48,11 @@ class ChatRequest(BaseModel):
             raise ValueError("only n=1 is supported: the feedback store keeps one answer per id")
         return n
 
-    @field_validator(*_PROMPT_SCORING, mode="wrap")
+    @field_validator(*_PROMPT_SCORING)
     @classmethod
-    def _no_prompt_scoring(cls, value: Any, handler: Any) -> Any:
-        if value is None or value is False:
-            return handler(value)
+    def _no_prompt_scoring(cls, value: Any) -> Any:
+        if value is None or value is False:  # `is`: prompt_logprobs 0 turns them on
+            return value
         raise ValueError("log-probabilities of the prompt are not served here (leave out "
                          "echo, prompt_logprobs and prompt_logprob_token_ids); logprobs and "
                          "top_logprobs give the answer's")
