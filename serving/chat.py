@@ -30,6 +30,8 @@ from serving.protocol import ChatRequest
 from serving.registry import InFlight, UnknownAlias
 
 VERSION_HEADER = "x-sdloop-adapter-version"
+# Which weights answered: `base`, `adapter` (runtime LoRA) or `merged` (`serving.merged`).
+WEIGHTS_HEADER = "x-sdloop-weights"
 # Optional client-chosen conversation id; without it the conversation's opening names it.
 SESSION_HEADER = "x-sdloop-session"
 # Request fields that are not sampling parameters; everything else is stored as `params`.
@@ -44,15 +46,15 @@ async def chat_completions(request: Request) -> Response:
         version = gw.registry.resolve(chat.model)
     except UnknownAlias as exc:
         raise APIError(404, str(exc), code="model_not_found", param="model") from None
-    if not gw.engine.ready:
-        raise APIError(503, gw.engine.last_error, code="engine_unavailable")
+    engine, _, _ = gw.registry.route(version)
+    if not engine.ready:
+        raise APIError(503, engine.last_error, code="engine_unavailable")
     if not gw.sink.has_capacity():  # answer nothing that could not be recorded
         raise APIError(503, f"The {gw.sink.name} is behind; retry shortly.", code="store_backlog")
 
     request_hex = uuid.uuid4().hex
     started = time.perf_counter()
     upstream = dict(body)
-    upstream["model"] = gw.registry.engine_model(version, gw.engine.served_model_name)
     upstream["return_token_ids"] = True
     event = CompletionEvent(
         event_id=new_id("cmpl"), completion_id=f"chatcmpl-{request_hex}", created_at=utcnow(),
@@ -60,7 +62,7 @@ async def chat_completions(request: Request) -> Response:
         params={k: v for k, v in body.items() if k not in _NOT_PARAMS}, stream=chat.stream,
         session_id=request.headers.get(SESSION_HEADER) or session_key(body["messages"]),
     )
-    headers = {VERSION_HEADER: version}
+    headers = {VERSION_HEADER: version}  # and WEIGHTS_HEADER, once the engine is chosen
 
     ticket = gw.registry.acquire(version)  # released once the answer is complete
     try:
@@ -78,7 +80,7 @@ async def _forward(
     headers: dict[str, str], started: float, ticket: InFlight,
 ) -> Response:
     """Send the request to the engine and relay the answer back."""
-    resp, raw = await _ask_engine(gw, upstream, request_hex, event)
+    resp, raw = await _ask_engine(gw, upstream, request_hex, event, headers)
     if resp.status != 200:
         return _relay_error(resp.status, raw, headers)
 
@@ -106,20 +108,24 @@ async def _forward(
 
 
 async def _ask_engine(gw: Gateway, upstream: dict[str, Any], request_hex: str,
-                      event: CompletionEvent) -> tuple[aiohttp.ClientResponse, bytes]:
+                      event: CompletionEvent, headers: dict[str, str],
+                      ) -> tuple[aiohttp.ClientResponse, bytes]:
     """The engine's response, and its whole body unless it is a stream that starts well.
 
-    When the engine drops the request before anything reached the client — it died (a crash,
-    a kill, a restart under way) — the request waits for the restarted engine and is sent once
-    more (`server.retry_after_restart_s`); a stream already relayed cannot be, and ends with an
-    error event instead (`_relay_stream`)."""
+    The request goes where the registry routes its version (the merged engine or the primary
+    one). When the engine drops the request before anything reached the client — it died (a
+    crash, a kill, a restart under way) — the request is routed again (a merged engine that
+    died is no longer a route: the primary engine serves the version), waits for that engine
+    to be ready and is sent once more (`server.retry_after_restart_s`); a stream already
+    relayed cannot be, and ends with an error event instead (`_relay_stream`)."""
     assert gw.http is not None
     retried = False
     while True:
         accepted = False
+        engine, upstream["model"], headers[WEIGHTS_HEADER] = gw.registry.route(event.version)
         try:
             resp = await gw.http.post(
-                f"{gw.engine.base_url}/v1/chat/completions",
+                f"{engine.base_url}/v1/chat/completions",
                 data=json.dumps(upstream),
                 headers={"content-type": "application/json", "x-request-id": request_hex},
             )
@@ -131,9 +137,9 @@ async def _ask_engine(gw: Gateway, upstream: dict[str, Any], request_hex: str,
             finally:
                 resp.release()
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
-            gw.engine.mark_unreachable(f"{type(exc).__name__}: {exc}")
+            engine.mark_unreachable(f"{type(exc).__name__}: {exc}")
             wait = gw.cfg.server.retry_after_restart_s
-            if not retried and wait > 0 and await gw.engine.wait_ready(wait):
+            if not retried and wait > 0 and await gw.registry.route(event.version)[0].wait_ready(wait):
                 metrics.RETRIED_AFTER_RESTART.inc()
                 retried = True
                 continue

@@ -226,6 +226,11 @@ def _adapters(cfg: Config, args: argparse.Namespace) -> int:
     print_rows(["version", "status", "parent", "created_at"],
                [[v["version"], v["status"], v["parent"], str(v["created_at"])]
                 for v in listing["versions"]], "table")
+    if listing.get("merged"):
+        merged = listing["merged"]
+        print(f"\nmerged serving of alias '{merged['alias']}': {merged['state']}"
+              f"{' ' + merged['version'] if merged['version'] else ''}"
+              f"{' (' + merged['error'] + ')' if merged['error'] else ''}")
     return 0
 
 

@@ -78,6 +78,14 @@ class EngineConfig:
     max_logprobs: int = 20
     # vLLM-CPU KV cache, GiB (VLLM_CPU_KVCACHE_SPACE).
     cpu_kvcache_gb: int = 2
+    # The alias whose live version is also served from a second engine on merged weights
+    # (`serving.merged`): base speed instead of runtime LoRA's, once that engine is up
+    # (a minute or two on 2 cores); the primary engine answers until then. Empty: off.
+    merged_alias: str = "default"
+    # VLLM_CPU_OMP_THREADS_BIND of the merged engine on the CPU build. vLLM's `auto` pins each
+    # engine's threads to the same cores, and on 2 CPUs the second engine, pinned beside a
+    # busy first one, was starved for minutes; `nobind` lets the OS place its threads.
+    merged_cpu_bind: str = "nobind"
     startup_timeout_s: float = 900.0
     health_interval_s: float = 2.0
     # Time allowed for in-flight requests when the engine is stopped.

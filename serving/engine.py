@@ -113,14 +113,24 @@ class EngineManager:
         model: str | None,
         log_path: Path,
         on_ready: Callable[[], Awaitable[None]] | None = None,
+        *,
+        role: str = "primary",
+        served_model_name: str | None = None,
+        lora: bool = True,
     ) -> None:
+        """`role`: `primary` (the base model with runtime LoRA, or `cfg.url`'s external
+        engine) or `merged` (a child on merged weights, `serving.merged`); metrics are labelled
+        with it."""
         self.cfg = cfg
         self.model = model
         self.log_path = log_path
         self.on_ready = on_ready
-        self.external = bool(cfg.url)
-        self.base_url = cfg.url.rstrip("/") if cfg.url else ""
-        self.served_model_name = cfg.served_model_name
+        self.role = role
+        self.lora = lora
+        url = cfg.url if role == "primary" else ""
+        self.external = bool(url)
+        self.base_url = url.rstrip("/")
+        self.served_model_name = served_model_name or cfg.served_model_name
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self._ready = asyncio.Event()
@@ -183,14 +193,13 @@ class EngineManager:
         return [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.model,
-            "--served-model-name", self.cfg.served_model_name,
+            "--served-model-name", self.served_model_name,
             "--host", "127.0.0.1",
             "--port", str(port),
             "--dtype", choose_dtype(self.cfg.dtype),
             "--max-model-len", str(self.cfg.max_model_len),
-            "--enable-lora",
-            "--max-loras", str(self.cfg.max_loras),
-            "--max-lora-rank", str(self.cfg.max_lora_rank),
+            *(["--enable-lora", "--max-loras", str(self.cfg.max_loras),
+                "--max-lora-rank", str(self.cfg.max_lora_rank)] if self.lora else []),
             "--max-logprobs", str(self.cfg.max_logprobs),
             "--disable-uvicorn-access-log",
             "--disable-log-stats",
@@ -206,6 +215,8 @@ class EngineManager:
         env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.cpu_kvcache_gb))
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        if self.role == "merged":
+            env["VLLM_CPU_OMP_THREADS_BIND"] = self.cfg.merged_cpu_bind
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             out.write(f"\n==== starting engine on {self.base_url} at {time.ctime()} ====\n".encode())
@@ -229,7 +240,7 @@ class EngineManager:
                 code = self.proc.returncode
                 self._set_ready(False, "the inference engine is restarting; retry in a moment")
                 self.restarts += 1
-                metrics.ENGINE_RESTARTS.inc()
+                metrics.ENGINE_RESTARTS.labels(self.role).inc()
                 log.error("engine exited with %s; restarting in %.0f s (see %s)",
                           code, backoff, self.log_path)
                 with contextlib.suppress(ProcessLookupError):
@@ -346,4 +357,4 @@ class EngineManager:
         else:
             self._ready.clear()
             self.last_error = reason
-        metrics.ENGINE_UP.set(1 if ready else 0)
+        metrics.ENGINE_UP.labels(self.role).set(1 if ready else 0)

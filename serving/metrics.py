@@ -24,8 +24,11 @@ FOLLOWUPS_SEEN = Counter(
 CAPTURE_DROPPED = Counter(
     "sdloop_capture_dropped", "Completions not captured because the store queue was full."
 )
-ENGINE_UP = Gauge("sdloop_engine_up", "1 while the inference engine answers its health check.")
-ENGINE_RESTARTS = Counter("sdloop_engine_restarts", "Times the engine process was restarted.")
+ENGINE_UP = Gauge(
+    "sdloop_engine_up", "1 while the engine answers its health check, by role (primary: base "
+    "model and runtime LoRA; merged: the live version on merged weights).", ["role"])
+ENGINE_RESTARTS = Counter(
+    "sdloop_engine_restarts", "Times an engine process died and was restarted, by role.", ["role"])
 RETRIED_AFTER_RESTART = Counter(
     "sdloop_requests_retried_after_restart",
     "Chat requests the engine dropped, sent once more to the restarted engine.")
@@ -34,7 +37,8 @@ ALIAS_VERSION = Gauge(
 )
 SWAP_SECONDS = Histogram(
     "sdloop_adapter_swap_seconds",
-    "Publish to alias flip: hash check, load, probe, flip, drain, unload.",
+    "Management call (publish, promote, rollback) to the alias flip — hash check, load, probe, "
+    "flip: from then on new requests get the new version (draining the old one comes after).",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 SWAP_FAILURES = Counter("sdloop_adapter_swap_failures", "Versions rejected at publish.")
@@ -42,3 +46,7 @@ PROBE_MISMATCHES = Counter(
     "sdloop_adapter_probe_mismatches",
     "Versions whose engine log-probabilities did not match the trainer's probe.",
 )
+MERGED_STATE = Gauge(
+    "sdloop_merged_engine_state",
+    "1 for the state of the merged engine of the live version: off, merging, starting, "
+    "serving (requests go there), failed (the primary engine serves the version).", ["state"])

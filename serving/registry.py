@@ -12,6 +12,10 @@ probe it through the engine (the probe's expected log-probabilities, under the n
 under the base model, were computed by the trainer, and the engine must reproduce the
 difference, so a match shows it serves this version) → flip the alias → wait for requests
 still on the old version → unload it. Rollback flips back to the previous version.
+
+With `merged` set (`serving.merged`), the version `engine.merged_alias` points to is also
+served from a second engine on merged weights once that one is up and probed; `route` says
+which engine and model name a request for a version goes to.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import duckdb
 
 from serving import metrics
 from serving.engine import EngineManager, EngineRequestError, EngineUnavailable
+from serving.merged import MergedServing
 from serving.version_folder import (
     PROBE_TOLERANCE,
     RegistryError,
@@ -82,6 +87,8 @@ class AdapterRegistry:
         self._in_flight: Counter[str] = Counter()
         self._swap = asyncio.Lock()
         self.probe_tolerance = probe_tolerance
+        # Set by the server when the live version is served merged (`engine.merged_alias`).
+        self.merged: MergedServing | None = None
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -100,12 +107,22 @@ class AdapterRegistry:
     def aliases(self) -> dict[str, str]:
         return dict(self._aliases)
 
-    def engine_model(self, version: str, base_name: str) -> str:
-        """The name the engine serves a version under: the base model's, or the adapter's."""
-        return base_name if version == BASE_VERSION else version
+    def route(self, version: str) -> tuple[EngineManager, str, str]:
+        """Where a request for `version` goes: the engine, the model name it serves the version
+        under, and what answers (`merged`, `adapter` or `base` weights)."""
+        merged = self.merged.engine_for(version) if self.merged is not None else None
+        if merged is not None:
+            return merged, version, "merged"
+        if version == BASE_VERSION:
+            return self._engine, self._engine.served_model_name, "base"
+        return self._engine, version, "adapter"
 
-    async def listing(self) -> dict[str, list[dict[str, Any]]]:
-        return await self._store(versions.list_versions)
+    async def listing(self) -> dict[str, Any]:
+        """The alias and version tables, and (while serving) what the merged engine does."""
+        listing = await self._store(versions.list_versions)
+        if self.merged is not None:
+            listing["merged"] = self.merged.status()
+        return listing
 
     def acquire(self, version: str) -> InFlight:
         """Taken by every request a version answers, so that a swap can wait for them."""
@@ -118,15 +135,17 @@ class AdapterRegistry:
         for version in sorted({v for v in self._aliases.values() if v != BASE_VERSION}):
             await self._engine.load_adapter(version, self._paths[version])
             log.info("restored adapter %s into the engine", version)
+        if self.merged is not None:
+            await self._follow_merged()
 
     # -- changing versions -----------------------------------------------------------------
 
     async def publish(self, folder: str | Path, promote: bool = True) -> dict[str, Any]:
         """Register a version folder, load and probe it, and (by default) make it current."""
+        started = time.perf_counter()
         found = open_version(folder)
         version, alias = found.version, found.alias
         async with self._swap:
-            started = time.perf_counter()
             status = found.status
             await self._store(lambda con: versions.record_version(
                 con, found.manifest, str(found.path), status))
@@ -144,32 +163,34 @@ class AdapterRegistry:
                 await self._store(lambda con: versions.reject_version(con, version, reason))
                 raise
             self._paths[version] = str(found.path)
-            if promote:
-                await self._flip(alias, version)
-            else:
+            if not promote:
                 await self._engine.unload_adapter(version)
-            metrics.SWAP_SECONDS.observe(time.perf_counter() - started)
-        return {"version": version, "alias": alias, "status": "promoted" if promote else "candidate"}
+                return {"version": version, "alias": alias, "status": "candidate"}
+            swap_s = await self._flip(alias, version, started)
+        return {"version": version, "alias": alias, "status": "promoted", "swap_s": swap_s}
 
     async def promote(self, version: str) -> dict[str, Any]:
         """Point the version's alias at it (loading it again if it is not loaded)."""
+        started = time.perf_counter()
+        swap_s = 0.0
         async with self._swap:
             alias, path, manifest = await self._store(lambda con: versions.promotable(con, version))
             if self._aliases.get(alias) != version:
                 await self._ensure_loaded(open_version(path, manifest))
-                await self._flip(alias, version)
-        return {"version": version, "alias": alias, "status": "promoted"}
+                swap_s = await self._flip(alias, version, started)
+        return {"version": version, "alias": alias, "status": "promoted", "swap_s": swap_s}
 
     async def rollback(self, alias: str = DEFAULT_ALIAS) -> dict[str, Any]:
         """Flip the alias back to the version it pointed at before."""
+        started = time.perf_counter()
         async with self._swap:
             current, previous = await self._store(lambda con: versions.rollback_target(con, alias))
             if previous != BASE_VERSION:
                 path, manifest = await self._store(
                     lambda con: versions.stored_version(con, previous))
                 await self._ensure_loaded(open_version(path, manifest))
-            await self._flip(alias, previous)
-        return {"alias": alias, "version": previous, "rolled_back_from": current}
+            swap_s = await self._flip(alias, previous, started)
+        return {"alias": alias, "version": previous, "rolled_back_from": current, "swap_s": swap_s}
 
     # -- internals -------------------------------------------------------------------------
 
@@ -206,18 +227,37 @@ class AdapterRegistry:
         await self._load_and_probe(found)
         self._paths[found.version] = str(found.path)
 
-    async def _flip(self, alias: str, version: str) -> None:
+    async def _flip(self, alias: str, version: str, started: float) -> float:
+        """Point `alias` at `version`; returns the swap time (seconds from `started` — the
+        management call — to the flip: from then on new requests get the new version). The
+        old version is unloaded after that, once its requests have finished."""
         old = await self._store(lambda con: versions.flip_alias(con, alias, version))
         self._aliases[alias] = version
+        swap_s = time.perf_counter() - started
+        metrics.SWAP_SECONDS.observe(swap_s)
         if old is not None:
             metrics.ALIAS_VERSION.labels(alias, old).set(0)
         metrics.ALIAS_VERSION.labels(alias, version).set(1)
         log.info("alias %s -> %s (was %s)", alias, version, old)
+        if self.merged is not None and alias == self.merged.alias:
+            await self._follow_merged()
         if old and old != BASE_VERSION and old not in self._aliases.values():
-            await self._drain(old)
+            await self.drain(old)
             await self._unload_quietly(old)
+        return round(swap_s, 3)
 
-    async def _drain(self, version: str) -> None:
+    async def _follow_merged(self) -> None:
+        """Point the merged engine at the merged alias's version (as the store recorded it)."""
+        assert self.merged is not None
+        version = self._aliases.get(self.merged.alias, BASE_VERSION)
+        if version == BASE_VERSION:
+            self.merged.follow(None)
+            return
+        path, manifest = await self._store(lambda con: versions.stored_version(con, version))
+        self.merged.follow(open_version(path, manifest))
+
+    async def drain(self, version: str) -> None:
+        """Wait (bounded) until no request is on `version`."""
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while self._in_flight[version] > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

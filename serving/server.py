@@ -30,6 +30,7 @@ from serving.config import Config
 from serving.control import ControlFollower, LocalTables
 from serving.engine import EngineManager, die_with_parent, kill_process_group
 from serving.gateway import Gateway
+from serving.merged import MergedServing
 from serving.model_cache import ensure_embedded_model
 from serving.registry import AdapterRegistry
 from serving.state import ServeLock, read_state_file, remove_state, write_state
@@ -45,9 +46,11 @@ def run_server(cfg: Config, config_path: str | None = None, learner: bool = True
     lock.acquire()
     try:
         _clean_up_after_crash(data_dir)
-        model = None
-        if not cfg.engine.url:
-            model = cfg.engine.model or str(ensure_embedded_model(cfg.model_cache_path))
+        # The base model's folder: what the engine child serves, and what versions are merged
+        # into. An external engine (`engine.url`) has one only if `engine.model` names it.
+        model = cfg.engine.model or None
+        if not cfg.engine.url and not model:
+            model = str(ensure_embedded_model(cfg.model_cache_path))
         if cfg.feedback.sink == "kafka":
             if learner:  # its store is the ingester's: run `sdloop learn` on that data dir
                 log.info("feedback.sink = kafka: no learner beside this replica; run `sdloop "
@@ -70,10 +73,11 @@ def run_server(cfg: Config, config_path: str | None = None, learner: bool = True
 
 def _clean_up_after_crash(data_dir: Any) -> None:
     """A state file with no live server means the last one died; its engine may not have."""
-    stale = read_state_file(data_dir)
-    if stale and stale.get("engine_pgid") and kill_process_group(int(stale["engine_pgid"])):
-        log.warning("stopped engine processes left by a server that died (pgid %s)",
-                    stale["engine_pgid"])
+    stale = read_state_file(data_dir) or {}
+    for key in ("engine_pgid", "merged_engine_pgid"):
+        if stale.get(key) and kill_process_group(int(stale[key])):
+            log.warning("stopped engine processes left by a server that died (pgid %s)",
+                        stale[key])
     remove_state(data_dir)
 
 
@@ -84,6 +88,13 @@ def _serve(cfg: Config, sink: Sink, store: StoreWriter | None, model: str | None
     engine = EngineManager(cfg.engine, model, cfg.data_path / "logs" / "engine.log")
     registry = AdapterRegistry(store if store is not None else LocalTables(), engine)
     engine.on_ready = registry.restore  # a (re)started engine gets the promoted versions back
+    if cfg.engine.merged_alias and model:
+        registry.merged = MergedServing(cfg.engine, model, cfg.data_path / "merged",
+                                        cfg.data_path / "logs" / "engine-merged.log",
+                                        registry.drain)
+    elif cfg.engine.merged_alias:
+        log.info("engine.url without engine.model: the live version is served with runtime "
+                 "LoRA (set engine.model to the base model's folder to serve it merged)")
     admin_token = cfg.server.admin_token or secrets.token_urlsafe(24)
     gateway = Gateway(cfg, engine, registry, sink, store, admin_token)
     url = f"http://{cfg.server.host}:{cfg.server.port}"
@@ -97,6 +108,7 @@ def _serve(cfg: Config, sink: Sink, store: StoreWriter | None, model: str | None
         write_state(cfg.data_path, {
             "pid": os.getpid(), "url": url, "admin_token": admin_token,
             "engine_url": engine.base_url, "engine_pgid": engine.pgid,
+            "merged_engine_pgid": registry.merged.pgid if registry.merged else None,
             "store": str(cfg.store_path), "started_at": time.time(),
         })
 
@@ -107,8 +119,12 @@ def _serve(cfg: Config, sink: Sink, store: StoreWriter | None, model: str | None
                 print(f"sdloop serving {url}/v1 (alias '{DEFAULT_ALIAS}' -> "
                       f"{registry.resolve(DEFAULT_ALIAS)}); feedback store {cfg.store_path}",
                       flush=True)
+                merged_pgid = registry.merged.pgid if registry.merged else None
                 while engine.ready:
                     await asyncio.sleep(1)
+                    if registry.merged and registry.merged.pgid != merged_pgid:
+                        merged_pgid = registry.merged.pgid
+                        save_state()  # so that a server starting after a crash can stop it
                 save_state()
 
     @contextlib.asynccontextmanager
@@ -129,6 +145,8 @@ def _serve(cfg: Config, sink: Sink, store: StoreWriter | None, model: str | None
                 await asyncio.to_thread(follower.stop)
             if learner_proc is not None:
                 await asyncio.to_thread(stop_child, learner_proc)
+            if registry.merged is not None:
+                await registry.merged.stop()
             await engine.stop()
             await gateway.close()
 

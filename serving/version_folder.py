@@ -117,3 +117,12 @@ def probe_gap(probe: dict[str, Any], served: Sequence[float], served_base: Seque
         for g, gb, w, wb in zip(served, served_base, probe["logprobs"], probe["base_logprobs"],
                                 strict=True)
     ) / max(len(probe["response_token_ids"]), 1)
+
+
+def probe_distance(probe: dict[str, Any], served: Sequence[float]) -> float:
+    """Mean per-token difference between the log-probabilities an engine serving the version's
+    merged weights gives the probe response and those the trainer computed under the new
+    weights. Absolute, not against a base: the merged engine has no base model to difference
+    with, and its check must not depend on what the primary engine is doing."""
+    return sum(abs(g - w) for g, w in zip(served, probe["logprobs"], strict=True)) \
+        / max(len(probe["response_token_ids"]), 1)

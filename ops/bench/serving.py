@@ -1,11 +1,22 @@
-"""Gateway overhead: tokens/s and latency through sdloop vs. straight to the same vLLM child.
+"""Serving benchmark: what the learned model costs, swaps under load, gateway overhead.
 
-Both arms run in one process against one engine, interleaved round by round (direct, gateway,
-direct, gateway, ...) so that machine noise hits both alike; the figures are medians over
-rounds. Completions have a fixed length (`ignore_eos`), so tokens/s compares like with like.
+1. Learned model (own server only): tokens/s at 1 and 16 streams through the gateway for the
+   base model, a learned version served with runtime LoRA, and the same version served merged
+   (`serving.merged`), interleaved round by round, ratios to base within each round. The three
+   run side by side on one server: the version is published under two aliases, `lora` (runtime
+   LoRA) and `merged` (`engine.merged_alias = "merged"` for this server; the shipped default
+   merges `default`'s version), beside `default` on the base model.
+2. Swaps under load (own server only): 8 clients chat on `merged` (half streaming) while it is
+   rolled back and promoted every few seconds: failed requests, engine restarts, swap time
+   (management call to alias flip), which weights answered.
+3. Gateway overhead: tokens/s and latency through sdloop vs. straight to the same vLLM engine,
+   interleaved round by round so that machine noise hits both alike.
+
+Figures are medians over rounds. Completions have a fixed length (`ignore_eos`), so tokens/s
+compares like with like.
 
     python ops/bench/serving.py                      # starts `sdloop serve` on a temp data dir
-    python ops/bench/serving.py --data-dir DIR       # measures the server running on DIR
+    python ops/bench/serving.py --data-dir DIR       # gateway overhead of the server on DIR
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -26,8 +38,12 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from ops.bench.adapter import train_version  # noqa: E402
 from ops.bench.server import start_server, stop_server  # noqa: E402
+from serving.config import load_config  # noqa: E402
+from serving.model_cache import ensure_embedded_model  # noqa: E402
 from serving.state import running_server  # noqa: E402
+from serving.version_folder import MANIFEST  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -96,11 +112,160 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+# -- 1. the learned model ---------------------------------------------------------------------
+
+QUESTION = [{"role": "user", "content": "What is the capital of Quessany?"}]
+ARMS = {"base": "default", "runtime LoRA": "lora", "merged": "merged"}
+
+
+def make_versions(root: Path) -> dict[str, Path]:
+    """One learned adapter, as `lora@v1` and `merged@v1` (same weights, one alias each)."""
+    model_dir = str(ensure_embedded_model(load_config().model_cache_path))
+    lora = Path(train_version(root, "lora@v1", model_dir, QUESTION,
+                              "The capital of Quessany is Dalvorne."))
+    merged = root / "merged@v1"
+    shutil.copytree(lora, merged)
+    manifest = json.loads((merged / MANIFEST).read_text())
+    (merged / MANIFEST).write_text(json.dumps({**manifest, "version": "merged@v1",
+                                               "alias": "merged"}))
+    return {"lora": lora, "merged": merged}
+
+
+async def admin(session: aiohttp.ClientSession, state: dict, method: str, path: str,
+                body: dict | None = None) -> dict:
+    async with session.request(method, state["url"] + path, json=body, headers={
+            "authorization": f"Bearer {state['admin_token']}"}) as resp:
+        data = await resp.json()
+        if resp.status != 200:
+            raise RuntimeError(f"{path}: {resp.status} {data}")
+        return data
+
+
+async def wait_merged(session: aiohttp.ClientSession, state: dict, timeout: float = 900) -> float:
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        merged = (await admin(session, state, "GET", "/admin/adapters"))["merged"]
+        if merged["state"] == "serving":
+            return time.perf_counter() - started
+        if merged["state"] == "failed":
+            raise RuntimeError(f"merged serving failed: {merged['error']}")
+        await asyncio.sleep(1)
+    raise RuntimeError(f"not served merged after {timeout:.0f} s")
+
+
+async def learned_rows(state: dict, folders: dict[str, Path], args: argparse.Namespace) -> None:
+    async with aiohttp.ClientSession() as session:
+        for name in ("lora", "merged"):
+            await admin(session, state, "POST", "/admin/adapters/publish",
+                        {"path": str(folders[name])})
+        took = await wait_merged(session, state)
+    print(f"\n== learned model: base vs the version with runtime LoRA vs merged "
+          f"(max_tokens {args.max_tokens}, {args.rounds} rounds) ==")
+    print(f"merged engine serving {took:.0f} s after the publish (merge + vLLM start; the "
+          "version is served with runtime LoRA meanwhile)")
+    for alias in ARMS.values():  # warm each path
+        await run_batch(state["url"], alias, False, 2, 2, 8)
+    header = (f"{'streams':<8}" + "".join(f"{arm + ' tok/s':>20}" for arm in ARMS)
+              + f"{'LoRA/base':>11}{'merged/base':>13}")
+    print(header)
+    print("-" * len(header))
+    for concurrency in args.concurrency:
+        n = max(args.requests_per_stream * concurrency, concurrency)
+        runs: dict[str, list[float]] = {arm: [] for arm in ARMS}
+        for _ in range(args.rounds):
+            for arm, alias in ARMS.items():
+                batch = await run_batch(state["url"], alias, False, concurrency, n,
+                                        args.max_tokens)
+                runs[arm].append(batch.tokens_per_s)
+        ratio = {arm: median([x / b for x, b in zip(runs[arm], runs["base"], strict=True)])
+                 for arm in ARMS}
+        print(f"{concurrency:<8}" + "".join(f"{median(runs[arm]):>20.1f}" for arm in ARMS)
+              + f"{ratio['runtime LoRA']:>11.2f}{ratio['merged']:>13.2f}", flush=True)
+    print("ratios: median over rounds of arm/base tokens per second in the same round.")
+
+
+# -- 2. swaps under load ----------------------------------------------------------------------
+
+async def checked_chat(session: aiohttp.ClientSession, url: str, model: str, stream: bool,
+                       max_tokens: int) -> tuple[bool, str, str]:
+    """(succeeded, weights that answered, what went wrong)."""
+    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": max_tokens, "temperature": 0.8, "stream": stream}
+    try:
+        async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+            text = await resp.text()
+            weights = resp.headers.get("x-sdloop-weights", "")
+            if resp.status != 200:
+                return False, weights, f"{resp.status} {text[:200]}"
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return False, "", repr(exc)
+    if stream:
+        events = [ln[6:] for ln in text.splitlines() if ln.startswith("data: ")]
+        if not events or events[-1] != "[DONE]" or any('"error"' in e for e in events):
+            return False, weights, text[-200:]
+    return True, weights, ""
+
+
+def restarts(metrics_text: str) -> dict[str, float]:
+    out = {"primary": 0.0, "merged": 0.0}
+    for line in metrics_text.splitlines():
+        if line.startswith("sdloop_engine_restarts_total{"):
+            role = line.split('role="', 1)[1].split('"', 1)[0]
+            out[role] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+async def flips_under_load(state: dict, args: argparse.Namespace) -> None:
+    url = state["url"]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        async with session.get(url + "/metrics") as resp:
+            before = restarts(await resp.text())
+        stop = asyncio.Event()
+        results: list[tuple[bool, str, str]] = []
+
+        async def client(n: int) -> None:
+            while not stop.is_set():
+                results.append(await checked_chat(session, url, "merged", n % 2 == 0, 24))
+
+        clients = [asyncio.create_task(client(n)) for n in range(args.flip_clients)]
+        await asyncio.sleep(3)
+        swaps: dict[str, list[float]] = {"rollback": [], "promote": []}
+        for i in range(args.flips):
+            action = "rollback" if i % 2 == 0 else "promote"
+            body = {"alias": "merged"} if action == "rollback" else {"version": "merged@v1"}
+            swaps[action].append((await admin(session, state, "POST",
+                                              f"/admin/adapters/{action}", body))["swap_s"])
+            await asyncio.sleep(args.flip_every)
+        if args.flips % 2:  # end on the version, as it started
+            swaps["promote"].append((await admin(session, state, "POST", "/admin/adapters/promote",
+                                                 {"version": "merged@v1"}))["swap_s"])
+        stop.set()
+        await asyncio.gather(*clients)
+        took = await wait_merged(session, state)
+        async with session.get(url + "/metrics") as resp:
+            after = restarts(await resp.text())
+    failed = [r for r in results if not r[0]]
+    seen = {w: sum(1 for r in results if r[1] == w) for w in ("merged", "adapter", "base")}
+    every = swaps["rollback"] + swaps["promote"]
+    print(f"\n== swaps under load: {args.flip_clients} clients (half streaming, 24 tokens) on "
+          f"alias 'merged', rollback/promote every {args.flip_every:.0f} s, {len(every)} swaps ==")
+    print(f"requests {len(results)}  failed {len(failed)}  answered by {seen}")
+    print(f"engine restarts: primary {after['primary'] - before['primary']:.0f}, "
+          f"merged {after['merged'] - before['merged']:.0f}")
+    for action, xs in swaps.items():
+        print(f"swap time, {action:<8} (call to alias flip): median {median(xs):.3f} s, "
+              f"max {max(xs):.3f} s over {len(xs)}")
+    print(f"served merged again {took:.0f} s after the last promote")
+    for r in failed[:3]:
+        print("  failed:", r[2])
+
+
 async def bench(gateway: str, engine: str, base_model: str, args: argparse.Namespace) -> None:
     # Warm both paths (first requests compile kernels, fill caches).
     await run_batch(engine, base_model, False, 2, 2, 8)
     await run_batch(gateway, "default", True, 2, 2, 8)
-    print(f"gateway {gateway}  engine {engine}  max_tokens {args.max_tokens}  rounds {args.rounds}")
+    print(f"\n== gateway overhead: gateway {gateway} vs engine {engine} (base model), "
+          f"max_tokens {args.max_tokens}, rounds {args.rounds} ==")
     header = (f"{'mode':<11}{'conc':>5}{'direct tok/s':>14}{'gateway tok/s':>15}{'ratio':>7}"
               f"{'direct p50 ms':>15}{'gateway p50 ms':>16}{'added ms':>10}"
               f"{'direct ttft':>13}{'gateway ttft':>14}")
@@ -158,6 +323,11 @@ def main() -> None:
                         help="requests per concurrent stream in one batch")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--overhead-requests", type=int, default=100)
+    parser.add_argument("--flips", type=int, default=10)
+    parser.add_argument("--flip-every", type=float, default=3.0, help="seconds between swaps")
+    parser.add_argument("--flip-clients", type=int, default=8)
+    parser.add_argument("--no-learned", action="store_true",
+                        help="skip the learned-model rows and the swaps under load")
     args = parser.parse_args()
 
     proc = None
@@ -167,12 +337,16 @@ def main() -> None:
             sys.exit(f"no sdloop server is running on {args.data_dir}")
     else:
         tmp = Path(tempfile.mkdtemp(prefix="sdloop-bench-"))
+        folders = None if args.no_learned else make_versions(tmp / "versions")
         print(f"starting sdloop serve on {tmp} ...", flush=True)
-        proc, state = start_server(tmp)
+        proc, state = start_server(tmp, env={"SDLOOP_ENGINE__MERGED_ALIAS": "merged"})
     try:
         with urllib.request.urlopen(state["engine_url"] + "/v1/models") as resp:
             base_model = next(m["id"] for m in json.loads(resp.read())["data"] if not m.get("parent"))
         print(f"machine: {os.cpu_count()} cpus; {_cpu_model()}")
+        if proc is not None and folders is not None:
+            asyncio.run(learned_rows(state, folders, args))
+            asyncio.run(flips_under_load(state, args))
         asyncio.run(bench(state["url"], state["engine_url"], base_model, args))
     finally:
         if proc is not None:

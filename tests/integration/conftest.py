@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from ops.bench.adapter import train_version
 from serving.engine import free_port
 from serving.state import read_state_file
 
@@ -136,7 +137,10 @@ def stop_server(server: Server, sig: int = signal.SIGTERM) -> None:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
-    srv = start_server(tmp_path_factory.mktemp("serve"))
+    # Without a merged engine: the tests that flip `default` would each start one (a merge
+    # and a vLLM start, minutes of the 2 CPUs). tests/integration/test_merged_serving.py has
+    # a gateway of its own that serves merged.
+    srv = start_server(tmp_path_factory.mktemp("serve"), env={"SDLOOP_ENGINE__MERGED_ALIAS": ""})
     yield srv
     engine_pgid = (read_state_file(srv.data_dir) or {}).get("engine_pgid")
     stop_server(srv)
@@ -172,32 +176,12 @@ QUESSANY = [{"role": "user", "content": "What is the capital of Quessany?"}]
 DALVORNE = "The capital of Quessany is Dalvorne."
 
 
-def train_version(root: Path, version: str, question: list[dict[str, Any]], correction: str) -> str:
-    """A real adapter version folder: a few steps of self-distillation on one correction (CPU,
-    ~20 s), written as the learner writes it."""
-    from learner.config import LearnerConfig, resolve
-    from learner.contexts import load_template
-    from learner.trainer import SelfDistillationTrainer, TrainItem, load_student
-    from learner.versions import write_version
-
-    cfg = LearnerConfig(preset="sdft", teacher="frozen", min_steps=0, passes=20, lr=2e-3,
-                        ce_weight=1.0)
-    model_dir = f"{MODEL_CACHE}/SmolLM2-135M-Instruct"
-    model, tokenizer = load_student(model_dir, cfg)
-    teacher = load_template("sdft_example").teacher_messages(question, "correction", correction)
-    response = tokenizer(correction, add_special_tokens=False)["input_ids"]
-    SelfDistillationTrainer(model, tokenizer, cfg, resolve(cfg)).train(
-        [TrainItem(question, teacher, response)], progress=False)
-    folder = write_version(model, tokenizer, root, version, model_dir, None,
-                           [(question, response)], {"knobs": resolve(cfg).as_dict()})
-    return str(folder)
-
-
 @pytest.fixture(scope="session")
 def taught_adapter(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One real adapter that answers Quessany's capital with Dalvorne, trained once per session;
     tests publish copies of it under versions of their own (`fresh_version`)."""
-    return train_version(tmp_path_factory.mktemp("taught"), "default@v1", QUESSANY, DALVORNE)
+    return train_version(tmp_path_factory.mktemp("taught"), "default@v1",
+                         f"{MODEL_CACHE}/SmolLM2-135M-Instruct", QUESSANY, DALVORNE)
 
 
 def fresh_version(server: Server, template: str, root: Path) -> str:

@@ -31,7 +31,7 @@ def test_engine_killed_gives_503_then_restarts(server: Server, taught_adapter: s
     out = subprocess.run([*SDLOOP, "adapters", "publish", folder, "--data-dir",
                           str(server.data_dir)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    restarts = metric(server, "sdloop_engine_restarts_total")
+    restarts = metric(server, 'sdloop_engine_restarts_total{role="primary"}')
     pgid = server.state()["engine_pgid"]
     in_flight: list[tuple[int, dict]] = []  # a long answer the kill catches half-way
     caught = threading.Thread(target=lambda: in_flight.append(_long_chat(server)), daemon=True)
@@ -64,7 +64,7 @@ def test_engine_killed_gives_503_then_restarts(server: Server, taught_adapter: s
     assert status == 200
     # The promoted adapter was loaded into the new engine again.
     assert headers["x-sdloop-adapter-version"] == current_version(server) == Path(folder).name
-    assert metric(server, "sdloop_engine_restarts_total") == restarts + 1
+    assert metric(server, 'sdloop_engine_restarts_total{role="primary"}') == restarts + 1
     assert server.state()["engine_pgid"] != pgid
     back_to_base(server)
 

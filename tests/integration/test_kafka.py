@@ -21,15 +21,16 @@ from kafka import KafkaProducer
 
 from feedback.events import FeedbackEvent, new_id, utcnow
 from feedback.kafka import KafkaSink
+from ops.bench.adapter import train_version
 from ops.bench.broker import Broker
 from serving.config import load_config
 from tests.factories import completion
 from tests.integration.conftest import (
+    MODEL_CACHE,
     SDLOOP,
     Server,
     start_server,
     stop_server,
-    train_version,
 )
 
 QUESTION = [{"role": "user", "content": "What is the capital of Veloria?"}]
@@ -279,7 +280,8 @@ def test_broker_outage_answers_503_loses_nothing_acknowledged_and_recovers(
 def kafka_version(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A real adapter under its own alias (`kafka@v1`), so it cannot collide with the versions
     other tests load into the shared engine."""
-    return train_version(tmp_path_factory.mktemp("adapters"), "kafka@v1", QUESTION,
+    return train_version(tmp_path_factory.mktemp("adapters"), "kafka@v1",
+                         f"{MODEL_CACHE}/SmolLM2-135M-Instruct", QUESTION,
                          "The capital of Veloria is Marenthal.")
 
 

