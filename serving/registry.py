@@ -8,10 +8,11 @@ request path.
 
 Versions are immutable folders (`serving.version_folder`), loaded into the engine under their
 own name and never reloaded under another. A swap is: verify hashes → load the new name →
-probe it through the engine (the probe's expected log-probabilities, under the new weights and
-under the base model, were computed by the trainer, and the engine must reproduce the
-difference, so a match shows it serves this version) → flip the alias → wait for requests
-still on the old version → unload it. Rollback flips back to the previous version.
+probe it through the engine (the trainer computed the log-probabilities of the probe's
+response under the new weights, and the engine must reproduce them, so a match shows it
+serves this version) → flip the alias. The version the alias leaves stays loaded as its
+rollback target, so that a rollback (and a promote back) is a flip alone; the one before it,
+if nothing else points there, is unloaded once its requests have finished.
 
 With `merged` set (`serving.merged`), the version `engine.merged_alias` points to is also
 served from a second engine on merged weights once that one is up and probed; `route` says
@@ -39,7 +40,7 @@ from serving.version_folder import (
     RegistryError,
     VersionFolder,
     open_version,
-    probe_gap,
+    probe_distance,
 )
 from store import BASE_VERSION, DEFAULT_ALIAS, versions
 
@@ -84,6 +85,8 @@ class AdapterRegistry:
         self._engine = engine
         self._aliases: dict[str, str] = {}
         self._paths: dict[str, str] = {}
+        self._loaded: set[str] = set()  # in the engine now, probed (or restored) there
+        self._previous: dict[str, str] = {}  # alias → its rollback target, kept loaded
         self._in_flight: Counter[str] = Counter()
         self._swap = asyncio.Lock()
         self.probe_tolerance = probe_tolerance
@@ -132,8 +135,10 @@ class AdapterRegistry:
 
     async def restore(self) -> None:
         """Load every version an alias points to into a freshly started engine."""
+        self._loaded = set()
         for version in sorted({v for v in self._aliases.values() if v != BASE_VERSION}):
             await self._engine.load_adapter(version, self._paths[version])
+            self._loaded.add(version)
             log.info("restored adapter %s into the engine", version)
         if self.merged is not None:
             await self._follow_merged()
@@ -165,6 +170,7 @@ class AdapterRegistry:
             self._paths[version] = str(found.path)
             if not promote:
                 await self._engine.unload_adapter(version)
+                self._loaded.discard(version)
                 return {"version": version, "alias": alias, "status": "candidate"}
             swap_s = await self._flip(alias, version, started)
         return {"version": version, "alias": alias, "status": "promoted", "swap_s": swap_s}
@@ -206,12 +212,11 @@ class AdapterRegistry:
         prompt, response = probe["prompt_token_ids"], probe["response_token_ids"]
         try:
             got = await self._engine.score(version, prompt, response)
-            got_base = await self._engine.score(self._engine.served_model_name, prompt, response)
         except (EngineRequestError, EngineUnavailable, KeyError, IndexError, TypeError,
                 ValueError) as exc:  # the last four: an answer not in the shape asked for
             await self._unload_quietly(version)
             raise RegistryError(422, f"probe of {version} failed: {exc}") from None
-        gap = probe_gap(probe, got, got_base)
+        gap = probe_distance(probe, got)
         if gap > self.probe_tolerance:
             metrics.PROBE_MISMATCHES.inc()
             await self._unload_quietly(version)
@@ -219,9 +224,11 @@ class AdapterRegistry:
                                      f"differ from the trainer's by {gap:.3f} per token "
                                      f"(tolerance {self.probe_tolerance}); not promoted")
         log.info("probe of %s passed (mean |Δ logprob| %.4f)", version, gap)
+        self._loaded.add(version)
 
     async def _ensure_loaded(self, found: VersionFolder) -> None:
-        if found.version in self._aliases.values():
+        """Load and probe a version unless the engine has it (live, or a rollback target)."""
+        if found.version in self._loaded:
             return
         found.verify_files()
         await self._load_and_probe(found)
@@ -241,9 +248,11 @@ class AdapterRegistry:
         log.info("alias %s -> %s (was %s)", alias, version, old)
         if self.merged is not None and alias == self.merged.alias:
             await self._follow_merged()
-        if old and old != BASE_VERSION and old not in self._aliases.values():
-            await self.drain(old)
-            await self._unload_quietly(old)
+        before, self._previous[alias] = self._previous.get(alias), old or BASE_VERSION
+        kept = {*self._aliases.values(), *self._previous.values(), BASE_VERSION}
+        for gone in sorted({before, old} - kept - {None}):
+            await self.drain(gone)
+            await self._unload_quietly(gone)
         return round(swap_s, 3)
 
     async def _follow_merged(self) -> None:
@@ -266,6 +275,7 @@ class AdapterRegistry:
                         self._in_flight[version], version, DRAIN_TIMEOUT_S)
 
     async def _unload_quietly(self, version: str) -> None:
+        self._loaded.discard(version)
         try:
             await self._engine.unload_adapter(version)
         except (EngineRequestError, EngineUnavailable) as exc:

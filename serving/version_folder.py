@@ -19,11 +19,11 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 VERSION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*@v[0-9]+$")
-# Mean |Δ(adapter − base) log-prob| per probe token, engine vs trainer: what the adapter
-# changes must be what the trainer measured. bf16 serving of an fp32-trained adapter measured
-# about 0.001 on confident tokens, but 0.02–0.105 on the uncertain tokens of the small
-# model's answers (clean-clone test runs); an adapter with other weights than the manifest's
-# is far off.
+# Mean |Δ log-prob| per probe token, engine under the version vs trainer under the new
+# weights (`probe_distance`). bf16 serving of the fp32-trained weights measured 0.006–0.036
+# (runtime LoRA and merged, 2026-12-04); as a difference with the base scores it had measured
+# 0.001 on confident tokens and up to 0.105 on uncertain ones. A version with other weights
+# than the manifest's is far off (2 and more).
 PROBE_TOLERANCE = 0.25
 
 
@@ -108,21 +108,15 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def probe_gap(probe: dict[str, Any], served: Sequence[float], served_base: Sequence[float]) -> float:
-    """Mean per-token difference between what the adapter changes as the engine serves it and as
-    the trainer computed it; the engine's own precision error cancels in the difference with
-    its base scores."""
-    return sum(
-        abs((g - gb) - (w - wb))
-        for g, gb, w, wb in zip(served, served_base, probe["logprobs"], probe["base_logprobs"],
-                                strict=True)
-    ) / max(len(probe["response_token_ids"]), 1)
-
-
 def probe_distance(probe: dict[str, Any], served: Sequence[float]) -> float:
-    """Mean per-token difference between the log-probabilities an engine serving the version's
-    merged weights gives the probe response and those the trainer computed under the new
-    weights. Absolute, not against a base: the merged engine has no base model to difference
-    with, and its check must not depend on what the primary engine is doing."""
+    """Mean per-token difference between the log-probabilities the engine gives the probe
+    response under a version (as runtime LoRA, or merged) and those the trainer computed under
+    the new weights.
+
+    Absolute, not as a difference with the engine's base scores: the merged engine has no base
+    to difference with, and on vLLM-CPU the base scores themselves are wrong in any engine step
+    that also holds a LoRA request once an adapter sits in the last LoRA slot (its torch LoRA
+    ops index that slot with the -1 of requests without an adapter) — a probe under traffic
+    refused a correct version (2.2 per token off) that way."""
     return sum(abs(g - w) for g, w in zip(served, probe["logprobs"], strict=True)) \
         / max(len(probe["response_token_ids"]), 1)

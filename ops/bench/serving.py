@@ -119,16 +119,19 @@ ARMS = {"base": "default", "runtime LoRA": "lora", "merged": "merged"}
 
 
 def make_versions(root: Path) -> dict[str, Path]:
-    """One learned adapter, as `lora@v1` and `merged@v1` (same weights, one alias each)."""
+    """One learned adapter, as `lora@v1`, `merged@v1` and `merged@v2` (same weights; the
+    version names are what the server tells apart)."""
     model_dir = str(ensure_embedded_model(load_config().model_cache_path))
     lora = Path(train_version(root, "lora@v1", model_dir, QUESTION,
                               "The capital of Quessany is Dalvorne."))
-    merged = root / "merged@v1"
-    shutil.copytree(lora, merged)
-    manifest = json.loads((merged / MANIFEST).read_text())
-    (merged / MANIFEST).write_text(json.dumps({**manifest, "version": "merged@v1",
-                                               "alias": "merged"}))
-    return {"lora": lora, "merged": merged}
+    folders = {"lora": lora}
+    for version in ("merged@v1", "merged@v2"):
+        folders[version] = root / version
+        shutil.copytree(lora, folders[version])
+        manifest = json.loads((folders[version] / MANIFEST).read_text())
+        (folders[version] / MANIFEST).write_text(json.dumps({**manifest, "version": version,
+                                                             "alias": "merged"}))
+    return folders
 
 
 async def admin(session: aiohttp.ClientSession, state: dict, method: str, path: str,
@@ -153,12 +156,17 @@ async def wait_merged(session: aiohttp.ClientSession, state: dict, timeout: floa
     raise RuntimeError(f"not served merged after {timeout:.0f} s")
 
 
-async def learned_rows(state: dict, folders: dict[str, Path], args: argparse.Namespace) -> None:
+async def publish_and_wait(state: dict, folders: dict[str, Path]) -> float:
+    """Publish `lora@v1` and `merged@v1`; seconds until the latter is served merged."""
     async with aiohttp.ClientSession() as session:
-        for name in ("lora", "merged"):
+        for name in ("lora", "merged@v1"):
             await admin(session, state, "POST", "/admin/adapters/publish",
                         {"path": str(folders[name])})
-        took = await wait_merged(session, state)
+        return await wait_merged(session, state)
+
+
+async def learned_rows(state: dict, folders: dict[str, Path], args: argparse.Namespace) -> None:
+    took = await publish_and_wait(state, folders)
     print(f"\n== learned model: base vs the version with runtime LoRA vs merged "
           f"(max_tokens {args.max_tokens}, {args.rounds} rounds) ==")
     print(f"merged engine serving {took:.0f} s after the publish (merge + vLLM start; the "
@@ -215,9 +223,14 @@ def restarts(metrics_text: str) -> dict[str, float]:
     return out
 
 
-async def flips_under_load(state: dict, args: argparse.Namespace) -> None:
+async def flips_under_load(state: dict, folders: dict[str, Path],
+                           args: argparse.Namespace) -> None:
+    """From `merged@v2` served merged: rollback (to v1) and promote (v2) every few seconds."""
     url = state["url"]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        await admin(session, state, "POST", "/admin/adapters/publish",
+                    {"path": str(folders["merged@v2"])})
+        await wait_merged(session, state)
         async with session.get(url + "/metrics") as resp:
             before = restarts(await resp.text())
         stop = asyncio.Event()
@@ -232,15 +245,15 @@ async def flips_under_load(state: dict, args: argparse.Namespace) -> None:
         swaps: dict[str, list[float]] = {"rollback": [], "promote": []}
         for i in range(args.flips):
             action = "rollback" if i % 2 == 0 else "promote"
-            body = {"alias": "merged"} if action == "rollback" else {"version": "merged@v1"}
+            body = {"alias": "merged"} if action == "rollback" else {"version": "merged@v2"}
             swaps[action].append((await admin(session, state, "POST",
                                               f"/admin/adapters/{action}", body))["swap_s"])
             await asyncio.sleep(args.flip_every)
         if args.flips % 2:  # end on the version, as it started
             swaps["promote"].append((await admin(session, state, "POST", "/admin/adapters/promote",
-                                                 {"version": "merged@v1"}))["swap_s"])
+                                                 {"version": "merged@v2"}))["swap_s"])
         stop.set()
-        await asyncio.gather(*clients)
+        await asyncio.gather(*clients, return_exceptions=True)
         took = await wait_merged(session, state)
         async with session.get(url + "/metrics") as resp:
             after = restarts(await resp.text())
@@ -248,7 +261,8 @@ async def flips_under_load(state: dict, args: argparse.Namespace) -> None:
     seen = {w: sum(1 for r in results if r[1] == w) for w in ("merged", "adapter", "base")}
     every = swaps["rollback"] + swaps["promote"]
     print(f"\n== swaps under load: {args.flip_clients} clients (half streaming, 24 tokens) on "
-          f"alias 'merged', rollback/promote every {args.flip_every:.0f} s, {len(every)} swaps ==")
+          f"alias 'merged', from merged@v2 served merged: rollback (to v1) / promote (v2) every "
+          f"{args.flip_every:.0f} s, {len(every)} swaps ==")
     print(f"requests {len(results)}  failed {len(failed)}  answered by {seen}")
     print(f"engine restarts: primary {after['primary'] - before['primary']:.0f}, "
           f"merged {after['merged'] - before['merged']:.0f}")
@@ -326,8 +340,10 @@ def main() -> None:
     parser.add_argument("--flips", type=int, default=10)
     parser.add_argument("--flip-every", type=float, default=3.0, help="seconds between swaps")
     parser.add_argument("--flip-clients", type=int, default=8)
-    parser.add_argument("--no-learned", action="store_true",
-                        help="skip the learned-model rows and the swaps under load")
+    parser.add_argument("--sections", type=lambda s: set(s.split(",")),
+                        default={"learned", "swaps", "overhead"},
+                        help="which to run: learned,swaps,overhead (the first two need a server "
+                             "of their own)")
     args = parser.parse_args()
 
     proc = None
@@ -337,7 +353,8 @@ def main() -> None:
             sys.exit(f"no sdloop server is running on {args.data_dir}")
     else:
         tmp = Path(tempfile.mkdtemp(prefix="sdloop-bench-"))
-        folders = None if args.no_learned else make_versions(tmp / "versions")
+        folders = make_versions(tmp / "versions") if {"learned", "swaps"} & args.sections \
+            else None
         print(f"starting sdloop serve on {tmp} ...", flush=True)
         proc, state = start_server(tmp, env={"SDLOOP_ENGINE__MERGED_ALIAS": "merged"})
     try:
@@ -345,9 +362,14 @@ def main() -> None:
             base_model = next(m["id"] for m in json.loads(resp.read())["data"] if not m.get("parent"))
         print(f"machine: {os.cpu_count()} cpus; {_cpu_model()}")
         if proc is not None and folders is not None:
-            asyncio.run(learned_rows(state, folders, args))
-            asyncio.run(flips_under_load(state, args))
-        asyncio.run(bench(state["url"], state["engine_url"], base_model, args))
+            if "learned" in args.sections:
+                asyncio.run(learned_rows(state, folders, args))
+            else:
+                asyncio.run(publish_and_wait(state, folders))
+            if "swaps" in args.sections:
+                asyncio.run(flips_under_load(state, folders, args))
+        if "overhead" in args.sections:
+            asyncio.run(bench(state["url"], state["engine_url"], base_model, args))
     finally:
         if proc is not None:
             stop_server(proc)

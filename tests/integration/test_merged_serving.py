@@ -186,7 +186,7 @@ def test_live_version_served_merged_through_rollback_promote_kill_and_restart(
     try:
         _wait_merged(gw, VERSION)
         assert _answers(gw, "merged") == adapter
-        _admin(gw, "POST", "/admin/adapters/rollback", {"alias": ALIAS})  # unloads it from the
-    finally:                                                              # shared engine
+        _admin(gw, "POST", "/admin/adapters/rollback", {"alias": ALIAS})
+    finally:
         stop_server(gw)
     assert gw.proc.returncode in (0, -15), gw.log_tail()
