@@ -138,7 +138,8 @@ class MergedServing:
         self._probed = False  # nothing new is routed here (the route also follows the version)
         await self._drain(version)
         if self._want is not None and self._want.version == version:  # promoted back meanwhile
-            await self._on_ready()
+            if self._engine is not None and self._engine.ready:
+                await self._on_ready()  # probed again; one still starting is probed when up
             return
         await self._stop_engine()
         log.info("merged engine of %s stopped", version)
