@@ -6,9 +6,10 @@
    run side by side on one server: the version is published under two aliases, `lora` (runtime
    LoRA) and `merged` (`engine.merged_alias = "merged"` for this server; the shipped default
    merges `default`'s version), beside `default` on the base model.
-2. Swaps under load (own server only): 8 clients chat on `merged` (half streaming) while it is
-   rolled back and promoted every few seconds: failed requests, engine restarts, swap time
-   (management call to alias flip), which weights answered.
+2. Swaps under load (own server only): 8 clients chat on `merged` (half streaming) while a new
+   version is published, the alias rolled back and the version promoted again, one every few
+   seconds: failed requests, engine restarts, swap time (management call to alias flip) by
+   action, which weights answered.
 3. Gateway overhead: tokens/s and latency through sdloop vs. straight to the same vLLM engine,
    interleaved round by round so that machine noise hits both alike.
 
@@ -223,9 +224,21 @@ def restarts(metrics_text: str) -> dict[str, float]:
     return out
 
 
+def new_version(folders: dict[str, Path], number: int) -> Path:
+    """`merged@v<number>`: the learned adapter under a version name the server has not seen."""
+    folder = folders["lora"].parent / f"merged@v{number}"
+    if not folder.exists():
+        shutil.copytree(folders["lora"], folder)
+        manifest = json.loads((folder / MANIFEST).read_text())
+        (folder / MANIFEST).write_text(json.dumps({**manifest, "version": folder.name,
+                                                   "alias": "merged"}))
+    return folder
+
+
 async def flips_under_load(state: dict, folders: dict[str, Path],
                            args: argparse.Namespace) -> None:
-    """From `merged@v2` served merged: rollback (to v1) and promote (v2) every few seconds."""
+    """From `merged@v2` served merged, every few seconds in turn: publish a new version
+    (promoted), roll back, promote it again."""
     url = state["url"]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         await admin(session, state, "POST", "/admin/adapters/publish",
@@ -242,16 +255,22 @@ async def flips_under_load(state: dict, folders: dict[str, Path],
 
         clients = [asyncio.create_task(client(n)) for n in range(args.flip_clients)]
         await asyncio.sleep(3)
-        swaps: dict[str, list[float]] = {"rollback": [], "promote": []}
+        swaps: dict[str, list[float]] = {"publish": [], "rollback": [], "promote": []}
+        number = 2
         for i in range(args.flips):
-            action = "rollback" if i % 2 == 0 else "promote"
-            body = {"alias": "merged"} if action == "rollback" else {"version": "merged@v2"}
+            action = ("publish", "rollback", "promote")[i % 3]
+            if action == "publish":
+                number += 1
+                body: dict = {"path": str(new_version(folders, number))}
+            else:
+                body = {"alias": "merged"} if action == "rollback" else \
+                    {"version": f"merged@v{number}"}
             swaps[action].append((await admin(session, state, "POST",
                                               f"/admin/adapters/{action}", body))["swap_s"])
             await asyncio.sleep(args.flip_every)
-        if args.flips % 2:  # end on the version, as it started
+        if args.flips % 3 == 2:  # end on the newest version
             swaps["promote"].append((await admin(session, state, "POST", "/admin/adapters/promote",
-                                                 {"version": "merged@v2"}))["swap_s"])
+                                                 {"version": f"merged@v{number}"}))["swap_s"])
         stop.set()
         await asyncio.gather(*clients, return_exceptions=True)
         took = await wait_merged(session, state)
@@ -259,10 +278,10 @@ async def flips_under_load(state: dict, folders: dict[str, Path],
             after = restarts(await resp.text())
     failed = [r for r in results if not r[0]]
     seen = {w: sum(1 for r in results if r[1] == w) for w in ("merged", "adapter", "base")}
-    every = swaps["rollback"] + swaps["promote"]
+    every = [x for xs in swaps.values() for x in xs]
     print(f"\n== swaps under load: {args.flip_clients} clients (half streaming, 24 tokens) on "
-          f"alias 'merged', from merged@v2 served merged: rollback (to v1) / promote (v2) every "
-          f"{args.flip_every:.0f} s, {len(every)} swaps ==")
+          f"alias 'merged', from a version served merged: publish a new one / roll back / "
+          f"promote it again, one every {args.flip_every:.0f} s, {len(every)} swaps ==")
     print(f"requests {len(results)}  failed {len(failed)}  answered by {seen}")
     print(f"engine restarts: primary {after['primary'] - before['primary']:.0f}, "
           f"merged {after['merged'] - before['merged']:.0f}")
@@ -337,7 +356,7 @@ def main() -> None:
                         help="requests per concurrent stream in one batch")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--overhead-requests", type=int, default=100)
-    parser.add_argument("--flips", type=int, default=10)
+    parser.add_argument("--flips", type=int, default=12)
     parser.add_argument("--flip-every", type=float, default=3.0, help="seconds between swaps")
     parser.add_argument("--flip-clients", type=int, default=8)
     parser.add_argument("--sections", type=lambda s: set(s.split(",")),
