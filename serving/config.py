@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -33,6 +34,8 @@ ENV_PREFIX = "SDLOOP_"
 SECTIONS_GROUP = "sdloop.config"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+_CPU_IDS = r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*"  # "0-3,8": one rank's CPUs
+_CPU_BIND = re.compile(rf"^(auto|nobind|{_CPU_IDS}(\|{_CPU_IDS})*)$")  # ranks split by "|"
 
 
 class ConfigError(ValueError):
@@ -91,6 +94,12 @@ class EngineConfig:
     # Time allowed for in-flight requests when the engine is stopped.
     stop_timeout_s: float = 20.0
     extra_args: list[str] = field(default_factory=list)
+
+    def check(self, cfg: Config) -> None:
+        if not _CPU_BIND.match(self.merged_cpu_bind):
+            raise ValueError(
+                f"engine.merged_cpu_bind = {self.merged_cpu_bind!r}: use \"nobind\", \"auto\" or "
+                "CPU ids as vLLM's VLLM_CPU_OMP_THREADS_BIND takes them (e.g. \"0-3\", \"0,2|1,3\")")
 
 
 @dataclass

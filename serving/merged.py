@@ -11,7 +11,7 @@ back to the primary engine at once (the flip is the registry's, and the route fo
 version), and the merged engine is stopped once the requests it holds have finished.
 
 Its probe is the version's own: the merged engine's log-probabilities of the manifest's probe
-response must be what the trainer measured under the new weights (`probe_distance`, absolute:
+response must be what the trainer measured under the new weights (`serving.probe`, absolute:
 the merged engine has no base to difference with, and the check must not depend on the
 primary engine's state); it is repeated every time the merged engine (re)starts, and until
 it passes nothing is routed there. A merged engine that dies is restarted by its monitor like
@@ -31,9 +31,10 @@ from typing import Any
 
 from serving import metrics
 from serving.config import EngineConfig
-from serving.engine import EngineManager, EngineRequestError, EngineUnavailable, die_with_parent
+from serving.engine import EngineManager, die_with_parent
 from serving.merge import merged_is_complete
-from serving.version_folder import PROBE_TOLERANCE, RegistryError, VersionFolder, probe_distance
+from serving.probe import probe_version
+from serving.version_folder import PROBE_TOLERANCE, RegistryError, VersionFolder
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class MergedServing:
     def follow(self, found: VersionFolder | None) -> None:
         """Serve `found` merged from now on (None: stop serving merged). Returns at once; the
         merge and the engine start run in the background."""
-        if (found and found.version) == (self._want and self._want.version):
+        if _name(found) == _name(self._want):
             return
         self._want = found
         self._changed.set()
@@ -185,19 +186,10 @@ class MergedServing:
         if found is None or engine is None:
             return
         self._probed = False
-        probe = found.manifest["probe"]
-        prompt, response = probe["prompt_token_ids"], probe["response_token_ids"]
         try:
-            got = await engine.score(found.version, prompt, response)
-        except (EngineRequestError, EngineUnavailable, KeyError, IndexError, TypeError,
-                ValueError) as exc:  # the last four: an answer not in the shape asked for
-            self._give_up(f"probe of the merged {found.version} failed: {exc}")
-            return
-        gap = probe_distance(probe, got)
-        if gap > self.probe_tolerance:
-            metrics.PROBE_MISMATCHES.inc()
-            self._give_up(f"probe mismatch for the merged {found.version}: {gap:.3f} per token "
-                          f"(tolerance {self.probe_tolerance})")
+            gap = await probe_version(engine, found, self.probe_tolerance)
+        except RegistryError as exc:
+            self._give_up(f"merged engine: {exc}")
             return
         self._probed = True
         self._set_state("serving", "")
@@ -220,3 +212,7 @@ class MergedServing:
         self.state, self.error = state, error
         for name in ("off", "merging", "starting", "serving", "failed"):
             metrics.MERGED_STATE.labels(name).set(1 if name == state else 0)
+
+
+def _name(found: VersionFolder | None) -> str | None:
+    return found.version if found is not None else None

@@ -35,12 +35,12 @@ import duckdb
 from serving import metrics
 from serving.engine import EngineManager, EngineRequestError, EngineUnavailable
 from serving.merged import MergedServing
+from serving.probe import probe_version
 from serving.version_folder import (
     PROBE_TOLERANCE,
     RegistryError,
     VersionFolder,
     open_version,
-    probe_distance,
 )
 from store import BASE_VERSION, DEFAULT_ALIAS, versions
 
@@ -208,21 +208,11 @@ class AdapterRegistry:
             raise RegistryError(422, f"the engine refused to load {version}: {exc}") from None
         except EngineUnavailable as exc:
             raise RegistryError(503, str(exc)) from None
-        probe = found.manifest["probe"]
-        prompt, response = probe["prompt_token_ids"], probe["response_token_ids"]
         try:
-            got = await self._engine.score(version, prompt, response)
-        except (EngineRequestError, EngineUnavailable, KeyError, IndexError, TypeError,
-                ValueError) as exc:  # the last four: an answer not in the shape asked for
+            gap = await probe_version(self._engine, found, self.probe_tolerance)
+        except RegistryError as exc:
             await self._unload_quietly(version)
-            raise RegistryError(422, f"probe of {version} failed: {exc}") from None
-        gap = probe_distance(probe, got)
-        if gap > self.probe_tolerance:
-            metrics.PROBE_MISMATCHES.inc()
-            await self._unload_quietly(version)
-            raise RegistryError(422, f"probe mismatch for {version}: the engine's log-probabilities "
-                                     f"differ from the trainer's by {gap:.3f} per token "
-                                     f"(tolerance {self.probe_tolerance}); not promoted")
+            raise RegistryError(exc.status, f"{exc}; not promoted") from None
         log.info("probe of %s passed (mean |Δ logprob| %.4f)", version, gap)
         self._loaded.add(version)
 

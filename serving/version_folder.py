@@ -20,7 +20,7 @@ from typing import Any
 MANIFEST = "manifest.json"
 VERSION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*@v[0-9]+$")
 # Mean |Δ log-prob| per probe token, engine under the version vs trainer under the new
-# weights (`probe_distance`). bf16 serving of the fp32-trained weights measured 0.006–0.036
+# weights (`probe_distance`). bf16 serving of the fp32-trained weights measured 0.005–0.011
 # (runtime LoRA and merged, 2026-12-04); as a difference with the base scores it had measured
 # 0.001 on confident tokens and up to 0.105 on uncertain ones. A version with other weights
 # than the manifest's is far off (2 and more).

@@ -58,3 +58,14 @@ def test_learner_section_reads_from_toml_and_env(tmp_path):
     assert cfg.learner.preset == "sdpo" and cfg.learner.context == ["followup"]
     assert cfg.learner.lr == 1e-4 and cfg.learner.divergence == "reverse_kl"
     assert cfg.learner.is_cap == 1.5
+
+
+@pytest.mark.parametrize("bind", ["nobind", "auto", "0-1", "0,2|1,3"])
+def test_merged_cpu_bind_takes_what_vllm_takes(bind):
+    assert load_config(env={"SDLOOP_ENGINE__MERGED_CPU_BIND": bind}).engine.merged_cpu_bind == bind
+
+
+@pytest.mark.parametrize("bind", ["nobnd", "0-", "", "0;1"])
+def test_a_bad_merged_cpu_bind_stops_the_config_naming_the_key(bind):
+    with pytest.raises(ConfigError, match="engine.merged_cpu_bind.*nobind"):
+        load_config(env={"SDLOOP_ENGINE__MERGED_CPU_BIND": bind})

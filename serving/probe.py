@@ -1,0 +1,32 @@
+"""Checking that an engine serves a version: the version's probe, scored through the engine.
+
+One check for both places that need it — the registry, before a version takes traffic on the
+primary engine, and the merged engine, each time it comes up — so that both refuse a version
+for the same reasons, in the same words.
+"""
+
+from __future__ import annotations
+
+from serving import metrics
+from serving.engine import EngineManager, EngineRequestError, EngineUnavailable
+from serving.version_folder import RegistryError, VersionFolder, probe_distance
+
+
+async def probe_version(engine: EngineManager, found: VersionFolder, tolerance: float) -> float:
+    """The mean per-token distance between the engine's log-probabilities of the probe's
+    response under the version's name and the trainer's; RegistryError(422) saying why when
+    the engine cannot score it or is further off than `tolerance`."""
+    probe = found.manifest["probe"]
+    try:
+        got = await engine.score(found.version, probe["prompt_token_ids"],
+                                 probe["response_token_ids"])
+    except (EngineRequestError, EngineUnavailable, KeyError, IndexError, TypeError,
+            ValueError) as exc:  # the last four: an answer not in the shape asked for
+        raise RegistryError(422, f"probe of {found.version} failed: {exc}") from None
+    gap = probe_distance(probe, got)
+    if gap > tolerance:
+        metrics.PROBE_MISMATCHES.inc()
+        raise RegistryError(422, f"probe mismatch for {found.version}: the engine's "
+                                 f"log-probabilities differ from the trainer's by {gap:.3f} per "
+                                 f"token (tolerance {tolerance})")
+    return gap
