@@ -39,12 +39,16 @@ class StreamCapture:
         self.started = started
         self._parts: list[str] = []
         self._token_ids: list[int] = []
+        self.done = False
+        """The engine's `data: [DONE]` went by: the answer is whole."""
 
     def read(self, ready: bytes) -> None:
         """Complete SSE events (`data: {...}\\n\\n` each), as cut by the relay."""
         for line in ready.split(b"\n"):
             if line.startswith(b"data: {"):
                 self._chunk(json.loads(line[6:]))
+            elif line.strip() == b"data: [DONE]":
+                self.done = True
 
     def _chunk(self, data: dict[str, Any]) -> None:
         event = self.event

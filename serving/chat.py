@@ -175,7 +175,7 @@ async def _relay_stream(gw: Gateway, resp: aiohttp.ClientResponse, capture: Stre
     sends `data: {...}\\n\\n` per event.
     """
     event = capture.event
-    pending = b""
+    pending, delivered = b"", False
     try:
         async for data in resp.content.iter_any():
             pending += data
@@ -185,10 +185,12 @@ async def _relay_stream(gw: Gateway, resp: aiohttp.ClientResponse, capture: Stre
             ready, pending = pending[: cut + 2], pending[cut + 2 :]
             capture.read(ready)
             yield ready
+            delivered = capture.done  # a client may hang up once it has read [DONE]
         if pending:
             yield pending
     except (asyncio.CancelledError, GeneratorExit):
-        event.status = "client_disconnected"
+        if not delivered:
+            event.status = "client_disconnected"
         raise
     except (aiohttp.ClientError, OSError) as exc:
         event.status, event.error = "engine_error", f"stream broke: {type(exc).__name__}"

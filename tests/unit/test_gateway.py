@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -17,12 +18,14 @@ import pytest
 from aiohttp import web
 from starlette.testclient import TestClient
 
-from feedback import Event, SinkFull
+from feedback import CompletionEvent, Event, SinkFull, new_id, utcnow
 from serving.app import create_app
+from serving.capture import StreamCapture
+from serving.chat import _relay_stream
 from serving.config import load_config
 from serving.engine import free_port
 from serving.gateway import Gateway
-from serving.registry import AdapterRegistry
+from serving.registry import AdapterRegistry, InFlight
 from store import StoreWriter
 
 TOKEN = "admin-secret"
@@ -324,6 +327,70 @@ def test_a_stream_is_relayed_event_by_event_and_stored_whole(gw: Harness):
     (stored, ids, n_out, n_in, ttft, latency, stream), = rows
     assert stored == text and ids == [7, 8, 9, 2] and n_out == 4 and n_in == 3 and stream
     assert ttft is not None and 0 < ttft <= latency
+
+
+class _SlowStream:
+    """An engine response that sends its events a moment apart and then holds the connection
+    open, as vLLM may for a moment after `[DONE]`."""
+
+    def __init__(self, events: list[bytes]) -> None:
+        self.events, self.released = events, False
+        self.content = self
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        for data in self.events:
+            await asyncio.sleep(0.05)
+            yield data
+        await asyncio.sleep(3600)
+
+    def release(self) -> None:
+        self.released = True
+
+
+class _Captured:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def capture_nowait(self, event: Event) -> None:
+        self.events.append(event)
+
+
+def _hang_up_after(received: int) -> CompletionEvent:
+    """Relay a two-event stream as Starlette does; the client hangs up once it has read
+    `received` of them."""
+    events = [b'data: {"choices": [{"index": 0, "delta": {"content": "Hi."}, "token_ids": [5], '
+              b'"finish_reason": "stop"}]}\n\n', b"data: [DONE]\n\n"]
+    event = CompletionEvent(event_id=new_id("ev"), completion_id="chatcmpl-x", created_at=utcnow(),
+                            alias="default", version="base", messages=HI, params={}, stream=True)
+    gw, resp = _Captured(), _SlowStream(events)
+    relay = _relay_stream(gw, resp, StreamCapture(event, 0.0),  # type: ignore[arg-type]
+                          InFlight(Counter(), "base"))
+    got: list[bytes] = []
+
+    async def send_all() -> None:
+        async for chunk in relay:
+            got.append(chunk)
+
+    async def client() -> None:
+        sending = asyncio.create_task(send_all())
+        while len(got) < received:
+            await asyncio.sleep(0.01)
+        sending.cancel()  # Starlette cancels the response when the client disconnects
+        with contextlib.suppress(asyncio.CancelledError):
+            await sending
+
+    asyncio.run(client())
+    assert resp.released and gw.events == [event] and len(got) == received
+    return event
+
+
+def test_a_client_hanging_up_after_done_has_had_the_whole_answer():
+    event = _hang_up_after(2)
+    assert event.status == "ok" and event.response_text == "Hi." and event.token_ids == [5]
+
+
+def test_a_client_hanging_up_before_done_is_recorded_as_disconnected():
+    assert _hang_up_after(1).status == "client_disconnected"
 
 
 def test_a_reply_followed_by_a_user_turn_is_linked_as_its_follow_up(gw: Harness):
