@@ -6,5 +6,6 @@ Imports `store` and `feedback`, never `learner`. Modules by concern: `app` (rout
 metrics middleware), `chat`, `feedback_api`, `admin`, `capture`, `protocol`, `http`, `gateway`
 (the shared state), `engine`, `registry`, `merged` and `merge` (the live version on merged
 weights, in a second engine), `version_folder`, `control`, `server`,
-`ingest_service`, `client`, `state`, `model_cache`, `config`, `cli`.
+`ingest_service`, `client`, `state`, `model_cache`, `config`, `cli`; `vllm_plugin` is loaded by
+vLLM itself, in the engine's processes.
 """

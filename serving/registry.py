@@ -202,18 +202,21 @@ class AdapterRegistry:
 
     async def _load_and_probe(self, found: VersionFolder) -> None:
         version = found.version
+        started = time.perf_counter()
         try:
             await self._engine.load_adapter(version, str(found.path))
         except EngineRequestError as exc:
             raise RegistryError(422, f"the engine refused to load {version}: {exc}") from None
         except EngineUnavailable as exc:
             raise RegistryError(503, str(exc)) from None
+        loaded = time.perf_counter()
         try:
             gap = await probe_version(self._engine, found, self.probe_tolerance)
         except RegistryError as exc:
             await self._unload_quietly(version)
             raise RegistryError(exc.status, f"{exc}; not promoted") from None
-        log.info("probe of %s passed (mean |Δ logprob| %.4f)", version, gap)
+        log.info("probe of %s passed (mean |Δ logprob| %.4f); load %.2f s, probe %.2f s", version,
+                 gap, loaded - started, time.perf_counter() - loaded)
         self._loaded.add(version)
 
     async def _ensure_loaded(self, found: VersionFolder) -> None:

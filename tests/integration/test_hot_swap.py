@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,42 @@ def test_corrupt_versions_are_rejected_and_never_promoted(server: Server, taught
     out = _cli(server, "promote", names[0])
     assert out.returncode == 2 and "rejected" in out.stderr
     assert metric(server, "sdloop_adapter_probe_mismatches_total") == mismatches + 1
+
+
+def _engine_chat(engine_url: str, model: str, max_tokens: int) -> str:
+    body = {"model": model, "messages": QUESTION, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True}
+    req = urllib.request.Request(f"{engine_url}/v1/chat/completions", json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        return json.loads(resp.read())["choices"][0]["message"]["content"]
+
+
+def test_base_requests_beside_adapter_requests_get_the_base_model_with_every_lora_slot_taken(
+        server: Server, taught_adapter: str, tmp_path, on_base):
+    """vLLM-CPU's LoRA ops give tokens without an adapter the adapter in the last LoRA slot;
+    the sdloop vLLM plugin (serving.vllm_plugin) mends them. Without it, the base requests here
+    answer with the taught adapter's Dalvorne."""
+    engine = server.state()["engine_url"]
+    with urllib.request.urlopen(f"{engine}/v1/models") as resp:
+        base = next(m["id"] for m in json.loads(resp.read())["data"] if not m.get("parent"))
+    alone = _engine_chat(engine, base, 12)
+    assert "Dalvorne" not in alone
+    # Both LoRA slots (max_loras = 2) hold an adapter: the live version's, and a candidate's,
+    # left in its slot after its probe (vLLM does not clear a slot when it unloads an adapter).
+    for promote in ([], ["--no-promote"]):
+        out = _cli(server, "publish", fresh_version(server, taught_adapter, tmp_path), *promote)
+        assert out.returncode == 0, out.stderr
+    live = current_version(server)
+    assert live != "base"
+
+    with ThreadPoolExecutor(8) as pool:
+        on_adapter = [pool.submit(_engine_chat, engine, live, 48) for _ in range(4)]
+        time.sleep(1.0)  # they are decoding: the base requests share their engine steps
+        beside = [f.result() for f in [pool.submit(_engine_chat, engine, base, 12)
+                                       for _ in range(4)]]
+        shared_steps = not all(f.done() for f in on_adapter)
+        adapter_answers = [f.result() for f in on_adapter]
+    assert shared_steps, "the base requests did not overlap the adapter's"
+    assert all("Dalvorne" in a for a in adapter_answers), adapter_answers
+    assert all("Dalvorne" not in a for a in beside), (alone, beside)
