@@ -313,21 +313,45 @@ class EngineManager:
 
     async def score(self, model: str, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         """Log-probability of each response token after the prompt and the tokens before it,
-        under `model`: one one-token generation per position, asked together (they batch, and
-        share the prompt's cached prefix), each reporting the log-probability of the token it
-        was asked about. Not `prompt_logprobs`: vLLM computes those in the step's LoRA layout,
-        and on the CPU build one such request beside requests on an adapter kills the engine
-        core — a probe during traffic would take every client's requests with it."""
-        async def at(position: int) -> float:
-            token = response_ids[position]
-            data = await self._post("/v1/completions", {
-                "model": model, "prompt": prompt_ids + response_ids[:position], "max_tokens": 1,
-                "temperature": 0.0, "logprobs": 1, "logprob_token_ids": [token],
-                "return_tokens_as_token_ids": True,
-            })
-            return float(data["choices"][0]["logprobs"]["top_logprobs"][0][f"token_id:{token}"])
+        under `model`.
 
-        return list(await asyncio.gather(*(at(i) for i in range(len(response_ids)))))
+        One greedy generation along the response, reporting at each step the log-probabilities
+        of the response's tokens (`logprob_token_ids`): while the engine's choice is the
+        response's token, the step's context is the response's own prefix, so the score read
+        there is the teacher-forced one. A probe response is the trainer's greedy answer, so
+        the engine usually follows it to the end: one prefill and a decode step per token,
+        which batch with other traffic (1.1 s for 12 tokens on 2 cores, against 3.3 s for one
+        one-token request per position). Positions after the first where the engine chooses
+        otherwise are scored one one-token request each, asked together.
+
+        Not `prompt_logprobs`: vLLM computes those in the step's LoRA layout, and on the CPU
+        build one such request beside requests on an adapter kills the engine core — a probe
+        during traffic would take every client's requests with it."""
+        wanted = sorted(set(response_ids))
+        data = await self._post("/v1/completions", {
+            "model": model, "prompt": prompt_ids, "max_tokens": len(response_ids),
+            "temperature": 0.0, "ignore_eos": True, "logprobs": 1, "logprob_token_ids": wanted,
+            "return_tokens_as_token_ids": True,
+        })
+        steps = data["choices"][0]["logprobs"]
+        scores: list[float] = []
+        # Not strict: a generation that stopped early leaves the rest to the one-token path.
+        for token, chosen, top in zip(response_ids, steps["tokens"], steps["top_logprobs"],
+                                      strict=False):
+            scores.append(float(top[f"token_id:{token}"]))
+            if chosen != f"token_id:{token}":
+                break
+        rest = range(len(scores), len(response_ids))
+        return scores + list(await asyncio.gather(
+            *(self._score_at(model, prompt_ids + response_ids[:i], response_ids[i]) for i in rest)))
+
+    async def _score_at(self, model: str, context: list[int], token: int) -> float:
+        """The log-probability of `token` right after `context`: a one-token generation."""
+        data = await self._post("/v1/completions", {
+            "model": model, "prompt": context, "max_tokens": 1, "temperature": 0.0,
+            "logprobs": 1, "logprob_token_ids": [token], "return_tokens_as_token_ids": True,
+        })
+        return float(data["choices"][0]["logprobs"]["top_logprobs"][0][f"token_id:{token}"])
 
     async def _post(self, path: str, body: dict[str, object]) -> object:
         assert self._session is not None

@@ -3,6 +3,7 @@ versions are rejected and never promoted."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import time
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from serving.config import EngineConfig
+from serving.engine import EngineManager
 from serving.version_folder import MANIFEST, file_digest
 from tests.integration.conftest import (
     QUESSANY,
@@ -154,3 +157,57 @@ def test_base_requests_beside_adapter_requests_get_the_base_model_with_every_lor
     assert shared_steps, "the base requests did not overlap the adapter's"
     assert all("Dalvorne" in a for a in adapter_answers), adapter_answers
     assert all("Dalvorne" not in a for a in beside), (alone, beside)
+
+
+def _engine_post(engine_url: str, path: str, body: dict) -> dict:
+    req = urllib.request.Request(f"{engine_url}{path}", json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        return json.loads(resp.read())
+
+
+def test_probe_scores_are_teacher_forced_in_one_request_while_the_engine_follows_the_response(
+        server: Server):
+    """`EngineManager.score` reads a greedy generation's scores of the response's tokens while
+    the engine chooses them, and scores the positions after it parts one by one: both give what
+    one one-token request per position gives (the teacher-forced log-probabilities)."""
+    engine_url = server.state()["engine_url"]
+    with urllib.request.urlopen(f"{engine_url}/v1/models") as resp:
+        base = next(m["id"] for m in json.loads(resp.read())["data"] if not m.get("parent"))
+    prompt = _engine_post(engine_url, "/tokenize", {"model": base, "prompt": "The capital of "
+                                                    "France is Paris. The capital of Italy is"})
+    prompt = prompt["tokens"]
+    greedy = _engine_post(engine_url, "/v1/completions", {
+        "model": base, "prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True,
+        "return_tokens_as_token_ids": True, "logprobs": 0})
+    followed = [int(t.split(":")[1]) for t in greedy["choices"][0]["logprobs"]["tokens"]]
+    parted = [*followed[:3], 1, *followed[4:]]  # position 3: a token the engine would not choose
+
+    async def scores() -> list[tuple[list[float], list[float], float]]:
+        engine = EngineManager(EngineConfig(url=engine_url), None, Path("/dev/null"))
+        await engine.start()
+        post, posted = engine._post, []  # noqa: SLF001 - counts the requests score makes
+
+        async def counted(path: str, body: dict) -> object:
+            posted.append(path)
+            return await post(path, body)
+
+        engine._post = counted  # type: ignore[method-assign]  # noqa: SLF001
+        try:
+            out = []
+            for response in (followed, parted):
+                posted.clear()
+                got = await engine.score(base, prompt, response)
+                asked = len(posted)
+                one_by_one = [await engine._score_at(base, prompt + response[:i], token)  # noqa: SLF001
+                              for i, token in enumerate(response)]
+                out.append((got, one_by_one, asked))
+            return out
+        finally:
+            await engine.stop()
+
+    (got, want, asked), (got_parted, want_parted, asked_parted) = asyncio.run(scores())
+    assert asked == 1 and asked_parted == 1 + len(parted) - 4
+    for a, b in zip([*got, *got_parted], [*want, *want_parted], strict=True):
+        assert abs(a - b) < 0.15, (got, want, got_parted, want_parted)  # bf16: decode vs prefill
+    assert want_parted[3] < -5  # the parted token is an unlikely one
