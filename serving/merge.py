@@ -74,6 +74,22 @@ def merge(base_dir: Path, adapter_dir: Path, out: Path, version: str,
     tmp.rename(out)
 
 
+def prune(work_dir: Path, keep: set[str]) -> list[str]:
+    """Remove the merged folders (and leftover partial ones) of versions not in `keep`: each is
+    a full copy of the base weights, and a version no alias serves needs none (merged again if
+    it is promoted once more). Folders without a merge record are not ours and are left."""
+    removed = []
+    for folder in sorted(work_dir.iterdir()) if work_dir.is_dir() else ():
+        partial = folder.name.startswith(".") and folder.name.endswith(".partial")
+        if not folder.is_dir() or folder.name in keep or not (partial or (folder / RECORD).is_file()):
+            continue
+        if partial and folder.name[1:-len(".partial")] in keep:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder.name)
+    return removed
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 5:
         print("usage: python -m serving.merge BASE_DIR ADAPTER_DIR OUT_DIR VERSION "

@@ -32,7 +32,7 @@ from typing import Any
 from serving import metrics
 from serving.config import EngineConfig
 from serving.engine import EngineManager, die_with_parent
-from serving.merge import merged_is_complete
+from serving.merge import merged_is_complete, prune
 from serving.probe import probe_version
 from serving.version_folder import PROBE_TOLERANCE, RegistryError, VersionFolder
 
@@ -62,6 +62,7 @@ class MergedServing:
         self._want: VersionFolder | None = None
         self._engine: EngineManager | None = None
         self._serving: VersionFolder | None = None  # what `_engine` was started on
+        self._retired: str | None = None  # the version served before: likely rolled back to
         self._probed = False
         self.state = "off"  # off | merging | starting | serving | failed
         self.error = ""
@@ -143,6 +144,7 @@ class MergedServing:
                 await self._on_ready()  # probed again; one still starting is probed when up
             return
         await self._stop_engine()
+        self._retired = version
         log.info("merged engine of %s stopped", version)
 
     async def _start(self, found: VersionFolder) -> None:
@@ -154,6 +156,9 @@ class MergedServing:
             await self._merge(found, folder)
             if self._want is not found:
                 return
+        keep = {found.version, *([self._retired] if self._retired else [])}
+        for gone in await asyncio.to_thread(prune, self.work_dir, keep):
+            log.info("removed the merged copy of %s (no alias serves it)", gone)
         self._set_state("starting", "")
         self._serving = found
         self._engine = EngineManager(self.cfg, str(folder), self.log_path, self._on_ready,

@@ -1,5 +1,5 @@
 """A merged folder is used only if it is the merge of this version's adapter, unaltered: any
-other folder is merged again rather than served."""
+other folder is merged again rather than served; merges no alias serves are removed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.merge import RECORD, merged_is_complete
+from serving.merge import RECORD, merged_is_complete, prune
 from serving.version_folder import file_digest
 
 ADAPTER_FILES = {"adapter_model.safetensors": "a" * 64, "adapter_config.json": "b" * 64}
@@ -56,3 +56,19 @@ def test_a_broken_or_hostile_record_is_merged_again(merged: Path, record: str):
 
 def test_no_folder_is_merged(tmp_path: Path):
     assert not merged_is_complete(tmp_path / "absent", "default@v3", ADAPTER_FILES)
+
+
+def test_prune_removes_the_merges_no_alias_serves_and_leaves_what_is_not_ours(tmp_path: Path):
+    for name in ("default@v3", "default@v2", "default@v1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / RECORD).write_text("{}")
+    (tmp_path / ".default@v4.partial").mkdir()  # a merge killed half-way
+    (tmp_path / "notes").mkdir()  # someone else's folder: no merge record
+    (tmp_path / "stray.txt").write_text("x")
+
+    removed = prune(tmp_path, {"default@v3", "default@v2"})
+
+    assert removed == [".default@v4.partial", "default@v1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "default@v2", "default@v3", "notes", "stray.txt"]
+    assert prune(tmp_path / "none-yet", {"default@v3"}) == []
