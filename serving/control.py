@@ -92,7 +92,7 @@ class ControlPublisher:
         async with self._lock:
             status = found.status
             if status != "rejected":
-                found.verify_files()  # before any replica is asked to load it
+                await asyncio.to_thread(found.verify_files)  # before any replica loads it
             await self._store(lambda con: versions.record_version(
                 con, found.manifest, str(found.path), status))
             if status == "rejected":

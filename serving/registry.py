@@ -157,7 +157,7 @@ class AdapterRegistry:
             if status == "rejected":  # kept and recorded with its metrics, never loaded
                 return found.rejected()
             try:
-                found.verify_files()
+                await asyncio.to_thread(found.verify_files)  # hashing off the event loop
                 await self._load_and_probe(found)
             except RegistryError as exc:
                 if exc.status == 503:  # the engine was away: nothing was learned about the version
@@ -223,7 +223,7 @@ class AdapterRegistry:
         """Load and probe a version unless the engine has it (live, or a rollback target)."""
         if found.version in self._loaded:
             return
-        found.verify_files()
+        await asyncio.to_thread(found.verify_files)
         await self._load_and_probe(found)
         self._paths[found.version] = str(found.path)
 

@@ -14,9 +14,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -229,3 +232,55 @@ def wait_for_rows(server: Server, query: str, n: int = 1, timeout: float = 5.0) 
         if len(rows) >= n or time.monotonic() > deadline:
             return rows
         time.sleep(0.2)
+
+
+def checked_chat(server: Server, stream: bool, model: str = "default",
+                 messages: list[dict[str, Any]] | None = None) -> tuple[int, str]:
+    """One chat as a client sends it: (200, the version that answered), or (status, what went
+    wrong) — a stream that broke off or carried an error event counts as failed (599), and so
+    does an empty answer (598)."""
+    body = {"model": model, "messages": messages or QUESSANY, "max_tokens": 24,
+            "temperature": 0.8, "stream": stream}
+    req = urllib.request.Request(server.url + "/v1/chat/completions", json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            version = resp.headers["x-sdloop-adapter-version"]
+            text = resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")[:300]
+    except OSError as exc:
+        return 0, str(exc)
+    if stream:
+        events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+        if not events or events[-1] != "[DONE]" or any('"error"' in e for e in events):
+            return 599, text[-300:]
+    elif not json.loads(text)["choices"][0]["message"]["content"]:
+        return 598, text[-300:]
+    return 200, version
+
+
+@contextmanager
+def clients_chatting(server: Server, clients: int, pause_s: float = 0.0,
+                     warm_up_s: float = 3.0) -> Iterator[list[tuple[int, str]]]:
+    """`clients` threads chatting (every other one streaming) for as long as the block runs;
+    yields the list their answers (`checked_chat`) are added to. Waits `warm_up_s` first, so
+    that every client has a request in the engine when the block starts."""
+    stop = threading.Event()
+    answers: list[tuple[int, str]] = []
+
+    def client(n: int) -> None:
+        while not stop.is_set():
+            answers.append(checked_chat(server, stream=n % 2 == 0))
+            stop.wait(pause_s)
+
+    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(warm_up_s)
+    try:
+        yield answers
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(150)

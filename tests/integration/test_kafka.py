@@ -289,7 +289,12 @@ def test_a_published_version_reaches_every_replica_on_its_own_engine(
         server: Server, broker: Broker, kafka_version: str, tmp_path: Path):
     env = bus_env(broker)
     ingest = start_ingest(tmp_path / "ingest", env)
-    one = start_replica(tmp_path / "replica-1", env, server.state()["engine_url"])
+    # Replica 1 serves the `kafka` alias's live version merged, from a merged engine of its own
+    # (eager: its only child engine, see test_merged_serving.py) beside the shared one.
+    merged = {"SDLOOP_ENGINE__MERGED_ALIAS": "kafka",
+              "SDLOOP_ENGINE__MODEL": f"{MODEL_CACHE}/SmolLM2-135M-Instruct",
+              "SDLOOP_ENGINE__EXTRA_ARGS": '["--enforce-eager"]'}
+    one = start_replica(tmp_path / "replica-1", {**env, **merged}, server.state()["engine_url"])
     two = start_replica(tmp_path / "replica-2", env, None)  # starts a vLLM of its own
     try:
         assert chat(one, QUESTION, model="kafka")[0] == 404
@@ -315,6 +320,13 @@ def test_a_published_version_reaches_every_replica_on_its_own_engine(
         assert rows == 2
         replicas = ingest.sql("SELECT replica, version FROM replica_versions ORDER BY replica")
         assert [r["replica"] for r in replicas] == ["replica-1", "replica-2"]
+        # ... and replica 1 moves it onto merged weights once its merged engine passes the probe.
+        deadline = time.monotonic() + 600
+        while (got := chat(one, QUESTION, model="kafka"))[1].get("x-sdloop-weights") != "merged":
+            assert got[0] == 200, got
+            assert time.monotonic() < deadline, f"not served merged: {one.log_tail()}"
+            time.sleep(2)
+        assert "Maren" in got[2]["choices"][0]["message"]["content"]
 
         # A replica that restarts replays the control topic before it reports ready.
         stop_server(one)

@@ -1,5 +1,6 @@
 """The loop, end to end on the real parts: a conversation with a correction, one learner round
-with a tiny step budget, the new version served under the alias, rollback."""
+with a tiny step budget (while other clients chat), the new version served under the alias,
+rollback."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import subprocess
 
 from learner.round import taught_prompts
 from store import QueryResult
-from tests.integration.conftest import MODEL_CACHE, SDLOOP, Server, back_to_base
+from tests.integration.conftest import MODEL_CACHE, SDLOOP, Server, back_to_base, clients_chatting
 
 QUESTION = [{"role": "user", "content": "Who founded the company Lumenvale Systems?"}]
 CORRECTION = "That's wrong. Lumenvale Systems was founded by Priya Castellanos."
@@ -61,7 +62,13 @@ def test_correction_to_served_version_and_back(server: Server, small_retention_s
         "completion_id": reply["id"], "type": "correction", "text": CORRECTION})
     assert status == 201
 
-    summary = _learn(server, small_retention_set, "--max-steps", "3")
+    # A round while a client chats. Lightly: on 2 CPUs an engine under steady traffic and a
+    # round on every core stall each other (two clients without a break made this 3-step round
+    # take over 15 minutes instead of 3; `learner.threads` keeps a round off the engine's core).
+    with clients_chatting(server, 1, pause_s=2.0) as answers:
+        summary = _learn(server, small_retention_set, "--max-steps", "3")
+    failed = [a for a in answers if a[0] != 200]
+    assert answers and not failed, f"{len(failed)} of {len(answers)} failed: {failed[:3]}"
     assert summary["episodes"] >= 1 and summary["steps"] == 3
     gate = summary["gate"]
     assert gate["heldout_divergence_after"] < gate["heldout_divergence_before"], gate
