@@ -65,7 +65,7 @@ def test_correction_to_served_version_and_back(server: Server, small_retention_s
     # A round while a client chats. Lightly: on 2 CPUs an engine under steady traffic and a
     # round on every core stall each other (two clients without a break made this 3-step round
     # take over 15 minutes instead of 3; `learner.threads` keeps a round off the engine's core).
-    with clients_chatting(server, 1, pause_s=2.0) as answers:
+    with clients_chatting(server, 1, pause_s=5.0) as answers:
         summary = _learn(server, small_retention_set, "--max-steps", "3")
     failed = [a for a in answers if a[0] != 200]
     assert answers and not failed, f"{len(failed)} of {len(answers)} failed: {failed[:3]}"
