@@ -81,12 +81,11 @@ def prune(work_dir: Path, keep: set[str]) -> list[str]:
     removed = []
     for folder in sorted(work_dir.iterdir()) if work_dir.is_dir() else ():
         partial = folder.name.startswith(".") and folder.name.endswith(".partial")
-        if not folder.is_dir() or folder.name in keep or not (partial or (folder / RECORD).is_file()):
-            continue
-        if partial and folder.name[1:-len(".partial")] in keep:
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        removed.append(folder.name)
+        version = folder.name[1:-len(".partial")] if partial else folder.name
+        ours = partial or (folder / RECORD).is_file()
+        if folder.is_dir() and ours and version not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
     return removed
 
 

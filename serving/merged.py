@@ -156,7 +156,7 @@ class MergedServing:
             await self._merge(found, folder)
             if self._want is not found:
                 return
-        keep = {found.version, *([self._retired] if self._retired else [])}
+        keep = {found.version, self._retired} - {None}
         for gone in await asyncio.to_thread(prune, self.work_dir, keep):
             log.info("removed the merged copy of %s (no alias serves it)", gone)
         self._set_state("starting", "")

@@ -36,9 +36,8 @@ from typing import Any
 # Under vLLM's logger, which vLLM configures in its processes: the line lands in the engine log.
 log = logging.getLogger("vllm.plugins.sdloop")
 
-# The ops that gather stacked adapter weights by token slot; the sgmv_* prefill ops call these
-# through their module, and the CPU punica wrapper imported them by name.
-_OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
+# Where vLLM's ops that gather stacked adapter weights by token slot live: the sgmv_* prefill ops
+# call them through their module, and the CPU punica wrapper imported them by name.
 _MODULES = ("vllm.lora.ops.torch_ops.lora_ops", "vllm.lora.ops.torch_ops",
             "vllm.lora.punica_wrapper.punica_cpu")
 
@@ -59,11 +58,9 @@ def _mend() -> None:
         return
     if getattr(ops.bgmv_shrink, "_sdloop_mended", False) or _skips_no_lora_tokens(ops.bgmv_shrink):
         return
-    originals = {name: getattr(ops, name) for name in _OPS}
-    replaced = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand,
-                "bgmv_expand_slice": bgmv_expand_slice}
-    if _agrees(originals, replaced):
-        mended, how = replaced, "one product per adapter slot"
+    originals = {name: getattr(ops, name) for name in PER_SLOT_OPS}
+    if _agrees(originals, PER_SLOT_OPS):
+        mended, how = PER_SLOT_OPS, "one product per adapter slot"
     else:
         mended = {name: _skip_no_lora_tokens(op) for name, op in originals.items()}
         how = "wrapped (the per-slot ops disagreed with this vLLM's)"
@@ -76,7 +73,7 @@ def _mend() -> None:
             if hasattr(module, name):
                 setattr(module, name, fixed)
     log.info("sdloop: vLLM's CPU LoRA ops apply the last adapter slot to requests without an "
-             "adapter; mended (%s): %s", ", ".join(_OPS), how)
+             "adapter; mended (%s): %s", ", ".join(PER_SLOT_OPS), how)
 
 
 def _per_slot(inputs: Any, weights: Any, indices: Any, dtype: Any) -> Any:
@@ -123,7 +120,9 @@ def bgmv_expand_slice(inputs: Any, lora_b_weights: Any, output_tensor: Any,
         output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
 
 
-for _op in (bgmv_shrink, bgmv_expand, bgmv_expand_slice):
+PER_SLOT_OPS: dict[str, Callable[..., Any]] = {
+    "bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
+for _op in PER_SLOT_OPS.values():
     _op._sdloop_mended = True  # type: ignore[attr-defined]
 
 

@@ -120,13 +120,22 @@ def test_corrupt_versions_are_rejected_and_never_promoted(server: Server, taught
     assert metric(server, "sdloop_adapter_probe_mismatches_total") == mismatches + 1
 
 
-def _engine_chat(engine_url: str, model: str, max_tokens: int) -> str:
-    body = {"model": model, "messages": QUESTION, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True}
-    req = urllib.request.Request(f"{engine_url}/v1/chat/completions", json.dumps(body).encode(),
+def _engine_post(engine_url: str, path: str, body: dict) -> dict:
+    req = urllib.request.Request(f"{engine_url}{path}", json.dumps(body).encode(),
                                  headers={"content-type": "application/json"}, method="POST")
     with urllib.request.urlopen(req, timeout=300) as resp:
-        return json.loads(resp.read())["choices"][0]["message"]["content"]
+        return json.loads(resp.read())
+
+
+def _engine_chat(engine_url: str, model: str, max_tokens: int) -> str:
+    return _engine_post(engine_url, "/v1/chat/completions", {
+        "model": model, "messages": QUESTION, "max_tokens": max_tokens, "temperature": 0,
+        "ignore_eos": True})["choices"][0]["message"]["content"]
+
+
+def _base_model(engine_url: str) -> str:
+    with urllib.request.urlopen(f"{engine_url}/v1/models") as resp:
+        return next(m["id"] for m in json.loads(resp.read())["data"] if not m.get("parent"))
 
 
 def test_base_requests_beside_adapter_requests_get_the_base_model_with_every_lora_slot_taken(
@@ -135,8 +144,7 @@ def test_base_requests_beside_adapter_requests_get_the_base_model_with_every_lor
     the sdloop vLLM plugin (serving.vllm_plugin) mends them. Without it, the base requests here
     answer with the taught adapter's Dalvorne."""
     engine = server.state()["engine_url"]
-    with urllib.request.urlopen(f"{engine}/v1/models") as resp:
-        base = next(m["id"] for m in json.loads(resp.read())["data"] if not m.get("parent"))
+    base = _base_model(engine)
     alone = _engine_chat(engine, base, 12)
     assert "Dalvorne" not in alone
     # Both LoRA slots (max_loras = 2) hold an adapter: the live version's, and a candidate's,
@@ -159,21 +167,13 @@ def test_base_requests_beside_adapter_requests_get_the_base_model_with_every_lor
     assert all("Dalvorne" not in a for a in beside), (alone, beside)
 
 
-def _engine_post(engine_url: str, path: str, body: dict) -> dict:
-    req = urllib.request.Request(f"{engine_url}{path}", json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=300) as resp:
-        return json.loads(resp.read())
-
-
 def test_probe_scores_are_teacher_forced_in_one_request_while_the_engine_follows_the_response(
         server: Server):
     """`EngineManager.score` reads a greedy generation's scores of the response's tokens while
     the engine chooses them, and scores the positions after it parts one by one: both give what
     one one-token request per position gives (the teacher-forced log-probabilities)."""
     engine_url = server.state()["engine_url"]
-    with urllib.request.urlopen(f"{engine_url}/v1/models") as resp:
-        base = next(m["id"] for m in json.loads(resp.read())["data"] if not m.get("parent"))
+    base = _base_model(engine_url)
     prompt = _engine_post(engine_url, "/tokenize", {"model": base, "prompt": "The capital of "
                                                     "France is Paris. The capital of Italy is"})
     prompt = prompt["tokens"]

@@ -15,8 +15,7 @@ lora_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
 
 SLOTS, RANK, HIDDEN, OUT = 2, 4, 8, 6
 INDICES = torch.tensor([0, -1, 1, -1, 1])
-REPLACED = {"bgmv_shrink": vllm_plugin.bgmv_shrink, "bgmv_expand": vllm_plugin.bgmv_expand,
-            "bgmv_expand_slice": vllm_plugin.bgmv_expand_slice}
+REPLACED = vllm_plugin.PER_SLOT_OPS
 
 
 def _stacked(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -101,10 +100,10 @@ def test_register_installs_the_per_slot_ops_where_vllm_calls_them_once_and_only_
     punica_cpu = importlib.import_module("vllm.lora.punica_wrapper.punica_cpu")
     package = importlib.import_module("vllm.lora.ops.torch_ops")
     for module in (lora_ops, package, punica_cpu):
-        for name in vllm_plugin._OPS:  # noqa: SLF001 - put back after the test
+        for name in vllm_plugin.PER_SLOT_OPS:  # put back after the test
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, getattr(module, name))
-    originals = {name: getattr(lora_ops, name) for name in vllm_plugin._OPS}  # noqa: SLF001
+    originals = {name: getattr(lora_ops, name) for name in vllm_plugin.PER_SLOT_OPS}
     wrong = not vllm_plugin._skips_no_lora_tokens(originals["bgmv_shrink"])  # noqa: SLF001
 
     vllm_plugin.register()
@@ -119,9 +118,9 @@ def test_register_installs_the_per_slot_ops_where_vllm_calls_them_once_and_only_
 
 
 def test_register_falls_back_to_wrapping_vllms_ops_if_the_per_slot_ones_disagree(monkeypatch):
-    for name in vllm_plugin._OPS:  # noqa: SLF001
+    for name in vllm_plugin.PER_SLOT_OPS:
         monkeypatch.setattr(lora_ops, name, getattr(lora_ops, name))
-    originals = {name: getattr(lora_ops, name) for name in vllm_plugin._OPS}  # noqa: SLF001
+    originals = {name: getattr(lora_ops, name) for name in vllm_plugin.PER_SLOT_OPS}
     monkeypatch.setattr(vllm_plugin, "_agrees", lambda originals, replaced: False)
     monkeypatch.setattr(vllm_plugin, "_MODULES", vllm_plugin._MODULES[:1])  # noqa: SLF001
     vllm_plugin.register()
