@@ -22,7 +22,14 @@ from feedback.events import (
     new_id,
     utcnow,
 )
-from feedback.linking import content_text, context_hash, find_followup, reply_hash, session_key
+from feedback.linking import (
+    content_text,
+    context_hash,
+    find_followup,
+    normalise,
+    reply_hash,
+    session_key,
+)
 from feedback.redaction import redact_event, redact_text
 from feedback.sinks import Sink, SinkFull, UnknownCompletion
 from feedback.validation import FeedbackRequest, describe_validation_error
@@ -46,6 +53,7 @@ __all__ = [
     "UnknownCompletion",
     "content_text",
     "context_hash",
+    "normalise",
     "describe_validation_error",
     "find_followup",
     "new_id",

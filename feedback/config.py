@@ -35,6 +35,12 @@ class KafkaConfig:
     events_topic: str = "sdloop.events"
     # Adapter publish/promote/rollback commands, one partition, read by every replica.
     control_topic: str = "sdloop.control"
+    # Shared secret (16+ characters) that signs control-topic commands (HMAC-SHA256): the
+    # ingester signs, every replica refuses a command without a valid signature, so producing
+    # to the topic is not enough to change the served version. Needed by `sdloop ingest` and
+    # every Kafka replica, the same value on all of them; set it from the environment
+    # (SDLOOP_KAFKA__CONTROL_SECRET), never in a config file.
+    control_secret: str = ""
     # Create missing topics at start (needs the broker's create permission).
     create_topics: bool = True
     partitions: int = 12
@@ -42,6 +48,9 @@ class KafkaConfig:
     client_id: str = "sdloop"
     # Events handed to the producer and not yet acknowledged; past it the gateway answers 503.
     buffer_max: int = 20_000
+    # The same bound in bytes (the events' JSON; before redaction, an estimate): a flood of
+    # large events is refused (503) long before `buffer_max` of them fill memory.
+    buffer_max_bytes: int = 256 * 1024 * 1024
     # How long POST /v1/feedback waits for the broker's acknowledgement before answering 503.
     ack_timeout_s: float = 10.0
     # How long the producer keeps retrying an event while the broker is away.

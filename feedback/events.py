@@ -70,13 +70,18 @@ class Event:
         return _ENCODER.encode(data)
 
     @staticmethod
-    def from_json(text: str | bytes) -> Event:
+    def from_json(text: str | bytes | None) -> Event:
         """Parse and check an event that crossed a process boundary (the events topic).
 
-        Raises InvalidEvent naming what is wrong: the ingester keeps such messages in the
-        dead-letter table instead of storing half an event or stopping on it. Token ids stay
-        JSON text (`EncodedIds`).
+        Raises InvalidEvent naming what is wrong, and nothing else, whatever the bytes: the
+        ingester keeps such messages in the dead-letter table instead of storing half an event
+        or stopping on it (a record it cannot get past would stop its partition on every
+        restart). A Kafka record may have no value at all (a tombstone): `text` None. Token
+        ids stay JSON text (`EncodedIds`).
         """
+        if not text:  # None (a tombstone) or zero bytes: nothing a producer of events writes
+            raise InvalidEvent("empty_value", "the record has no value (null or empty); "
+                                              "an event is a JSON object")
         try:
             decoder, kinds = _wire()
             wire = decoder.decode(text)
@@ -84,13 +89,22 @@ class Event:
             raise InvalidEvent("invalid_event", _explain(text, exc)) from None
         except msgspec.DecodeError as exc:
             raise InvalidEvent("not_json", f"not a JSON document: {exc}") from None
+        except RecursionError:  # msgspec's depth limit, on arbitrarily nested `Any` fields
+            raise InvalidEvent("invalid_event", "nested too deeply to decode") from None
+        except (TypeError, ValueError) as exc:  # e.g. a value that is not bytes or text
+            raise InvalidEvent("not_json", f"cannot decode {type(text).__name__}: {exc}") from None
         kind = kinds[type(wire)]
         cls = kind.cls
         data = msgspec.structs.asdict(wire)
         for name in kind.timestamps:  # the store keeps naive UTC
             value = data[name]
             if value is not None and value.tzinfo is not None:
-                data[name] = value.astimezone(UTC).replace(tzinfo=None)
+                try:
+                    data[name] = value.astimezone(UTC).replace(tzinfo=None)
+                except OverflowError:  # 0001-01-01T00:00+14:00 is before year 1 in UTC
+                    raise InvalidEvent("invalid_event", f"{cls.kind}: timestamp "
+                                       f"{value.isoformat()} is out of range in UTC (years "
+                                       f"1-9999) - at `$.{name}`") from None
         for name in kind.encoded_ids:
             if data[name] is None:
                 continue
@@ -170,6 +184,8 @@ class CompletionEvent(Event):
     context_hash: str | None = None
     reply_hash: str | None = None
     session_id: str | None = None
+    # Who asked (an API key's name; `local` on a server without keys).
+    principal: str | None = None
 
 
 @dataclass
@@ -188,6 +204,10 @@ class FollowupEvent(Event):
     # The completion that answers this follow-up (the request it arrived in).
     next_completion_id: str
     session_id: str | None = None
+    # Who sent it; it is linked only to a reply given to the same principal.
+    principal: str | None = None
+    # The principal held the `feedback` scope: the follow-up may teach.
+    may_teach: bool | None = None
 
 
 @dataclass
@@ -201,6 +221,9 @@ class FeedbackEvent(Event):
     score: float | None = None
     text: str | None = None
     metadata: dict[str, Any] | None = field(default=None)
+    principal: str | None = None
+    # The principal held the `feedback` scope: stored either way, trained on only then.
+    may_teach: bool | None = None
 
 
 @dataclass
@@ -267,6 +290,8 @@ def _explain(text: str | bytes, exc: msgspec.ValidationError) -> str:
         data = msgspec.json.decode(text)
     except msgspec.DecodeError as exc:  # the check stopped before reaching the malformed part
         return f"{message}; and not a JSON document: {exc}"
+    except RecursionError:  # ... or before a part nested past msgspec's depth limit
+        return f"{message}; and nested too deeply to decode"
     kind = data.get("kind") if isinstance(data, dict) else None
     if kind == FeedbackEvent.kind and message.endswith("`$.type`"):
         message += f"; type must be one of {', '.join(FEEDBACK_TYPES)}"

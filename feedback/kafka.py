@@ -6,8 +6,15 @@ idempotent with acks=all: a retried send after a lost acknowledgement is not wri
 and a future resolves only once every in-sync replica has the event — a 2xx on feedback means
 the broker has it. While the broker is away the producer keeps what it was given and retries
 it (`kafka.delivery_timeout_s`); the sink counts what is unacknowledged and refuses more past
-`kafka.buffer_max` (the gateway answers 503), so memory is bounded and nothing is dropped
-silently: an event the producer finally gives up on is counted and logged.
+`kafka.buffer_max` events or `kafka.buffer_max_bytes` bytes (the gateway answers 503), so memory
+is bounded and nothing is dropped silently: an event the producer finally gives up on is counted
+and logged. (kafka-python 3 has no `buffer_memory`: its accumulator holds whatever it is given,
+so the bound in bytes is the sink's.)
+
+With `feedback.redact`, events are redacted before they are produced, on an encoder thread of
+the sink's own that takes them in the order they were submitted (`feedback.redaction`): no
+unredacted event reaches the topic, and the event loop pays neither the redaction nor the
+serialization.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ from kafka.errors import (
 from feedback import metrics
 from feedback.config import KafkaConfig
 from feedback.events import CompletionEvent, Event, FeedbackEvent, FollowupEvent
-from feedback.sinks import SinkFull
+from feedback.redaction import redact_event
+from feedback.sinks import SinkFull, approx_bytes
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +115,7 @@ class _Outgoing:
     value: bytes
     future: Future[None]
     submitted: float
+    size: int = 0  # what it counts against `kafka.buffer_max_bytes`
 
 
 def _recoverable(exc: BaseException) -> bool:
@@ -134,13 +143,17 @@ class KafkaSink:
     name = "Kafka broker"
     stores = False  # the ingester stores what the broker acknowledged
 
-    def __init__(self, kafka: KafkaConfig) -> None:
+    def __init__(self, kafka: KafkaConfig, redact: bool = False) -> None:
         self.kafka = kafka
         self.ack_timeout_s = kafka.ack_timeout_s
         self.topic = kafka.events_topic
         self.buffer_max = kafka.buffer_max
+        self.buffer_max_bytes = kafka.buffer_max_bytes
+        self.redact = redact
+        self.failure: str | None = None  # the broker's troubles show in `buffer_max` instead
         self._producer: KafkaProducer | None = None
         self._pending = 0
+        self._pending_bytes = 0
         self._lock = threading.Lock()
         self._sessions: OrderedDict[str, str] = OrderedDict()
         self._generation = 0
@@ -149,11 +162,18 @@ class KafkaSink:
         self._resend: queue.Queue[tuple[_Outgoing, int] | None] = queue.Queue()
         self._resender = threading.Thread(target=self._resend_loop, name="sdloop-kafka-resend",
                                           daemon=True)
+        # With `redact`: events waiting to be redacted, serialized and produced, in order.
+        self._encode: queue.SimpleQueue[tuple[Event, Future[None], int, float] | None] = \
+            queue.SimpleQueue()
+        self._encoder = threading.Thread(target=self._encode_loop, name="sdloop-kafka-encode",
+                                         daemon=True)
 
     def open(self) -> KafkaSink:
         ensure_topics(self.kafka)
         self._producer = new_producer(self.kafka)
         self._resender.start()
+        if self.redact:
+            self._encoder.start()
         # Fetch the topic's metadata now, so that no send on the request path waits for it.
         self._producer.partitions_for(self.topic)
         return self
@@ -161,13 +181,19 @@ class KafkaSink:
     def close(self, timeout: float = 30.0) -> None:
         """Deliver what was accepted (up to `timeout`), then disconnect."""
         self._closed = True
+        if self._encoder.is_alive():  # hand over what was submitted before flushing
+            self._encode.put(None)
+            self._encoder.join(timeout)
         if self._producer is not None:
             try:
                 self._producer.flush(timeout)
             except KafkaError as exc:
                 log.error("events still unacknowledged at shutdown: %s", exc)
             with self._rebuild:
-                self._producer.close(timeout)
+                try:
+                    self._producer.close(timeout)
+                except KafkaError:  # kafka-python 3 flushes in close(): the broker is away
+                    _discard(self._producer)
                 self._producer = None
             self._resend.put(None)
 
@@ -176,19 +202,32 @@ class KafkaSink:
         return self._producer is not None
 
     def has_capacity(self) -> bool:
-        return self._pending < self.buffer_max * 0.9
+        return (self._pending < self.buffer_max * 0.9
+                and self._pending_bytes < self.buffer_max_bytes * 0.9)
 
-    def submit(self, event: Event) -> Future[None]:
+    def submit(self, event: Event, request_bytes: int | None = None) -> Future[None]:
         if self._closed or self._producer is None and not self._resender.is_alive():
             raise SinkFull("the event bus producer is closed")
+        # Redacted and serialized on the encoder thread: counted by estimate until then.
+        value = None if self.redact else event.to_json()
+        size = approx_bytes(event, request_bytes) if value is None else len(value)
         with self._lock:
             if self._pending >= self.buffer_max:
                 raise SinkFull(f"{self._pending} events are waiting for the Kafka broker's "
                                "acknowledgement (kafka.buffer_max); is the broker reachable?")
+            # An event larger than the bound on its own is still taken when nothing waits.
+            if self._pending_bytes and self._pending_bytes + size > self.buffer_max_bytes:
+                raise SinkFull(f"{self._pending_bytes >> 20} MiB of events are waiting for the "
+                               "Kafka broker's acknowledgement (kafka.buffer_max_bytes); is the "
+                               "broker reachable?")
             self._pending += 1
+            self._pending_bytes += size
         fut: Future[None] = Future()
-        item = _Outgoing(event, self._key(event).encode(), event.to_json(), fut,
-                         time.monotonic())
+        if value is None:
+            self._encode.put((event, fut, size, time.monotonic()))
+            metrics.BUS_PENDING.set(self._pending)
+            return fut
+        item = _Outgoing(event, self._key(event).encode(), value, fut, time.monotonic(), size)
         try:
             self._send(item)
         except KafkaError as exc:  # no metadata within max_block_ms, or the buffer is full
@@ -217,6 +256,22 @@ class KafkaSink:
             self._resend.put((item, generation))
             return
         self._settle(item, exc)
+
+    def _encode_loop(self) -> None:
+        """With `redact`: each event redacted, serialized and produced, in submission order; a
+        send that fails here fails the event's future (the gateway's 503 for feedback)."""
+        while True:
+            entry = self._encode.get()
+            if entry is None:
+                return
+            event, fut, size, submitted = entry
+            item = _Outgoing(event, b"", b"", fut, submitted, size)
+            try:
+                item.event = redact_event(event)
+                item.key, item.value = self._key(item.event).encode(), item.event.to_json()
+                self._send(item)
+            except Exception as exc:  # noqa: BLE001 - this thread must outlive any one event
+                self._settle(item, exc)
 
     def _resend_loop(self) -> None:
         while True:
@@ -250,6 +305,7 @@ class KafkaSink:
     def _settle(self, item: _Outgoing, exc: BaseException | None) -> None:
         with self._lock:
             self._pending -= 1
+            self._pending_bytes -= item.size
         metrics.BUS_PENDING.set(self._pending)
         event, fut = item.event, item.future
         if exc is None:

@@ -14,9 +14,9 @@ has never seen; only a sink that `stores` can know).
 from __future__ import annotations
 
 from concurrent.futures import Future
-from typing import Protocol
+from typing import Any, Protocol
 
-from feedback.events import Event
+from feedback.events import CompletionEvent, Event, FeedbackEvent, FollowupEvent
 
 
 class SinkFull(RuntimeError):
@@ -39,9 +39,14 @@ class Sink(Protocol):
     stores: bool
     # How long a caller that needs durability waits on a future before giving up.
     ack_timeout_s: float
+    # Replaces personal data (`feedback.redaction`) before an event is written or produced, on
+    # a thread of its own, in order; the gateway only hands events over (`feedback.redact`).
+    redact: bool
 
-    def submit(self, event: Event) -> Future[None]:
-        """Queue an event; raises SinkFull instead of growing without bound."""
+    def submit(self, event: Event, request_bytes: int | None = None) -> Future[None]:
+        """Queue an event; raises SinkFull instead of growing without bound (in events and in
+        bytes). `request_bytes`: the size of the request body the event was read from, when
+        the caller knows it (`approx_bytes`)."""
         ...
 
     @property
@@ -53,3 +58,54 @@ class Sink(Protocol):
         """False when the backlog is near its bound: new work should be refused (503) before
         it produces events that could not be queued."""
         ...
+
+    @property
+    def failure(self) -> str | None:
+        """Why the sink cannot make events durable now (its last write failed: disk full,
+        file not writable), or None. Set on a failed write, cleared by the next one that
+        succeeds; /readyz reports it."""
+        ...
+
+
+# What an event is counted as beyond its texts: the object, its ids, hashes and timestamps.
+_EVENT_OVERHEAD = 1024
+
+
+def approx_bytes(event: Event, request_bytes: int | None = None) -> int:
+    """About how much memory an event holds while it waits in a backlog, for the bounds in
+    bytes on it; cheap, and never a serialization.
+
+    What the client sent is counted as the size of its request body (`request_bytes`: the
+    gateway has it, and the parsed messages or feedback hold about that much); without it, as
+    the lengths of the event's texts, one level deep. What the engine answered is counted as
+    its text and token ids.
+    """
+    size = _EVENT_OVERHEAD
+    if isinstance(event, CompletionEvent):
+        if request_bytes is None:
+            request_bytes = sum(_text_len(m.get("content")) for m in event.messages
+                                if isinstance(m, dict))
+        size += request_bytes + 2 * len(event.response_text or "")  # and response_message's
+        size += 8 * (_ids_len(event.prompt_token_ids) + _ids_len(event.token_ids))
+    elif isinstance(event, FeedbackEvent):
+        size += request_bytes if request_bytes is not None else (
+            len(event.text or "") + 64 * 1024 * (event.metadata is not None))
+    elif isinstance(event, FollowupEvent):
+        size += len(event.text)
+    return size
+
+
+def _text_len(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(v) for part in content if isinstance(part, dict)
+                   for v in part.values() if isinstance(v, str))
+    return 0
+
+
+def _ids_len(ids: Any) -> int:
+    try:
+        return len(ids) if ids is not None else 0
+    except TypeError:  # `EncodedIds` off the events topic: its JSON text
+        return len(getattr(ids, "json", "")) // 4

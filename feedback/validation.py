@@ -36,13 +36,15 @@ class FeedbackRequest(BaseModel):
             raise ValueError(f"'metadata' is larger than {MAX_METADATA_BYTES} bytes of JSON")
         return self
 
-    def to_event(self, idempotency_key: str | None = None) -> FeedbackEvent:
-        """With a client's `Idempotency-Key`, the event id is derived from it and the request:
-        a retry after a 503 or a lost answer is the same event, stored once; the same key reused
-        for other feedback is another event, not dropped as a duplicate."""
+    def to_event(self, idempotency_key: str | None = None, principal: str | None = None,
+                 may_teach: bool | None = None) -> FeedbackEvent:
+        """With a client's `Idempotency-Key`, the event id is derived from it, the request and
+        its principal: a retry after a 503 or a lost answer is the same event, stored once; the
+        same key reused for other feedback, or by another principal, is another event."""
         event_id = new_id("fb")
         if idempotency_key:
-            request = json.dumps([idempotency_key, self.model_dump(mode="json")], sort_keys=True)
+            request = json.dumps([idempotency_key, self.model_dump(mode="json"), principal],
+                                 sort_keys=True)
             event_id = "fb-" + hashlib.sha256(request.encode()).hexdigest()[:32]
         return FeedbackEvent(
             event_id=event_id,
@@ -52,6 +54,8 @@ class FeedbackRequest(BaseModel):
             score=self.score,
             text=self.text,
             metadata=self.metadata,
+            principal=principal,
+            may_teach=may_teach,
         )
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -28,11 +30,16 @@ import torch
 
 from learner.trainer import AnchorItem, TrainItem
 
+log = logging.getLogger(__name__)
+
 PLAN = "plan.json"
 CHECKPOINT = "checkpoint.pt"
 LOCK = "round.lock"
 PROGRESS = "state.json"  # the name earlier versions kept it under, in the same folder
-NO_PROGRESS = {"last_signal_at": "1970-01-01 00:00:00", "rounds": 0, "attempt": 0}
+# failed_starts: rounds that started on the episodes after the mark and never finished.
+NO_PROGRESS = {"last_signal_at": "1970-01-01 00:00:00", "rounds": 0, "attempt": 0,
+               "failed_starts": 0}
+QUARANTINE = "quarantine.json"  # episodes set aside after `learner.quarantine_after` failures
 
 
 class RoundBusy(RuntimeError):
@@ -75,6 +82,15 @@ class RoundWorkspace:
     def save_progress(self, progress: dict[str, Any]) -> None:
         self._write_atomic(PROGRESS, lambda tmp: tmp.write_text(json.dumps(progress)))
 
+    def quarantine(self, entry: dict[str, Any]) -> None:
+        """Add an entry to the quarantine file (a JSON list, newest last)."""
+        try:
+            entries = json.loads((self.path / QUARANTINE).read_text())
+        except (OSError, json.JSONDecodeError):
+            entries = []
+        entries.append(entry)
+        self._write_atomic(QUARANTINE, lambda tmp: tmp.write_text(json.dumps(entries, indent=1)))
+
     # -- the plan --------------------------------------------------------------------------
 
     def load_plan(self, key: str) -> dict[str, Any] | None:
@@ -102,13 +118,25 @@ class RoundWorkspace:
     # -- training checkpoints --------------------------------------------------------------
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """`state` holds tensors and plain values only (numbers, strings, lists, dicts: the
+        optimizer's and scheduler's state dicts are), which is all `load_checkpoint` takes."""
         self._write_atomic(CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
     def load_checkpoint(self) -> dict[str, Any] | None:
+        """The saved training state, read with torch's safe loader (`weights_only`): a file
+        that would unpickle anything else — an object whose unpickling runs code, planted in
+        the workspace — is refused before it runs, logged, and removed, and the round trains
+        from its start."""
         path = self.path / CHECKPOINT
         if not path.is_file():
             return None
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+            log.error("refused the training checkpoint %s (not tensors and plain values only: "
+                      "%s); training from the start", path, str(exc).splitlines()[0])
+            path.unlink(missing_ok=True)
+            return None
 
     def clear(self) -> None:
         """Drop the plan and checkpoint (the progress mark and the lock file stay)."""

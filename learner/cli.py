@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from serving.cli import Command
+from serving.cli import Command, private_data
 from serving.client import ClientError, admin_call, server_state, store_query
 from serving.config import Config
 from serving.model_cache import ModelError, ensure_embedded_model
@@ -49,7 +49,7 @@ def round_io(cfg: Config, progress: bool = True) -> RoundIO:
         if server is None or not server.get("engine_url"):
             return None
         try:
-            return EnginePolicy.of(server["engine_url"], version)
+            return EnginePolicy.of(server["engine_url"], version, server.get("engine_api_key", ""))
         except (OSError, ValueError, KeyError, StopIteration) as exc:
             log.warning("on-policy samples from the trainer's model: the engine did not answer (%s)",
                         exc)
@@ -102,6 +102,7 @@ def _learn_arguments(parser: argparse.ArgumentParser, common: Callable[..., None
 
 
 def _learn(cfg: Config, args: argparse.Namespace) -> int:
+    private_data(cfg)
     if args.once:
         print(json.dumps(run_once(cfg, args.max_steps), default=str))
         return 0

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from feedback import FEEDBACK_KINDS
+from learner.policy import TeachingPolicy
 from learner.retention_data import retention_set
 from learner.spec import Divergence, Support, TokenLossConfig
 
@@ -143,15 +144,44 @@ class LearnerConfig:
     gate_samples: int = 2  # teacher answers per signal drawn for the gate, never trained on
     retries: int = 1  # times a rejected round's episodes are tried again, with another seed
     enforce_gate: bool = True  # False: record the verdict but publish anyway (benchmarks only)
+    # Teaching policy: which signals may teach (learner.policy; README, "Security model").
+    review: bool = False  # a signal teaches only once approved (`sdloop review approve`)
+    # Distinct principals that must give the same signal on the same question before it
+    # teaches; 1 for a single-user install.
+    min_principals: int = 1
+    # Signals one principal may teach per clock hour (the earliest; 0: no quota).
+    principal_quota_per_hour: int = 120
+    # Of a round's signals, at most this share from one principal once two or more teach in it.
+    max_principal_share: float = 0.5
+    max_signal_chars: int = 2000  # longer signal texts are cut to this (0: no cap)
+    max_signals_per_episode: int = 8  # signals one answer may teach from (0: no cap)
+    # Rounds that failed (died) on the same episodes before those are set aside (quarantined
+    # in the learner's workspace) and the learner moves on.
+    quarantine_after: int = 3
     # Daemon.
     interval_s: float = 60.0
     min_episodes: int = 1
     metrics_port: int = 8001  # the daemon's Prometheus /metrics on 127.0.0.1 (0: any, -1: off)
 
+    def teaching(self) -> TeachingPolicy:
+        return TeachingPolicy(self.review, self.min_principals, self.principal_quota_per_hour,
+                              self.max_principal_share, self.max_signal_chars,
+                              self.max_signals_per_episode)
+
     def check(self, cfg: Any) -> None:
         """Called by the config loader: a bad knob or retention file stops the command that
         loads it, naming the key, before any round starts."""
         resolve(self)
+        for name in ("min_principals", "quarantine_after"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"learner.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("principal_quota_per_hour", "max_signal_chars", "max_signals_per_episode"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"learner.{name}: must be >= 0 (0: no limit), got "
+                                 f"{getattr(self, name)}")
+        if not 0 < self.max_principal_share <= 1:
+            raise ValueError("learner.max_principal_share: must be in (0, 1], got "
+                             f"{self.max_principal_share}")
         if self.retention_set:
             retention_set(self.retention_set)
 

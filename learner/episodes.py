@@ -18,12 +18,20 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from feedback import FEEDBACK_KINDS, context_hash
 from learner.config import TEXT_FEEDBACK
+from learner.policy import (
+    AGREEMENT_SQL,
+    OVER_QUOTA_SQL,
+    TeachingPolicy,
+    agreement,
+    apply_policy,
+    signal_key,
+)
 from store import Query, QueryResult
 
 # Episodes whose newest signal (feedback or follow-up) arrived after the given time: feedback
@@ -82,6 +90,8 @@ def corrected_statement(correction: str) -> str:
 class Signal:
     source: str
     text: str
+    # Who gave it (for the teaching policy's share and agreement; not part of its identity).
+    principal: str | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -97,14 +107,22 @@ class Episode:
     signal_at: str = ""  # when its newest signal arrived (UTC)
 
 
-def build_episodes(result: QueryResult, sources: Iterable[str]) -> list[Episode]:
-    """Rows of EPISODES_SQL → episodes holding only signals from `sources`; none: dropped."""
+def build_episodes(result: QueryResult, sources: Iterable[str],
+                   policy: TeachingPolicy | None = None,
+                   over_quota: Collection[str] = (), dedupe: bool = True) -> list[Episode]:
+    """Rows of EPISODES_SQL → episodes holding only signals from `sources` that the teaching
+    policy admits (`learner.policy`); none: dropped. Without `dedupe`, a signal given by
+    several principals on one answer stays once per principal (for counting agreement)."""
+    policy = policy or TeachingPolicy()
+    quota = set(over_quota)
     wanted = set(sources)
     rows = [dict(zip(result.columns, r, strict=True)) for r in result.rows]
     episodes, by_prompt = [], defaultdict(list)
+    raters: dict[str, str | None] = {}
     for row in rows:
-        feedback = _as_list(row["feedback"])
-        scores = [f["score"] for f in feedback if f.get("type") == "rating" and f.get("score") is not None]
+        feedback = [f for f in _as_list(row["feedback"]) if policy.admits(f, quota)]
+        ratings = [f for f in feedback if f.get("type") == "rating" and f.get("score") is not None]
+        scores = [f["score"] for f in ratings]
         ep = Episode(
             completion_id=row["completion_id"], created_at=str(row["created_at"]),
             version=row["version"], messages=as_json(row["messages"]),
@@ -112,17 +130,22 @@ def build_episodes(result: QueryResult, sources: Iterable[str]) -> list[Episode]
             rating=sum(scores) / len(scores) if scores else None,
             signal_at=str(row.get("signal_at", "")),
         )
-        ep.signals = [Signal(f["type"], corrected_statement(f["text"]) if f["type"] == "correction"
-                             else f["text"])
+        if ratings:
+            raters[ep.completion_id] = ratings[-1].get("principal")
+        ep.signals = [Signal(f["type"], policy.cut(corrected_statement(f["text"]))
+                             if f["type"] == "correction" else policy.cut(f["text"]),
+                             f.get("principal"))
                       for f in feedback
                       if f.get("type") in TEXT_FEEDBACK and (f.get("text") or "").strip()]
         for f in _as_list(row["followups"]):
+            if not policy.admits(f, quota):
+                continue
             text = (f.get("text") or "").strip()
             corrected = correction_text(text) if "correction" in wanted else None
             if corrected:
-                ep.signals.append(Signal("correction", corrected))
+                ep.signals.append(Signal("correction", policy.cut(corrected), f.get("principal")))
             elif text:
-                ep.signals.append(Signal("followup", text))
+                ep.signals.append(Signal("followup", policy.cut(text), f.get("principal")))
         episodes.append(ep)
         by_prompt[context_hash(ep.messages)].append(ep)
 
@@ -133,18 +156,35 @@ def build_episodes(result: QueryResult, sources: Iterable[str]) -> list[Episode]
             needs_help = (ep.rating is not None and ep.rating < 0) or any(
                 s.source in _NEGATIVE for s in ep.signals)
             if needs_help:
-                ep.signals += [Signal("sibling_success", g.response_text) for g in good
+                ep.signals += [Signal("sibling_success", g.response_text,
+                                      raters.get(g.completion_id)) for g in good
                                if g is not ep and g.response_text.strip()]
 
     for ep in episodes:  # the same correction given twice (a reply and a feedback call) is one
-        ep.signals = list(dict.fromkeys(s for s in ep.signals if s.source in wanted))
+        ep.signals = [s for s in ep.signals if s.source in wanted]
+        if dedupe:
+            ep.signals = list(dict.fromkeys(ep.signals))
     return [ep for ep in episodes if ep.signals]
 
 
-def collect(query: Query, since: str,
-            sources: Iterable[str]) -> list[Episode]:
-    """Episodes with a signal that arrived after `since` (ISO timestamp, UTC)."""
-    return build_episodes(query(EPISODES_SQL, [since]), sources)
+def collect(query: Query, since: str, sources: Iterable[str],
+            policy: TeachingPolicy | None = None) -> list[Episode]:
+    """Episodes with a signal that arrived after `since` (ISO timestamp, UTC), holding the
+    signals the teaching policy lets teach."""
+    policy = policy or TeachingPolicy()
+    sources = list(sources)
+    over_quota: set[str] = set()
+    if policy.principal_quota_per_hour:
+        over_quota = {r[0] for r in query(OVER_QUOTA_SQL,
+                                          [since, policy.principal_quota_per_hour]).rows}
+    episodes = build_episodes(query(EPISODES_SQL, [since]), sources, policy, over_quota)
+    agreed = None
+    if policy.min_principals > 1:
+        history = build_episodes(query(AGREEMENT_SQL, []), sources, policy, over_quota,
+                                 dedupe=False)
+        agreed = agreement((signal_key(ep.messages, s.source, s.text), s.principal)
+                           for ep in history for s in ep.signals)
+    return apply_policy(episodes, policy, agreed)
 
 
 def as_json(value: Any) -> Any:

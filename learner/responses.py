@@ -47,19 +47,27 @@ def agrees(answer: str, question: str, signal: str, min_share: float = 0.5) -> b
 
 @dataclass(frozen=True)
 class EnginePolicy:
-    """Where on-policy samples come from: the running engine and the name it serves the
-    current version under."""
+    """Where on-policy samples come from: the running engine, the name it serves the current
+    version under, and its API key (the server's state file has it: the engine answers only
+    requests that carry it)."""
 
     url: str
     model: str
+    api_key: str = ""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     @classmethod
-    def of(cls, engine_url: str, version: str) -> EnginePolicy:
+    def of(cls, engine_url: str, version: str, api_key: str = "") -> EnginePolicy:
         if version != "base":
-            return cls(engine_url, version)
-        with urllib.request.urlopen(f"{engine_url}/v1/models", timeout=30) as resp:
+            return cls(engine_url, version, api_key)
+        req = urllib.request.Request(f"{engine_url}/v1/models",
+                                     headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+        with urllib.request.urlopen(req, timeout=30) as resp:
             models = json.loads(resp.read())["data"]
-        return cls(engine_url, next(m["id"] for m in models if not m.get("parent")))
+        return cls(engine_url, next(m["id"] for m in models if not m.get("parent")), api_key)
 
     def sample(self, prompt: list[int], n: int, temperature: float, max_new_tokens: int,
                seed: int = 0) -> list[tuple[list[int], list[float]]]:
@@ -69,7 +77,7 @@ class EnginePolicy:
                 "max_tokens": max_new_tokens, "logprobs": 0, "return_token_ids": True,
                 "seed": seed}
         req = urllib.request.Request(f"{self.url}/v1/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
+                                     {"Content-Type": "application/json", **self.headers})
         with urllib.request.urlopen(req, timeout=300) as resp:
             choices = json.loads(resp.read())["choices"]
         return [(list(c["token_ids"]), [float(x) for x in c["logprobs"]["token_logprobs"]])

@@ -19,6 +19,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -98,18 +99,40 @@ def run_round(lcfg: LearnerConfig, io: RoundIO, workspace: Path, adapters: Path,
     started = time.monotonic()
     with RoundWorkspace(workspace) as work:
         mark = work.progress()
+        if mark["failed_starts"] >= lcfg.quarantine_after:
+            return _quarantine(lcfg, io, work, mark)
+        # Counted as failed unless the round gets to the end (a crash, a kill, an exception).
+        work.save_progress({**mark, "failed_starts": mark["failed_starts"] + 1})
         attempt = int(mark["attempt"])
         lcfg = retry_config(lcfg, attempt)
         summary, learned_up_to = _round(lcfg, io, work, adapters, mark["last_signal_at"],
                                         max_steps, progress, model_cache or workspace)
         summary["attempt"] = attempt
         retry = summary["status"] == "rejected" and attempt < lcfg.retries
-        if learned_up_to is not None:
-            work.save_progress({
-                "last_signal_at": mark["last_signal_at"] if retry else learned_up_to,
-                "rounds": mark["rounds"] + (summary["status"] != "skipped"),
-                "attempt": attempt + 1 if retry else 0})
+        work.save_progress({**mark, "failed_starts": 0} if learned_up_to is None else {
+            "last_signal_at": mark["last_signal_at"] if retry else learned_up_to,
+            "rounds": mark["rounds"] + (summary["status"] != "skipped"),
+            "attempt": attempt + 1 if retry else 0, "failed_starts": 0})
     return {**summary, "retry_next_round": retry, "seconds": round(time.monotonic() - started, 1)}
+
+
+def _quarantine(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace,
+                mark: dict[str, Any]) -> dict[str, Any]:
+    """Set aside the episodes every round since the mark died on: listed in the workspace's
+    quarantine file (with when and why), and the mark moved past them, so one poisoned or
+    oversized episode cannot stop the learner for good."""
+    episodes = collect(io.query, mark["last_signal_at"], resolve(lcfg).context, lcfg.teaching())
+    newest = max((e.signal_at for e in episodes), default=mark["last_signal_at"])
+    reason = (f"{mark['failed_starts']} rounds in a row died on these episodes "
+              f"(learner.quarantine_after = {lcfg.quarantine_after})")
+    work.quarantine({"at": datetime.now(UTC).isoformat(), "reason": reason,
+                     "episodes": [e.completion_id for e in episodes],
+                     "signals_from": mark["last_signal_at"], "signals_to": newest})
+    work.clear()
+    work.save_progress({**mark, "last_signal_at": newest, "attempt": 0, "failed_starts": 0})
+    log.error("quarantined %d episodes: %s", len(episodes), reason)
+    return {"status": "quarantined", "episodes": len(episodes), "reason": reason,
+            "quarantined": [e.completion_id for e in episodes]}
 
 
 def retry_config(lcfg: LearnerConfig, attempt: int) -> LearnerConfig:
@@ -132,7 +155,7 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
     knobs = resolve(lcfg)
     template = load_template(lcfg.template)
     query = io.query
-    episodes = collect(query, since, knobs.context)
+    episodes = collect(query, since, knobs.context, lcfg.teaching())
     summary: dict[str, Any] = {"preset": lcfg.preset, "episodes": len(episodes)}
     if len(episodes) < lcfg.min_episodes:
         return {**summary, "status": "skipped",

@@ -7,17 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import TypeVar
 
+import duckdb
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from serving.errors import APIError
-from serving.gateway import gateway_of
+from serving.gateway import Gateway, gateway_of
 from serving.http import read_model
-from serving.protocol import ADAPTER_ACTIONS, PromoteRequest, PublishRequest, SqlRequest
+from serving.protocol import (
+    ADAPTER_ACTIONS,
+    KeyRequest,
+    PromoteRequest,
+    PublishRequest,
+    ReviewRequest,
+    RevokeRequest,
+    SqlRequest,
+)
 from serving.version_folder import RegistryError
-from store import QueryError, run_read_only
+from store import QueryError, QueryResult, keys, review, run_read_only
+
+T = TypeVar("T")
 
 
 async def admin_sql(request: Request) -> Response:
@@ -31,20 +43,36 @@ async def admin_sql(request: Request) -> Response:
     limit = gw.cfg.server.sql_max_rows
     max_rows = limit if req.max_rows is None else min(req.max_rows, limit)
 
-    def run() -> Any:
+    def run() -> bytes:
         cur = gw.store.cursor()
         try:
-            return run_read_only(cur, req.sql, max_rows, gw.cfg.server.sql_timeout_s, req.params)
+            result = run_read_only(cur, req.sql, max_rows, gw.cfg.server.sql_timeout_s, req.params)
         finally:
             cur.close()
+        return _encode(result, gw.cfg.server.sql_max_bytes)
 
     try:
-        result = await asyncio.to_thread(run)
+        body = await asyncio.to_thread(run)  # the query and its JSON, off the event loop
     except QueryError as exc:
         raise APIError(400, str(exc), code="invalid_sql", param="sql") from None
-    payload = {"columns": result.columns, "types": result.types, "rows": result.rows,
-               "truncated": result.truncated}
-    return Response(json.dumps(payload, default=str), media_type="application/json")
+    return Response(body, media_type="application/json")
+
+
+def _encode(result: QueryResult, max_bytes: int) -> bytes:
+    """The result as JSON, its rows cut (`truncated`) where the body would pass `max_bytes`:
+    a row limit alone lets a few huge values make a body of gigabytes."""
+    rows: list[str] = []
+    size = 0
+    truncated = result.truncated
+    for row in result.rows:
+        text = json.dumps(row, default=str)
+        size += len(text) + 1
+        if size > max_bytes:
+            truncated = True
+            break
+        rows.append(text)
+    return (f'{{"columns": {json.dumps(result.columns)}, "types": {json.dumps(result.types)}, '
+            f'"rows": [{", ".join(rows)}], "truncated": {json.dumps(truncated)}}}').encode()
 
 
 async def admin_adapters(request: Request) -> Response:
@@ -77,3 +105,69 @@ async def admin_adapter_action(request: Request) -> Response:
     except RegistryError as exc:
         raise APIError(exc.status, str(exc), code="adapter_" + action) from None
     return JSONResponse(result)
+
+
+# -- principals and review --------------------------------------------------------------------
+
+
+async def _on_store(gw: Gateway, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+    """`fn` on the gateway's store, in a transaction of its own, off the event loop."""
+    if gw.store is None:
+        raise APIError(409, "This gateway has no store; manage keys and reviews on the one that "
+                            "holds it.", code="no_store")
+    return await asyncio.wrap_future(gw.store.call(fn))
+
+
+async def admin_keys(request: Request) -> Response:
+    """GET: the keys (never the keys themselves); POST: a new one, answered once with its key."""
+    gw = gateway_of(request)
+    gw.check_admin(request)
+    if request.method == "GET":
+        return Response(json.dumps(await _on_store(gw, keys.list_keys), default=str),
+                        media_type="application/json")
+    _, req = await read_model(request, KeyRequest, gw.cfg.server.max_body_bytes)
+    try:
+        made = await _on_store(gw, lambda con: keys.add_key(con, req.name, req.scopes))
+    except keys.KeyRefused as exc:
+        raise APIError(400, str(exc), code="invalid_key_request") from None
+    await gw.reload_keys()
+    return JSONResponse(made, status_code=201)
+
+
+async def admin_key_revoke(request: Request) -> Response:
+    gw = gateway_of(request)
+    gw.check_admin(request)
+    _, req = await read_model(request, RevokeRequest, gw.cfg.server.max_body_bytes)
+    try:
+        revoked = await _on_store(gw, lambda con: keys.revoke_key(con, req.name))
+    except keys.KeyRefused as exc:
+        raise APIError(404, str(exc), code="key_not_found") from None
+    await gw.reload_keys()
+    return Response(json.dumps(revoked, default=str), media_type="application/json")
+
+
+async def admin_review(request: Request) -> Response:
+    """GET: signals waiting for review (`?limit=`)."""
+    gw = gateway_of(request)
+    gw.check_admin(request)
+    try:
+        limit = int(request.query_params.get("limit", "100"))
+    except ValueError:
+        raise APIError(400, "limit must be an integer", param="limit") from None
+    rows = await _on_store(gw, lambda con: review.pending(con, max(0, min(limit, 10_000))))
+    return Response(json.dumps(rows, default=str), media_type="application/json")
+
+
+async def admin_review_decide(request: Request) -> Response:
+    """POST /admin/review/{approve|reject} {"ids": [...]}."""
+    gw = gateway_of(request)
+    reviewer = gw.check_admin(request)
+    decision = {"approve": "approved", "reject": "rejected"}.get(request.path_params["decision"])
+    if decision is None:
+        raise APIError(404, "No review action here: approve or reject.")
+    _, req = await read_model(request, ReviewRequest, gw.cfg.server.max_body_bytes)
+    try:
+        done = await _on_store(gw, lambda con: review.decide(con, req.ids, decision, reviewer))
+    except review.ReviewRefused as exc:
+        raise APIError(404, str(exc), code="signal_not_found", param="ids") from None
+    return JSONResponse(done)

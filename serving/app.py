@@ -21,7 +21,15 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving import metrics
-from serving.admin import admin_adapter_action, admin_adapters, admin_sql
+from serving.admin import (
+    admin_adapter_action,
+    admin_adapters,
+    admin_key_revoke,
+    admin_keys,
+    admin_review,
+    admin_review_decide,
+    admin_sql,
+)
 from serving.chat import chat_completions
 from serving.errors import APIError, error_response
 from serving.feedback_api import feedback
@@ -31,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 async def list_models(request: Request) -> Response:
-    gateway_of(request).check_api_key(request)
+    gateway_of(request).authenticate(request, "chat")
     created = int(time.time())
     data = [
         {"id": alias, "object": "model", "created": created, "owned_by": "sdloop", "version": version}
@@ -51,6 +59,8 @@ async def readyz(request: Request) -> Response:
         problems.append(gw.engine.last_error)
     if not gw.sink.alive:
         problems.append(f"the {gw.sink.name} sink is not running")
+    elif gw.sink.failure:  # e.g. the disk is full: every completion would be dropped
+        problems.append(gw.sink.failure)
     if not gw.versions_ready():
         problems.append("adapter versions from the control topic are still being applied")
     if problems:
@@ -69,6 +79,10 @@ SHARED_ROUTES = [
     Route("/admin/sql", admin_sql, methods=["POST"]),
     Route("/admin/adapters", admin_adapters, methods=["GET"]),
     Route("/admin/adapters/{action}", admin_adapter_action, methods=["POST"]),
+    Route("/admin/keys", admin_keys, methods=["GET", "POST"]),
+    Route("/admin/keys/revoke", admin_key_revoke, methods=["POST"]),
+    Route("/admin/review", admin_review, methods=["GET"]),
+    Route("/admin/review/{decision}", admin_review_decide, methods=["POST"]),
 ]
 ROUTES = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),

@@ -1,8 +1,9 @@
 """`POST /v1/chat/completions`: check, forward to vLLM, relay the answer back, capture it.
 
-A chat request is checked (body size, JSON, the few fields the gateway relies on, alias),
-forwarded to vLLM with the alias replaced by the version's engine name and with token ids
-requested, and relayed back byte for byte; the completion is then handed to the feedback sink
+A chat request is checked (body size, JSON and its nesting, the number of messages, the few
+fields the gateway relies on, alias), forwarded to vLLM with the alias replaced by the version's
+engine name and with token ids requested, and relayed back byte for byte; the completion (with
+the known sampling parameters only, `STORED_PARAMS`) is then handed to the feedback sink
 without waiting. vLLM names its response after the `X-Request-Id` header, so the id the client
 sees is the stored completion id with no rewriting of the body.
 """
@@ -22,6 +23,7 @@ from starlette.responses import Response, StreamingResponse
 
 from feedback import CompletionEvent, FollowupEvent, find_followup, new_id, session_key, utcnow
 from serving import metrics
+from serving.auth import Principal
 from serving.capture import StreamCapture, count_tokens, finish_from_json
 from serving.errors import APIError, error_body
 from serving.gateway import Gateway, gateway_of
@@ -34,14 +36,59 @@ VERSION_HEADER = "x-sdloop-adapter-version"
 WEIGHTS_HEADER = "x-sdloop-weights"
 # Optional client-chosen conversation id; without it the conversation's opening names it.
 SESSION_HEADER = "x-sdloop-session"
-# Request fields that are not sampling parameters; everything else is stored as `params`.
-_NOT_PARAMS = {"messages", "model", "stream", "return_token_ids"}
+# Request fields stored with the completion as its `params`: the OpenAI parameters and vLLM's
+# sampling and chat-template extras (vLLM's ChatCompletionRequest) that shape the answer. Other
+# fields (vLLM validates or ignores them) are sent to the engine but not stored: the store keeps
+# no arbitrary client data. `messages`, `model` and `stream` have columns of their own.
+STORED_PARAMS = frozenset({
+    "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "max_tokens",
+    "max_completion_tokens", "n", "presence_penalty", "response_format", "seed", "stop",
+    "stream_options", "temperature", "top_p", "tools", "tool_choice", "parallel_tool_calls",
+    "user", "reasoning_effort",
+    "top_k", "min_p", "repetition_penalty", "length_penalty", "use_beam_search",
+    "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "min_tokens",
+    "skip_special_tokens", "spaces_between_special_tokens", "truncate_prompt_tokens",
+    "allowed_token_ids", "bad_words", "structured_outputs", "thinking_token_budget",
+    "include_reasoning", "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
+})
+# Where the parameters left out of an oversized `params` are named.
+OMITTED = "_omitted"
+
+
+def stored_params(body: dict[str, Any], request_bytes: int, max_bytes: int) -> dict[str, Any]:
+    """The request's `STORED_PARAMS`; when their JSON is over `max_bytes` (tools, a schema),
+    the numbers and flags among them, and under `OMITTED` the size and names of the rest.
+
+    Measured only when the whole body is over `max_bytes`: parameters taken from a smaller body
+    cannot be much larger, so an ordinary request costs a key lookup per field.
+    """
+    params = {k: v for k, v in body.items() if k in STORED_PARAMS}
+    if request_bytes <= max_bytes or not params:
+        return params
+    size = len(json.dumps(params, separators=(",", ":")))
+    if size <= max_bytes:
+        return params
+    kept = {k: v for k, v in params.items()
+            if v is None or isinstance(v, bool | int | float)}
+    kept[OMITTED] = {"bytes": size, "keys": sorted(k for k in params if k not in kept)}
+    return kept
 
 
 async def chat_completions(request: Request) -> Response:
     gw: Gateway = gateway_of(request)
-    gw.check_api_key(request)
-    body, chat = await read_model(request, ChatRequest, gw.cfg.server.max_body_bytes)
+    principal = gw.authenticate(request, "chat")
+    server = gw.cfg.server
+
+    def few_enough_messages(body: dict[str, Any]) -> None:  # before validating each of them
+        messages = body.get("messages")
+        if isinstance(messages, list) and len(messages) > server.max_messages:
+            raise APIError(422, f"messages: {len(messages)} messages; at most "
+                                f"{server.max_messages} are taken (server.max_messages).",
+                           param="messages")
+
+    body, chat = await read_model(request, ChatRequest, server.max_body_bytes,
+                                  server.max_json_depth, few_enough_messages)
+    request_bytes: int = request.state.body_bytes
     try:
         version = gw.registry.resolve(chat.model)
     except UnknownAlias as exc:
@@ -59,14 +106,16 @@ async def chat_completions(request: Request) -> Response:
     event = CompletionEvent(
         event_id=new_id("cmpl"), completion_id=f"chatcmpl-{request_hex}", created_at=utcnow(),
         alias=chat.model, version=version, messages=body["messages"],
-        params={k: v for k, v in body.items() if k not in _NOT_PARAMS}, stream=chat.stream,
+        params=stored_params(body, request_bytes, server.max_params_bytes), stream=chat.stream,
         session_id=request.headers.get(SESSION_HEADER) or session_key(body["messages"]),
+        principal=principal.name,
     )
     headers = {VERSION_HEADER: version}  # and WEIGHTS_HEADER, once the engine is chosen
 
     ticket = gw.registry.acquire(version)  # released once the answer is complete
     try:
-        response = await _forward(gw, upstream, event, request_hex, headers, started, ticket)
+        response = await _forward(gw, upstream, event, request_hex, headers, started, ticket,
+                                  principal, request_bytes)
     except BaseException:
         ticket.release()
         raise
@@ -77,10 +126,12 @@ async def chat_completions(request: Request) -> Response:
 
 async def _forward(
     gw: Gateway, upstream: dict[str, Any], event: CompletionEvent, request_hex: str,
-    headers: dict[str, str], started: float, ticket: InFlight,
+    headers: dict[str, str], started: float, ticket: InFlight, principal: Principal,
+    request_bytes: int | None = None,
 ) -> Response:
-    """Send the request to the engine and relay the answer back."""
-    resp, raw = await _ask_engine(gw, upstream, request_hex, event, headers)
+    """Send the request to the engine and relay the answer back. `request_bytes`: the body's
+    size, what the completion is counted as in the sink's bound in bytes."""
+    resp, raw = await _ask_engine(gw, upstream, request_hex, event, headers, request_bytes)
     if resp.status != 200:
         return _relay_error(resp.status, raw, headers)
 
@@ -91,17 +142,17 @@ async def _forward(
         gw.capture_nowait(FollowupEvent(
             event_id=new_id("fu"), created_at=utcnow(), context_hash=followup[0],
             reply_hash=followup[1], text=followup[2], next_completion_id=event.completion_id,
-            session_id=event.session_id,
+            session_id=event.session_id, principal=principal.name, may_teach=principal.may_teach,
         ))
 
     if not event.stream:
         finish_from_json(event, json.loads(raw), started)
-        gw.capture_nowait(event)
+        gw.capture_nowait(event, request_bytes)
         count_tokens(event)
         return Response(raw, media_type="application/json", headers=headers)
 
     return StreamingResponse(
-        _relay_stream(gw, resp, StreamCapture(event, started), ticket),
+        _relay_stream(gw, resp, StreamCapture(event, started), ticket, request_bytes),
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache"},
     )
@@ -109,6 +160,7 @@ async def _forward(
 
 async def _ask_engine(gw: Gateway, upstream: dict[str, Any], request_hex: str,
                       event: CompletionEvent, headers: dict[str, str],
+                      request_bytes: int | None = None,
                       ) -> tuple[aiohttp.ClientResponse, bytes]:
     """The engine's response, and its whole body unless it is a stream that starts well.
 
@@ -127,7 +179,8 @@ async def _ask_engine(gw: Gateway, upstream: dict[str, Any], request_hex: str,
             resp = await gw.http.post(
                 f"{engine.base_url}/v1/chat/completions",
                 data=json.dumps(upstream),
-                headers={"content-type": "application/json", "x-request-id": request_hex},
+                headers={"content-type": "application/json", "x-request-id": request_hex,
+                         **engine.auth_headers},
             )
             if event.stream and resp.status == 200:
                 return resp, b""
@@ -146,7 +199,7 @@ async def _ask_engine(gw: Gateway, upstream: dict[str, Any], request_hex: str,
             what = "dropped the request" if accepted else "is unavailable"
             if accepted:  # the engine had it: the record says how it ended
                 event.status, event.error = "engine_error", f"response broke: {type(exc).__name__}"
-                gw.capture_nowait(event)
+                gw.capture_nowait(event, request_bytes)
             raise APIError(503, f"The inference engine {what} ({type(exc).__name__}); retry in a "
                                 "moment.", code="engine_unavailable") from None
         except aiohttp.ClientError as exc:
@@ -168,7 +221,8 @@ def _relay_error(status: int, raw: bytes, headers: dict[str, str]) -> Response:
 
 
 async def _relay_stream(gw: Gateway, resp: aiohttp.ClientResponse, capture: StreamCapture,
-                        ticket: InFlight) -> AsyncIterator[bytes]:
+                        ticket: InFlight, request_bytes: int | None = None,
+                        ) -> AsyncIterator[bytes]:
     """Forward SSE events as they come, reading what the store needs out of each.
 
     Whatever arrived is forwarded in one write, cut at the last complete event; the engine
@@ -199,5 +253,5 @@ async def _relay_stream(gw: Gateway, resp: aiohttp.ClientResponse, capture: Stre
         resp.release()
         ticket.release()
         capture.finish()
-        gw.capture_nowait(event)
+        gw.capture_nowait(event, request_bytes)
         count_tokens(event)

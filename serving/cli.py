@@ -22,11 +22,11 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from serving.client import ClientError, admin_call, server_state, store_query
+from serving.client import ClientError, admin_call, server_state, store_change, store_query
 from serving.config import Config, ConfigError, load_config
 from serving.model_cache import ModelError, ensure_embedded_model
-from serving.state import AlreadyServing
-from store import QueryError
+from serving.state import AlreadyServing, keep_private
+from store import QueryError, keys, review
 from store.versions import list_versions
 
 COMMANDS_GROUP = "sdloop.commands"
@@ -109,6 +109,14 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
 
 
+def private_data(cfg: Config) -> None:
+    """For the commands that write the data dir (`serve`, `ingest`, `learn`): it and what they
+    write there — the store and its WAL above all: every conversation — readable by this user
+    only (`serving.state.keep_private`)."""
+    store = cfg.store_path
+    keep_private(cfg.data_path, store, store.with_name(store.name + ".wal"))
+
+
 # -- serving's commands -----------------------------------------------------------------------
 
 
@@ -134,6 +142,7 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
 
     from serving.server import run_server
 
+    private_data(cfg)
     learner = not args.no_learner
     if learner and "learn" not in commands():
         logging.getLogger("sdloop.serve").warning(
@@ -156,6 +165,7 @@ def _ingest(cfg: Config, args: argparse.Namespace) -> int:
 
     from serving.ingest_service import run_ingest
 
+    private_data(cfg)
     tune_gc()
     try:
         return run_ingest(cfg)
@@ -234,6 +244,64 @@ def _adapters(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_arguments(parser: argparse.ArgumentParser, common: Callable[..., None]) -> None:
+    actions = parser.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="a key for a new principal (printed once)")
+    common(add)
+    add.add_argument("name", help="the principal: recorded on everything the key sends")
+    add.add_argument("--scopes", default="chat",
+                     help="comma-separated: chat, feedback (may teach the model), admin "
+                          "(default: chat)")
+    common(actions.add_parser("list", help="keys, their scopes, and which are revoked"))
+    revoke = actions.add_parser("revoke", help="revoke a key: its signals stop teaching")
+    common(revoke)
+    revoke.add_argument("name")
+
+
+def _keys(cfg: Config, args: argparse.Namespace) -> int:
+    if args.action == "add":
+        scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+        made = store_change(cfg, "POST", "/admin/keys", {"name": args.name, "scopes": scopes},
+                            lambda con: keys.add_key(con, args.name, scopes))
+        print(made["key"])
+        print(f"key for '{made['name']}' ({', '.join(made['scopes'])}); it is shown only now",
+              file=sys.stderr)
+    elif args.action == "revoke":
+        print(json.dumps(store_change(cfg, "POST", "/admin/keys/revoke", {"name": args.name},
+                                      lambda con: keys.revoke_key(con, args.name))))
+    else:
+        listed = store_change(cfg, "GET", "/admin/keys", None, keys.list_keys)
+        print_rows(["name", "scopes", "created_at", "revoked_at"],
+                   [[k["name"], ",".join(k["scopes"]), k["created_at"], k["revoked_at"]]
+                    for k in listed], "table")
+    return 0
+
+
+def _review_arguments(parser: argparse.ArgumentParser, common: Callable[..., None]) -> None:
+    actions = parser.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="signals waiting for a decision")
+    common(listing)
+    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    for action, what in (("approve", "may teach"), ("reject", "never teaches")):
+        sub = actions.add_parser(action, help=f"the signals {what}")
+        common(sub)
+        sub.add_argument("ids", nargs="+", help="signal ids (from `review list`)")
+
+
+def _review(cfg: Config, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        rows = store_change(cfg, "GET", f"/admin/review?limit={args.limit}", None,
+                            lambda con: review.pending(con, args.limit))
+        columns = ["id", "origin", "type", "principal", "created_at", "text", "response_text"]
+        print_rows(columns, [[r[c] for c in columns] for r in rows], args.format)
+        return 0
+    decision = {"approve": "approved", "reject": "rejected"}[args.action]
+    print(json.dumps(store_change(cfg, "POST", f"/admin/review/{args.action}", {"ids": args.ids},
+                                  lambda con: review.decide(con, args.ids, decision, "cli"))))
+    return 0
+
+
 def _setup(cfg: Config, args: argparse.Namespace) -> int:
     print(ensure_embedded_model(cfg.model_cache_path))
     return 0
@@ -271,7 +339,8 @@ def _cell(value: Any) -> str:
 
 # What serving's commands report in one line: the store or server cannot be reached or refused,
 # another server holds the data dir, a query is refused, the model is missing.
-_USER_ERRORS = (ClientError, AlreadyServing, QueryError, ModelError)
+_USER_ERRORS = (ClientError, AlreadyServing, QueryError, ModelError, keys.KeyRefused,
+                review.ReviewRefused)
 
 SERVE = Command("engine + gateway + feedback store (+ the learner daemon)", _serve,
                 _serve_arguments, lambda a: {"server.host": a.host, "server.port": a.port},
@@ -282,6 +351,10 @@ SQL = Command("read-only SQL on the feedback store (works while serving)", _sql,
               user_errors=_USER_ERRORS)
 ADAPTERS = Command("model versions and the aliases that point at them", _adapters,
                    _adapters_arguments, user_errors=_USER_ERRORS)
+KEYS = Command("API keys: who may chat, teach (feedback scope) and administer", _keys,
+               _keys_arguments, user_errors=_USER_ERRORS)
+REVIEW = Command("review mode: approve or reject signals before they may teach", _review,
+                 _review_arguments, user_errors=_USER_ERRORS)
 SETUP = Command("convert the embedded model once (make does this)", _setup,
                 user_errors=_USER_ERRORS)
 

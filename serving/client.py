@@ -1,17 +1,24 @@
-"""Reaching the feedback store from another process (`sdloop sql`, `sdloop adapters`, the
-learner): through the running server's admin API while `serve` owns the file, or by opening
-the file read-only when no server runs. Callers get the same `QueryResult` either way."""
+"""Reaching the feedback store from another process (`sdloop sql`, `sdloop adapters`, `sdloop
+keys`, `sdloop review`, the learner): through the running server's admin API while `serve` owns
+the file, or by opening the file directly when no server runs (read-only for queries). Callers
+get the same answer either way."""
 
 from __future__ import annotations
 
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
+import duckdb
+
 from serving.config import Config
-from serving.state import is_locked, running_server
+from serving.state import is_locked, keep_private, running_server
 from store import QueryResult, query_file
+from store.migrations import migrate
+from store.query import seal
+from store.writer import in_transaction
 
 
 class ClientError(RuntimeError):
@@ -62,3 +69,21 @@ def store_query(cfg: Config, sql: str, params: list[Any] | None = None,
     result = query_file(cfg.store_path, sql, limit, cfg.server.sql_timeout_s, params)
     result.rows = [tuple(r) for r in json.loads(json.dumps(result.rows, default=str))]
     return result
+
+
+def store_change(cfg: Config, method: str, path: str, body: dict[str, Any] | None,
+                 fn: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+    """A change to the store: the running server's admin route `method path` with `body`, or
+    `fn` in a transaction on the file when no server runs. The answer is JSON types."""
+    state = server_state(cfg)
+    if state is not None:
+        return admin_call(state, method, path, body)
+    keep_private(cfg.data_path)  # keys may come before the first `serve` creates the store
+    cfg.store_path.parent.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(cfg.store_path))
+    try:
+        migrate(con)
+        seal(con)
+        return json.loads(json.dumps(in_transaction(con, fn), default=str))
+    finally:
+        con.close()

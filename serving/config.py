@@ -48,6 +48,16 @@ class ServerConfig:
     port: int = 8000
     # Requests with a larger body get 413. Chat histories are text; 4 MiB is generous.
     max_body_bytes: int = 4 * 1024 * 1024
+    # Levels of arrays and objects a chat or feedback body may nest; deeper gets 400 (a chat
+    # needs about 5, a tool's JSON schema a few more). Deep nesting would exhaust the recursion
+    # of every part that walks the body.
+    max_json_depth: int = 64
+    # Messages one chat request may carry; more get 422.
+    max_messages: int = 1000
+    # Bytes of JSON of a chat request's sampling parameters that are stored with its completion
+    # (`params`); larger ones are stored as a marker naming their keys and size. They are sent to
+    # the engine whole either way.
+    max_params_bytes: int = 16 * 1024
     # Bearer token for /admin/*. Empty: a random one is made at start and written to the
     # state file (mode 0600), where `sdloop sql` and `sdloop adapters` read it.
     admin_token: str = ""
@@ -56,6 +66,8 @@ class ServerConfig:
     # Wall-clock limit of one read-only SQL query through the admin API.
     sql_timeout_s: float = 30.0
     sql_max_rows: int = 100_000
+    # Bytes of JSON one answer of /admin/sql may hold; rows past it are cut (`truncated`).
+    sql_max_bytes: int = 64 * 1024 * 1024
     # This gateway's name in the replica_versions table (which version each replica serves).
     # Empty: <hostname>:<port>.
     replica_id: str = ""
@@ -63,12 +75,21 @@ class ServerConfig:
     # restarting) waits up to this long for the restarted engine and is sent once more; 0:
     # answer 503 at once.
     retry_after_restart_s: float = 120.0
+    # Folders versions may be published from (`sdloop adapters publish`, the admin API): a
+    # version folder must lie inside one of them, symlinks resolved; others get 403. Empty: the
+    # data dir, where the learner writes its versions (<data_dir>/adapters) and which sdloop
+    # keeps private to its user (0700).
+    publish_dirs: list[str] = field(default_factory=list)
 
 
 @dataclass
 class EngineConfig:
     # URL of an external vLLM OpenAI server to attach to. Empty: start vLLM as a child.
     url: str = ""
+    # The API key of the external engine at `url` (what its vLLM was given as --api-key or
+    # VLLM_API_KEY), sent as a bearer token with every request to it. A child engine gets a
+    # random key of its own instead: no other local process can reach it past the gateway.
+    api_key: str = ""
     # The base model vLLM serves: an HF folder or hub id. Empty: the embedded SmolLM2-135M.
     model: str = ""
     # Name vLLM serves the base model under; the version name `base` in the alias table.
@@ -140,6 +161,13 @@ class Config:
     @property
     def adapters_path(self) -> Path:
         return self.data_path / "adapters"
+
+    @property
+    def publish_paths(self) -> list[Path]:
+        """The folders versions may be published from (`server.publish_dirs`, else the data
+        dir, which holds the learner's `adapters_path`)."""
+        dirs = self.server.publish_dirs  # type: ignore[attr-defined]
+        return [Path(d).expanduser().resolve() for d in dirs] if dirs else [self.data_path]
 
     def __getattr__(self, name: str) -> Any:  # a section no installed package registers
         raise AttributeError(f"no config section '{name}' (registered: {', '.join(sections())})")

@@ -1,11 +1,17 @@
 """The inference engine: a vLLM OpenAI server, as a child process or an external URL.
 
-The child listens on a loopback port nobody else is told about; the gateway is the only way
-in. It is started in its own process group (vLLM forks an engine-core process) so that stopping
-it reaches every process it made, and with a parent-death signal so that it does not outlive a
-gateway killed with SIGKILL: SIGTERM, which vLLM answers by shutting down its engine core too
-(SIGKILL would orphan the engine core). A server that starts after a crash also stops whatever
-is left in the recorded process group.
+The child listens on a loopback port, and a port on loopback is open to every local process:
+each child gets a random API key (vLLM's VLLM_API_KEY, in its environment — a command line is
+readable by every user), which the gateway, the registry and the learner send as a bearer
+token, so the gateway stays the only way in (no chat past capture, no unloading the serving
+adapter). vLLM checks the key on /v1 only; `serving.vllm_plugin` makes it check every route
+but the health checks. An external engine (`engine.url`) gets `engine.api_key`.
+
+The child is started in its own process group (vLLM forks an engine-core process) so that
+stopping it reaches every process it made, and with a parent-death signal so that it does not
+outlive a gateway killed with SIGKILL: SIGTERM, which vLLM answers by shutting down its engine
+core too (SIGKILL would orphan the engine core). A server that starts after a crash also stops
+whatever is left in the recorded process group.
 
 A monitor task polls the child and its health route. When the child dies it is restarted with
 backoff; meanwhile `ready` is false and the gateway answers 503.
@@ -20,6 +26,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -130,6 +137,10 @@ class EngineManager:
         url = cfg.url if role == "primary" else ""
         self.external = bool(url)
         self.base_url = url.rstrip("/")
+        # One key for as long as this manager lives, restarts included: what was told it (the
+        # state file, the learner, gateways attached with `engine.url`) keeps reaching the
+        # restarted engine.
+        self.api_key = cfg.api_key if self.external else secrets.token_urlsafe(32)
         self.served_model_name = served_model_name or cfg.served_model_name
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
@@ -142,6 +153,11 @@ class EngineManager:
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """What every request to the engine carries (none to an external engine without a key)."""
+        return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     @property
     def pgid(self) -> int | None:
@@ -215,6 +231,7 @@ class EngineManager:
         env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.cpu_kvcache_gb))
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        env["VLLM_API_KEY"] = self.api_key  # not --api-key: /proc/<pid>/cmdline is world-readable
         if self.role == "merged":
             env["VLLM_CPU_OMP_THREADS_BIND"] = self.cfg.merged_cpu_bind
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,6 +252,7 @@ class EngineManager:
 
     async def _watch(self) -> None:
         backoff = 1.0
+        restore_retry = 1.0
         while not self._stopping:
             if self.proc is not None and self.proc.poll() is not None:
                 code = self.proc.returncode
@@ -251,8 +269,12 @@ class EngineManager:
                 continue
             healthy = await self._healthy()
             if healthy and not self.ready:
-                await self._became_ready()
-                backoff = 1.0
+                if await self._became_ready():
+                    backoff = restore_retry = 1.0
+                else:  # up, but what it should serve is not back: try again, not too often
+                    await asyncio.sleep(restore_retry)
+                    restore_retry = min(restore_retry * 2, 30.0)
+                    continue
             elif not healthy and self.ready:
                 self._set_ready(False, "the inference engine is not answering its health check")
             elif (
@@ -272,21 +294,34 @@ class EngineManager:
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
 
-    async def _became_ready(self) -> None:
-        if self.external:
-            await self._discover_model_name()
-        if self.on_ready is not None:
-            try:
+    async def _became_ready(self) -> bool:
+        """Mark the engine ready once `on_ready` (the registry's restore) has put back what it
+        serves; False, and still not ready, if that failed: ready would answer the aliases'
+        versions with 404 (the registry moves aliases off versions that fail their checks
+        itself, so what fails here is the engine or the store)."""
+        try:
+            if self.external:
+                await self._discover_model_name()
+            if self.on_ready is not None:
                 await self.on_ready()
-            except Exception as exc:  # noqa: BLE001 - logged; the base model still serves
-                log.error("engine came up but restoring its adapters failed: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - logged, retried by the monitor
+            log.error("engine answers its health check but could not be made ready (restoring "
+                      "its adapter versions, or reading its models, failed; retrying): %s", exc)
+            self.last_error = ("the inference engine is up but its adapter versions could not be "
+                               "restored yet; retry in a moment")
+            return False
         self._set_ready(True, "")
         log.info("engine ready at %s", self.base_url)
+        return True
 
     async def _discover_model_name(self) -> None:
         """On an external engine, serve its base model unless the configured name exists."""
         assert self._session is not None
-        async with self._session.get(f"{self.base_url}/v1/models") as resp:
+        async with self._session.get(f"{self.base_url}/v1/models",
+                                     headers=self.auth_headers) as resp:
+            if resp.status != 200:
+                raise EngineRequestError(resp.status, _error_message(await resp.text()) + (
+                    " (set engine.api_key to the engine's key)" if resp.status == 401 else ""))
             data = await resp.json()
         names = [m["id"] for m in data.get("data", []) if not m.get("parent")]
         if self.cfg.served_model_name not in names and names:
@@ -357,6 +392,7 @@ class EngineManager:
         assert self._session is not None
         try:
             async with self._session.post(f"{self.base_url}{path}", json=body,
+                                          headers=self.auth_headers,
                                           timeout=aiohttp.ClientTimeout(total=120)) as resp:
                 text = await resp.text()
                 if resp.status != 200:

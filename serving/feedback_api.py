@@ -2,7 +2,9 @@
 
 201 on a sink that stores (the row is committed and its completion known), 202 on the event
 bus (the broker acknowledged it; the ingester stores it). An `Idempotency-Key` header makes a
-retry the same event, stored once.
+retry the same event, stored once. A sink that cannot take it or make it durable (backlog at its
+bound, a store that cannot write, no confirmation in time) answers 503: nothing was
+acknowledged, and the client retries.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from serving.http import read_model
 
 async def feedback(request: Request) -> Response:
     gw: Gateway = gateway_of(request)
-    gw.check_api_key(request)
-    _, req = await read_model(request, FeedbackRequest, gw.cfg.server.max_body_bytes)
-    event = req.to_event(request.headers.get("idempotency-key"))
+    principal = gw.authenticate(request, "chat")  # stored from any client; teaches only
+    _, req = await read_model(request, FeedbackRequest, gw.cfg.server.max_body_bytes,
+                              gw.cfg.server.max_json_depth)
+    event = req.to_event(request.headers.get("idempotency-key"), principal.name,
+                         principal.may_teach)
     sink = gw.sink
     try:
-        fut = gw.capture(event)
+        fut = gw.capture(event, request.state.body_bytes)
         await asyncio.wait_for(asyncio.wrap_future(fut), sink.ack_timeout_s)
     except UnknownCompletion as exc:
         raise APIError(404, f"Unknown completion_id: {exc}. Use the `id` of a chat completion "

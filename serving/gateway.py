@@ -7,6 +7,7 @@ routes together. This module holds the one object they share, and nothing global
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -15,13 +16,15 @@ from typing import Any
 import aiohttp
 from starlette.requests import Request
 
-from feedback import Event, Sink, SinkFull, redact_event
+from feedback import Event, Sink, SinkFull
 from serving import metrics
+from serving.auth import KeyRing, Principal
 from serving.config import Config
 from serving.engine import EngineManager
 from serving.http import check_bearer
 from serving.registry import AdapterRegistry
 from store import StoreWriter
+from store.keys import active_keys
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,13 @@ class Gateway:
         self.registry = registry
         self.sink = sink
         self.store = store
+        if cfg.feedback.redact and not getattr(sink, "redact", False):
+            # The sink redacts, off the event loop (`feedback.redaction`): one made without it
+            # would store what `feedback.redact` promises never to.
+            raise ValueError(f"feedback.redact is on but the {sink.name} was made without "
+                             "redaction")
         self.admin_token = admin_token
+        self.keys = KeyRing(cfg.server.api_key)
         self.http: aiohttp.ClientSession | None = None
         # Set on a Kafka replica: False until the control topic's versions are applied.
         self.versions_ready: Callable[[], bool] = lambda: True
@@ -62,24 +71,34 @@ class Gateway:
 
     # -- who may call ----------------------------------------------------------------------
 
-    def check_api_key(self, request: Request) -> None:
-        if self.cfg.server.api_key:
-            check_bearer(request, self.cfg.server.api_key, "This route")
+    def authenticate(self, request: Request, scope: str) -> Principal:
+        """Who sends this request, if they may use `scope` (`serving.auth`)."""
+        return self.keys.authenticate(request, scope)
 
-    def check_admin(self, request: Request) -> None:
+    def check_admin(self, request: Request) -> str:
+        """The admin token, or a key with the `admin` scope; returns who it is."""
+        principal = self.keys.lookup(request)
+        if principal is not None and "admin" in principal.scopes:
+            return principal.name
         check_bearer(request, self.admin_token, "The admin API")
+        return "admin-token"
+
+    async def reload_keys(self) -> None:
+        """Take the store's active keys (after one was added or revoked)."""
+        if self.store is not None:
+            self.keys.replace(await asyncio.wrap_future(self.store.call(active_keys)))
 
     # -- capture ---------------------------------------------------------------------------
 
-    def capture(self, event: Event) -> Future[None]:
-        if self.cfg.feedback.redact:
-            event = redact_event(event)
-        return self.sink.submit(event)
+    def capture(self, event: Event, request_bytes: int | None = None) -> Future[None]:
+        """Hand an event to the sink, which redacts it (`feedback.redact`) on its own thread.
+        `request_bytes`: the size of the body it was read from (the sink's bound in bytes)."""
+        return self.sink.submit(event, request_bytes)
 
-    def capture_nowait(self, event: Event) -> None:
+    def capture_nowait(self, event: Event, request_bytes: int | None = None) -> None:
         """Completions and follow-ups: written off the request path, never failing it."""
         try:
-            self.capture(event)
+            self.capture(event, request_bytes)
         except SinkFull as exc:
             metrics.CAPTURE_DROPPED.inc()
             log.error("could not capture %s %s: %s", event.kind, event.event_id, exc)

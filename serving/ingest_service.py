@@ -28,7 +28,7 @@ from starlette.routing import Route
 from feedback.kafka import ensure_topics
 from serving.app import SHARED_ROUTES, exception_handlers
 from serving.config import Config
-from serving.control import ControlPublisher
+from serving.control import ControlPublisher, control_secret
 from serving.http import check_bearer
 from serving.state import ServeLock, remove_state, write_state
 from store import StoreWriter
@@ -50,8 +50,13 @@ class IngestService:
         self.failure: str | None = None
         self.ingester: Ingester | None = None
 
-    def check_admin(self, request: Request) -> None:
+    def check_admin(self, request: Request) -> str:
         check_bearer(request, self.admin_token, "The admin API")
+        return "admin-token"
+
+    async def reload_keys(self) -> None:
+        """A key was added or revoked here: every replica gets the new set."""
+        await self.registry.share_keys()
 
 
 async def readyz(request: Request) -> Response:
@@ -73,12 +78,13 @@ ROUTES = [Route("/readyz", readyz, methods=["GET"]), *SHARED_ROUTES]
 
 def run_ingest(cfg: Config) -> int:
     """Ingest until SIGTERM/SIGINT; exit 1 if the store or the broker failed for good."""
+    control_secret(cfg.kafka)  # it signs the control commands: refuse to start without it
     lock = ServeLock(cfg.data_path)
     lock.acquire()
     store = StoreWriter(cfg.store_path, cfg.store.batch_max, cfg.store.queue_max).open()
     try:
         ensure_topics(cfg.kafka)
-        publisher = ControlPublisher(store, cfg.kafka)
+        publisher = ControlPublisher(store, cfg.kafka, cfg.publish_paths)
         svc = IngestService(cfg, store, publisher,
                             cfg.server.admin_token or secrets.token_urlsafe(24))
         return _serve(cfg, svc)
@@ -108,6 +114,7 @@ def _serve(cfg: Config, svc: IngestService) -> int:
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         await svc.registry.load()
+        await svc.registry.share_keys()  # keys added with `sdloop keys` while it was down
         worker = threading.Thread(target=consume, name="sdloop-ingest", daemon=True)
         worker.start()
         write_state(cfg.data_path, {

@@ -42,6 +42,17 @@ SWAP_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 SWAP_FAILURES = Counter("sdloop_adapter_swap_failures", "Versions rejected at publish.")
+RESTORE_FALLBACKS = Counter(
+    "sdloop_adapter_restore_fallbacks",
+    "Aliases moved back to their previous version or base because the version they pointed to "
+    "failed its checks (hashes, load, probe) when restored into a restarted engine, by alias.",
+    ["alias"])
+CONTROL_REFUSED = Counter(
+    "sdloop_control_commands_refused",
+    "Control-topic records a replica did not apply, by reason: unsigned, bad_signature (not "
+    "signed with kafka.control_secret, or changed), replayed (a command id applied already), "
+    "wrong_topic (signed for another control topic), malformed, error (raised while applied).",
+    ["reason"])
 PROBE_MISMATCHES = Counter(
     "sdloop_adapter_probe_mismatches",
     "Versions whose engine log-probabilities did not match the trainer's probe.",

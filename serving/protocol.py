@@ -85,6 +85,23 @@ class RollbackRequest(_Admin):
     alias: str = DEFAULT_ALIAS
 
 
+class KeyRequest(_Admin):
+    """POST /admin/keys: a new principal and its scopes (chat, feedback, admin)."""
+
+    name: str = Field(min_length=1)
+    scopes: list[str] = Field(min_length=1)
+
+
+class RevokeRequest(_Admin):
+    name: str = Field(min_length=1)
+
+
+class ReviewRequest(_Admin):
+    """POST /admin/review/{approve|reject}: signal ids (feedback or follow-up ids)."""
+
+    ids: list[str] = Field(min_length=1, max_length=10_000)
+
+
 ADAPTER_ACTIONS: dict[str, type[_Admin]] = {
     "publish": PublishRequest, "promote": PromoteRequest, "rollback": RollbackRequest,
 }

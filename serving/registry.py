@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +40,7 @@ from serving.version_folder import (
     PROBE_TOLERANCE,
     RegistryError,
     VersionFolder,
+    confined,
     open_version,
 )
 from store import BASE_VERSION, DEFAULT_ALIAS, versions
@@ -47,6 +48,8 @@ from store import BASE_VERSION, DEFAULT_ALIAS, versions
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 120.0
+# The setting that lists the folders versions may be published from (named in refusals).
+PUBLISH_DIRS_KNOB = "server.publish_dirs (SDLOOP_SERVER__PUBLISH_DIRS)"
 
 
 class UnknownAlias(LookupError):
@@ -80,7 +83,10 @@ class Tables(Protocol):
 
 class AdapterRegistry:
     def __init__(self, writer: Tables, engine: EngineManager,
-                 probe_tolerance: float = PROBE_TOLERANCE) -> None:
+                 probe_tolerance: float = PROBE_TOLERANCE,
+                 publish_dirs: Sequence[Path] = ()) -> None:
+        """`publish_dirs`: the folders `publish` takes version folders from (`server.
+        publish_dirs`); none: every publish is refused."""
         self._writer = writer
         self._engine = engine
         self._aliases: dict[str, str] = {}
@@ -90,6 +96,7 @@ class AdapterRegistry:
         self._in_flight: Counter[str] = Counter()
         self._swap = asyncio.Lock()
         self.probe_tolerance = probe_tolerance
+        self.publish_dirs = list(publish_dirs)
         # Set by the server when the live version is served merged (`engine.merged_alias`).
         self.merged: MergedServing | None = None
 
@@ -134,21 +141,92 @@ class AdapterRegistry:
     # -- engine (re)start ------------------------------------------------------------------
 
     async def restore(self) -> None:
-        """Load every version an alias points to into a freshly started engine."""
-        self._loaded = set()
-        for version in sorted({v for v in self._aliases.values() if v != BASE_VERSION}):
-            await self._engine.load_adapter(version, self._paths[version])
-            self._loaded.add(version)
-            log.info("restored adapter %s into the engine", version)
-        if self.merged is not None:
-            await self._follow_merged()
+        """Load every version an alias points to into a freshly started engine, checked as a
+        publish checks it (hashes of the manifest the store recorded, load, probe): its files
+        may have changed since, and the new engine may serve it differently.
+
+        A version that fails is not served: each alias on it falls back to its previous version
+        (checked the same way) or to `base`, recorded as a rollback with the version marked
+        rejected and the reason, and logged as an error. An engine that goes away meanwhile
+        (EngineUnavailable) raises: nothing was learned about the versions, and the engine
+        manager keeps the gateway not ready and calls this again."""
+        async with self._swap:
+            self._loaded = set()
+            failed: dict[str, str] = {}
+            for version in sorted({v for v in self._aliases.values() if v != BASE_VERSION}):
+                reason = await self._restore_one(version)
+                if reason is not None:
+                    failed[version] = reason
+            for alias, version in sorted(self._aliases.items()):
+                if version in failed:
+                    await self._fall_back(alias, version, failed)
+            if self.merged is not None:
+                await self._follow_merged()
+
+    async def _restore_one(self, version: str) -> str | None:
+        """Check and load one stored version into the engine; None, or why it failed."""
+        try:
+            path, manifest = await self._store(lambda con: versions.stored_version(con, version))
+            found = open_version(path, manifest)
+            await asyncio.to_thread(found.verify_files)
+            await self._load_and_probe(found)
+        except RegistryError as exc:
+            if exc.status == 503:
+                raise EngineUnavailable(f"restoring {version}: {exc}") from None
+            return str(exc)
+        self._paths[version] = str(found.path)
+        log.info("restored adapter %s into the engine (hashes and probe checked)", version)
+        return None
+
+    async def _fall_back(self, alias: str, version: str, failed: dict[str, str]) -> None:
+        """Point `alias`, on `version` that failed its restore, at its previous version if that
+        one may be served (not rejected) and passes the same checks, else at `base`; record it
+        as a rollback with `version` rejected, and say why."""
+        target = await self._fallback_target(alias, version, failed)
+        why = f"restore after an engine restart: {failed[version]}"
+
+        def record(con: duckdb.DuckDBPyConnection) -> None:
+            versions.flip_alias(con, alias, target)
+            versions.reject_version(con, version, why)  # after the flip, which retires it
+
+        await self._store(record)
+        self._aliases[alias] = target
+        self._previous[alias] = BASE_VERSION  # nothing else of this alias is in the new engine
+        metrics.RESTORE_FALLBACKS.labels(alias).inc()
+        metrics.ALIAS_VERSION.labels(alias, version).set(0)
+        metrics.ALIAS_VERSION.labels(alias, target).set(1)
+        log.error("alias %s rolled back from %s to %s: %s", alias, version, target, why)
+
+    async def _fallback_target(self, alias: str, version: str, failed: dict[str, str]) -> str:
+        try:
+            _, previous = await self._store(lambda con: versions.rollback_target(con, alias))
+        except RegistryError:  # no previous version recorded
+            return BASE_VERSION
+        if previous in (BASE_VERSION, version) or previous in failed:
+            return BASE_VERSION
+        if previous in self._loaded:  # restored already: another alias serves it
+            return previous
+        try:  # refused if rejected (e.g. by an earlier restore) or gone
+            await self._store(lambda con: versions.promotable(con, previous))
+        except RegistryError as exc:
+            log.warning("restore: alias %s does not go back to %s: %s", alias, previous, exc)
+            return BASE_VERSION
+        reason = await self._restore_one(previous)
+        if reason is None:
+            return previous
+        failed[previous] = reason
+        log.error("restore: %s, the version before %s on alias '%s', fails its checks too: %s",
+                  previous, version, alias, reason)
+        await self._store(lambda con: versions.reject_version(
+            con, previous, f"restore after an engine restart: {reason}"))
+        return BASE_VERSION
 
     # -- changing versions -----------------------------------------------------------------
 
     async def publish(self, folder: str | Path, promote: bool = True) -> dict[str, Any]:
         """Register a version folder, load and probe it, and (by default) make it current."""
         started = time.perf_counter()
-        found = open_version(folder)
+        found = open_version(confined(folder, self.publish_dirs, PUBLISH_DIRS_KNOB))
         version, alias = found.version, found.alias
         async with self._swap:
             status = found.status

@@ -26,8 +26,9 @@ import uvicorn
 from feedback import Sink
 from feedback.kafka import KafkaSink
 from serving.app import create_app
+from serving.auth import KeyRing
 from serving.config import Config
-from serving.control import ControlFollower, LocalTables
+from serving.control import ControlFollower, LocalTables, control_secret
 from serving.engine import EngineManager, die_with_parent, kill_process_group
 from serving.gateway import Gateway
 from serving.merged import MergedServing
@@ -42,6 +43,8 @@ log = logging.getLogger("sdloop.serve")
 def run_server(cfg: Config, config_path: str | None = None, learner: bool = True) -> int:
     """Serve until stopped; with `learner`, `sdloop learn` runs beside it as a child process."""
     data_dir = cfg.data_path
+    if cfg.feedback.sink == "kafka":  # a replica that cannot check commands must not start
+        control_secret(cfg.kafka)
     lock = ServeLock(data_dir)
     lock.acquire()
     try:
@@ -55,13 +58,14 @@ def run_server(cfg: Config, config_path: str | None = None, learner: bool = True
             if learner:  # its store is the ingester's: run `sdloop learn` on that data dir
                 log.info("feedback.sink = kafka: no learner beside this replica; run `sdloop "
                          "learn` with the ingester's data dir")
-            sink: Any = KafkaSink(cfg.kafka).open()
+            sink: Any = KafkaSink(cfg.kafka, redact=cfg.feedback.redact).open()
             try:
                 return _serve(cfg, sink, None, model, None, learner=False)
             finally:
                 sink.close()
                 remove_state(data_dir)
-        store = StoreWriter(cfg.store_path, cfg.store.batch_max, cfg.store.queue_max).open()
+        store = StoreWriter(cfg.store_path, cfg.store.batch_max, cfg.store.queue_max,
+                            cfg.store.queue_max_bytes, redact=cfg.feedback.redact).open()
         try:
             return _serve(cfg, store, store, model, config_path if learner else None, learner)
         finally:
@@ -86,7 +90,8 @@ def _serve(cfg: Config, sink: Sink, store: StoreWriter | None, model: str | None
     """With a store, this process keeps the registry's tables in it; without (Kafka), a local
     copy follows the control topic."""
     engine = EngineManager(cfg.engine, model, cfg.data_path / "logs" / "engine.log")
-    registry = AdapterRegistry(store if store is not None else LocalTables(), engine)
+    registry = AdapterRegistry(store if store is not None else LocalTables(), engine,
+                               publish_dirs=cfg.publish_paths)
     engine.on_ready = registry.restore  # a (re)started engine gets the promoted versions back
     if cfg.engine.merged_alias and model:
         registry.merged = MergedServing(cfg.engine, model, cfg.data_path / "merged",
@@ -101,13 +106,16 @@ def _serve(cfg: Config, sink: Sink, store: StoreWriter | None, model: str | None
     follower = None
     if store is None:
         replica = cfg.server.replica_id or f"{socket.gethostname()}:{cfg.server.port}"
-        follower = ControlFollower(cfg.kafka, registry, engine, sink, replica)
+        gateway.keys = KeyRing(cfg.server.api_key, settled=False)  # from the control topic
+        follower = ControlFollower(cfg.kafka, registry, engine, sink, replica, gateway.keys)
         gateway.versions_ready = lambda: follower.caught_up
 
     def save_state() -> None:
         write_state(cfg.data_path, {
             "pid": os.getpid(), "url": url, "admin_token": admin_token,
             "engine_url": engine.base_url, "engine_pgid": engine.pgid,
+            # The engine's bearer key (the learner samples from it); the file is 0600.
+            "engine_api_key": engine.api_key,
             "merged_engine_pgid": registry.merged.pgid if registry.merged else None,
             "store": str(cfg.store_path), "started_at": time.time(),
         })
@@ -131,6 +139,10 @@ def _serve(cfg: Config, sink: Sink, store: StoreWriter | None, model: str | None
     async def lifespan(app: Any) -> AsyncIterator[None]:
         await registry.load()
         await gateway.open()
+        await gateway.reload_keys()
+        if gateway.keys.open and cfg.server.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("no API key is set and the gateway listens on %s: anyone who can reach "
+                        "it may chat and teach the model (`sdloop keys add`)", cfg.server.host)
         await engine.start()
         if follower is not None:
             follower.start()

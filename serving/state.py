@@ -11,12 +11,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = "state.json"
 LOCK_FILE = "serve.lock"
+# The process umask of the commands that write the data dir: the store and its WAL, logs,
+# adapters, checkpoints — conversations and what was learned from them — for this user only.
+PRIVATE_UMASK = 0o077
 
 
 class AlreadyServing(RuntimeError):
@@ -46,6 +53,36 @@ class ServeLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def keep_private(data_dir: Path, *files: Path) -> None:
+    """Make what this process writes readable by its user only, from now on: umask 0077 (which
+    covers files others create for it, DuckDB's store and WAL among them), the data dir 0700 —
+    created so, or tightened if this user owns it and others could read it, with a log line —
+    and `files` (e.g. a store kept outside the data dir, and its WAL) 0600 where they exist.
+    Called first thing by `sdloop serve`, `ingest` and `learn`."""
+    os.umask(PRIVATE_UMASK)
+    if not data_dir.exists():
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _tighten(data_dir, 0o700)
+    for file in files:
+        _tighten(file, 0o600)
+
+
+def _tighten(path: Path, mode: int) -> None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    if not stat.S_IMODE(st.st_mode) & 0o077:
+        return
+    if st.st_uid != os.getuid():
+        log.warning("%s (mode %o) is readable by other users and not ours to change; its owner "
+                    "should make it %o", path, stat.S_IMODE(st.st_mode), mode)
+        return
+    os.chmod(path, mode)
+    log.warning("%s was readable by other users (mode %o); made it %o", path,
+                stat.S_IMODE(st.st_mode), mode)
 
 
 def is_locked(data_dir: Path) -> bool:

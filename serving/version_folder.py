@@ -18,6 +18,13 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+# What the engine loads from a version folder: vLLM's LoRA loader (and peft, for the merged copy)
+# reads the config and these weights, and with `adapter_model.safetensors` present neither reads
+# another weights file. The manifest must hash both, so that nothing the engine loads is unchecked.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Files a loader could take weights from (torch pickles among them): in a version folder each
+# must be one the manifest hashes, or the folder is refused.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
 VERSION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*@v[0-9]+$")
 # Mean |Δ log-prob| per probe token, engine under the version vs trainer under the new
 # weights (`probe_distance`). bf16 serving of the fp32-trained weights measured 0.005–0.011
@@ -71,13 +78,24 @@ class VersionFolder:
                 "reasons": (self.manifest.get("gate") or {}).get("reasons", [])}
 
     def verify_files(self) -> None:
-        """Every file the manifest names is there with its sha256 (checked before loading)."""
+        """Every file the manifest names is there, inside the folder (symlinks followed), with
+        its sha256, and the folder holds no weights file the manifest does not hash (checked
+        before every load: the manifest is only worth what it covers)."""
         for name, digest in self.manifest["files"].items():
             file = self.path / name
+            if not file.resolve().is_relative_to(self.path):
+                raise RegistryError(422, f"{file} leads outside the version folder {self.path} "
+                                         "(a symlink?); put the file itself in the folder")
             if not file.is_file():
                 raise RegistryError(422, f"{file} is missing")
             if file_digest(file) != digest:
                 raise RegistryError(422, f"{file} does not match its sha256 in the manifest")
+        hashed = {(self.path / name).resolve() for name in self.manifest["files"]}
+        for entry in sorted(self.path.iterdir()) if self.path.is_dir() else ():
+            if entry.suffix in WEIGHT_SUFFIXES and entry.resolve() not in hashed:
+                raise RegistryError(422, f"{entry} holds weights the manifest does not hash: "
+                                         f"remove it from the folder or add its sha256 to "
+                                         f"'files' in {MANIFEST}")
 
 
 def open_version(folder: str | Path, manifest: dict[str, Any] | None = None) -> VersionFolder:
@@ -85,7 +103,44 @@ def open_version(folder: str | Path, manifest: dict[str, Any] | None = None) -> 
     path = Path(folder).resolve()
     if manifest is None:
         manifest = read_manifest(path)
+    check_file_names(path, manifest)
     return VersionFolder(path, manifest)
+
+
+def check_file_names(path: Path, manifest: dict[str, Any]) -> None:
+    """The manifest's `files` name, relative to the folder, at least the files the engine loads
+    (`ADAPTER_FILES`) and nothing outside the folder: a manifest that hashes nothing, or other
+    files than those loaded, would pass its own check. RegistryError(422) says what to fix."""
+    files = manifest.get("files")
+    where = path / MANIFEST
+    if not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise RegistryError(422, f"'files' in {where} must map file names to their sha256")
+    missing = [name for name in ADAPTER_FILES if name not in files]
+    if missing:
+        raise RegistryError(422, f"'files' in {where} must list the adapter files the engine "
+                                 f"loads, with their sha256; missing: {', '.join(missing)}")
+    for name in files:
+        if not name or Path(name).is_absolute():
+            raise RegistryError(422, f"'files' in {where} names {name!r}: use a path relative "
+                                     "to the version folder")
+        if ".." in Path(name).parts:
+            raise RegistryError(422, f"'files' in {where} names {name!r}: '..' is not allowed, "
+                                     "name files inside the version folder")
+
+
+def confined(folder: str | Path, roots: Sequence[Path], knob: str) -> Path:
+    """`folder`, resolved (symlinks followed), if it lies inside one of `roots`; else
+    RegistryError(403) naming `knob`, the setting that lists them. A publish names a path, and
+    without this any folder the server can read could be offered as a version."""
+    path = Path(folder).resolve()
+    allowed = [Path(root).resolve() for root in roots]
+    if not any(path.is_relative_to(root) for root in allowed):
+        where = ", ".join(str(root) for root in allowed) or "nowhere"
+        raise RegistryError(403, f"{path} is outside the folders versions may be published from "
+                                 f"({where}); move the version folder into one of them or add "
+                                 f"its parent folder to {knob}")
+    return path
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

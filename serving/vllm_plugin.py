@@ -16,6 +16,13 @@ batched product): memory traffic that grows with the tokens in the step, 8-9 ms 
 0.1 ms at 16 decode tokens). `_per_slot` gives the same rows — the slot's weights times the
 token's input, nothing for slot -1 — with one product per slot.
 
+The plugin also widens vLLM's API-key check (`_guard_every_route`). With a key set (sdloop gives
+its engine child one, `serving.engine`), vLLM checks it only on paths under /v1, /v2,
+/inference and /cohere: /invocations (SageMaker's route, which answers chat and completion
+bodies with any adapter), /tokenize, /pooling, /scale_elastic_ep and the rest stay open to
+every local process, a way to chat past the gateway's capture. Every path but the health
+checks (`OPEN_PATHS`, which the gateway's monitor polls without a key) then needs it.
+
 vLLM loads general plugins in every process it starts (API server, engine core, workers) and
 before the model is built. The ops are replaced only where a one-token check shows the bug
 (`_skips_no_lora_tokens`: on a vLLM that has fixed it, or builds without these ops, the plugin
@@ -33,6 +40,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+# Paths vLLM's API-key check lets through without the key once guarded: the health checks.
+OPEN_PATHS = frozenset({"/health", "/ping"})
+_AUTH_MODULE = "vllm.entrypoints.serve.middleware.authenticate"
+
 # Under vLLM's logger, which vLLM configures in its processes: the line lands in the engine log.
 log = logging.getLogger("vllm.plugins.sdloop")
 
@@ -49,6 +60,43 @@ def register() -> None:
         _mend()
     except Exception:  # noqa: BLE001 - see above
         log.exception("sdloop: could not check vLLM's CPU LoRA ops; left as they are")
+    try:
+        _guard_every_route()
+    except Exception:  # noqa: BLE001 - see above
+        log.exception("sdloop: could not widen vLLM's API-key check; it guards /v1 and the like "
+                      "only")
+
+
+def _guard_every_route() -> None:
+    """Make vLLM's API-key middleware ask for the key on every path but `OPEN_PATHS` (it asks
+    only under its guarded prefixes). Where the middleware is not the one this was written
+    against, it is left as it is, and the log says so."""
+    try:
+        auth = importlib.import_module(_AUTH_MODULE)
+    except ImportError:
+        return
+    cls = getattr(auth, "AuthenticationMiddleware", None)
+    if cls is None or getattr(cls, "_sdloop_guarded", False):
+        return
+    if not callable(getattr(cls, "verify_token", None)):
+        log.warning("sdloop: vLLM's AuthenticationMiddleware has no verify_token; its API-key "
+                    "check is left as it is")
+        return
+    from starlette.datastructures import Headers
+    from starlette.responses import JSONResponse
+
+    checked = cls.__call__
+
+    def __call__(self: Any, scope: Any, receive: Any, send: Any) -> Any:
+        if scope["type"] in ("http", "websocket") and scope.get("method") != "OPTIONS":
+            path = scope["path"].removeprefix(scope.get("root_path", ""))
+            if path not in OPEN_PATHS and not self.verify_token(Headers(scope=scope)):
+                return JSONResponse({"error": "Unauthorized"}, status_code=401)(
+                    scope, receive, send)
+        return checked(self, scope, receive, send)
+
+    cls.__call__ = __call__
+    cls._sdloop_guarded = True
 
 
 def _mend() -> None:

@@ -14,3 +14,7 @@ class StoreConfig:
     batch_max: int = 8192
     # Bound on events waiting for the writer; past it the request path gets 503, not memory.
     queue_max: int = 100_000
+    # The same bound in bytes: what the events waiting for (or being written by) the writer
+    # hold, counted as their request bodies plus the answers' texts; a flood of large events
+    # gets 503 before memory grows. An event larger than this alone is taken into an empty queue.
+    queue_max_bytes: int = 256 * 1024 * 1024

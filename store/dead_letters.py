@@ -3,7 +3,8 @@
 One row per message (`<topic>:<partition>:<offset>`), so a redelivered poison message is kept
 once. Feedback that names a completion not stored yet waits here as `unknown_completion` and
 is stored, and its row deleted, when that completion arrives (`store.ingest`). Reason codes:
-not_json, invalid_event, unknown_completion, write_failed.
+empty_value (a null or empty record), not_json, invalid_event, undecodable (decoding raised
+something unforeseen), unknown_completion, write_failed.
 """
 
 from __future__ import annotations

@@ -7,11 +7,13 @@ batch's offsets. The next batch is polled and decoded while the writer commits t
 Offsets are committed only after the store committed, so a crash anywhere redelivers the
 batch; every row is keyed by its event id, so redelivery writes nothing twice.
 
-A message that is not an event (not JSON, unknown kind, a field of the wrong type) is kept in
-`dead_letters` with the reason and ingestion goes on: one bad producer must not stop the
-partition. Feedback naming a completion that is not stored yet — it was produced by another
-replica and travelled on another partition — is parked there too and stored as soon as the
-completion arrives. A store that cannot write at all stops the ingester instead (nothing is
+A message that is not an event (no value, not JSON, unknown kind, a field of the wrong type or
+out of range) is kept in `dead_letters` with the reason and ingestion goes on: one bad producer
+must not stop the partition. Whatever else decoding one message raises is kept there too
+(`undecodable`): a message the ingester stopped on would stop it again on every restart.
+Feedback naming a completion that is not stored yet — it was produced by another replica and
+travelled on another partition — is parked there too and stored as soon as the completion
+arrives. A store that cannot write at all stops the ingester instead (nothing is
 committed; the supervisor restarts it and the batch is redelivered).
 """
 
@@ -27,7 +29,13 @@ from typing import Any
 
 import duckdb
 from kafka import KafkaConsumer
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    KafkaError,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
+)
 from kafka.structs import OffsetAndMetadata
 
 from feedback.config import KafkaConfig
@@ -40,6 +48,11 @@ from store.writer import StoreWriter, apply_events
 log = logging.getLogger(__name__)
 
 LAG_INTERVAL_S = 5.0
+# An offset commit the group refused because it is (or was) rebalancing — after a broker
+# restart, say: the batch is stored, so it is redelivered to whoever owns the partition now
+# and written nothing twice. Not a reason to stop ingesting.
+_REBALANCED = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError,
+               UnknownMemberIdError)
 # Data errors: this event can never be written, whatever is retried. Anything else (I/O, a
 # closed store) is the store's problem and stops the ingester before offsets move.
 _EVENT_ERRORS = (duckdb.ConversionException, duckdb.ConstraintException,
@@ -148,7 +161,7 @@ class Ingester:
         batch.recorded.result()
         try:
             self._consumer.commit(batch.offsets)
-        except CommitFailedError as exc:  # rebalanced meanwhile: redelivered, written once
+        except _REBALANCED as exc:  # rebalanced meanwhile: redelivered, written once
             log.warning("offsets not committed (%s); the batch will be redelivered", exc)
         metrics.INGEST_BATCH_SECONDS.observe(time.perf_counter() - batch.started)
         metrics.INGEST_BATCH_SIZE.observe(batch.size)
@@ -161,6 +174,12 @@ class Ingester:
                 batch.events.append((m, Event.from_json(m.value)))
             except InvalidEvent as exc:
                 batch.dead.append(DeadLetter(m, exc.code, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - a decoding bug must not stop the partition
+                # `from_json` should have said InvalidEvent; whatever else one record raises,
+                # it is kept rather than retried for ever (the offset could never move past it).
+                log.error("could not decode %s:%s:%s", m.topic, m.partition, m.offset,
+                          exc_info=True)
+                batch.dead.append(DeadLetter(m, "undecodable", f"{type(exc).__name__}: {exc}"))
         stored = self.writer.submit_batch([ev for _, ev in batch.events])
         # Queued right behind the rows, so the writer runs it as soon as they are committed
         # (`stored` has resolved by then), without waiting for this thread.

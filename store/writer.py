@@ -9,12 +9,23 @@ feedback) waits on the future, which resolves after COMMIT returned.
 Ordering is what makes linking simple: events are applied in the order they were submitted,
 so a follow-up or feedback always finds the completion it refers to if that completion was
 submitted before it, committed or not.
+
+A store that cannot write (disk full, file or folder not writable, the database invalidated by
+a failed checkpoint) fails the batch in hand with `StoreUnavailable` — its events were not
+acknowledged, the feedback among them gets a retryable 503 — and the writer carries on: it
+records the failure (`failure`, which /readyz reports) until a write succeeds again, and while
+it fails it tries a harmless write every `PROBE_INTERVAL_S` (reopening a database DuckDB
+invalidated), so readiness comes back once the disk does, with no traffic needed.
+
+With `redact`, events are redacted here, on the writer thread, just before they are written
+(`feedback.redaction`): nothing unredacted reaches the file, and the request path pays nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -36,9 +47,11 @@ from feedback.events import (
     ReplicaVersionEvent,
     json_text,
 )
-from feedback.sinks import SinkFull, UnknownCompletion
+from feedback.redaction import redact_event
+from feedback.sinks import SinkFull, UnknownCompletion, approx_bytes
 from store import metrics
 from store.migrations import migrate
+from store.query import seal
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,7 +61,36 @@ class StoreClosed(SinkFull):
     """The writer is stopped; nothing more can be written."""
 
 
+class StoreUnavailable(SinkFull):
+    """The store failed to write (disk full, not writable): nothing of the batch was stored;
+    the caller answers 503 and the client retries."""
+
+
 _STOP = object()
+# Failures of the store, not of an event's data: I/O, a database invalidated by a failed
+# checkpoint, a closed connection (and a commit that could not be written: `_is_store_failure`).
+# A batch that hits one is failed whole; retrying its events one by one would fail each again.
+_STORE_FAILURES = (duckdb.IOException, duckdb.FatalException, duckdb.InternalException,
+                   duckdb.PermissionException, duckdb.ConnectionException, OSError,
+                   StoreUnavailable)
+# After these DuckDB must be restarted: the writer opens the file again before the next write.
+_REOPEN_AFTER = (duckdb.FatalException, duckdb.InternalException, duckdb.ConnectionException)
+# While the store fails, how often the writer tries a write of its own to see it works again:
+# `_PROBE_BYTES` written and synced to a file beside the store's, then removed (DuckDB has no
+# write that changes nothing and is still sure to reach the disk).
+PROBE_INTERVAL_S = 5.0
+_PROBE_BYTES = 256 * 1024  # one DuckDB block
+
+
+def _is_store_failure(exc: BaseException) -> bool:
+    if isinstance(exc, _STORE_FAILURES):
+        return True
+    # A full disk fails the commit: `TransactionContext Error: Failed to commit: Could not
+    # write file "….wal": No space left on device`. Other TransactionExceptions are the
+    # aftermath of an event's own error in the transaction ("Current transaction is aborted").
+    text = str(exc).lower()
+    return (isinstance(exc, duckdb.TransactionException) and "failed to commit" in text
+            and "constraint" not in text)
 
 # Column, and its SQL type. Rows are inserted a batch at a time, column by column
 # (`_BulkInsert`), far cheaper than `executemany`. Rows are keyed by event: a redelivered event
@@ -63,15 +105,17 @@ _COMPLETION_COLUMNS = (
     ("prompt_token_ids", "INTEGER[]"), ("token_ids", "INTEGER[]"), ("prompt_tokens", "INTEGER"),
     ("completion_tokens", "INTEGER"), ("latency_ms", "DOUBLE"), ("ttft_ms", "DOUBLE"),
     ("status", "VARCHAR"), ("error", "VARCHAR"), ("context_hash", "VARCHAR"),
-    ("reply_hash", "VARCHAR"),
+    ("reply_hash", "VARCHAR"), ("principal", "VARCHAR"),
 )
 _FEEDBACK_COLUMNS = (
     ("id", "VARCHAR"), ("completion_id", "VARCHAR"), ("created_at", "TIMESTAMP"),
     ("type", "VARCHAR"), ("score", "DOUBLE"), ("text", "VARCHAR"), ("metadata", "JSON"),
+    ("principal", "VARCHAR"), ("may_teach", "BOOLEAN"),
 )
 _FOLLOWUP_COLUMNS = (
     ("id", "VARCHAR"), ("completion_id", "VARCHAR"), ("next_completion_id", "VARCHAR"),
     ("created_at", "TIMESTAMP"), ("text", "VARCHAR"), ("matched_by", "VARCHAR"),
+    ("principal", "VARCHAR"), ("may_teach", "BOOLEAN"),
 )
 
 
@@ -139,16 +183,22 @@ _insert_followups = _BulkInsert("followups", _FOLLOWUP_COLUMNS)
 _insert_replica_versions = _BulkInsert("replica_versions", _REPLICA_VERSION_COLUMNS)
 
 # Each follow-up's reply, for a whole batch in one join: same conversation first (context
-# hash), else the same reply text; the newest answered completion wins.
+# hash), else the same reply text in the same session; the newest answered completion wins.
+# Only a reply given to the same principal: a follow-up is what that user said next, and
+# another principal's message must not become a signal on someone else's answer.
 _RESOLVE_FOLLOWUPS = """
 WITH fu AS (
-    SELECT unnest($1::INTEGER[]) AS i, unnest($2::VARCHAR[]) AS ctx, unnest($3::VARCHAR[]) AS rep
+    SELECT unnest($1::INTEGER[]) AS i, unnest($2::VARCHAR[]) AS ctx, unnest($3::VARCHAR[]) AS rep,
+           unnest($4::VARCHAR[]) AS who, unnest($5::VARCHAR[]) AS session
 ), hit AS (
     SELECT fu.i, c.id, 'context' AS matched_by, 0 AS rank, c.created_at
     FROM fu JOIN completions c ON c.context_hash = fu.ctx AND c.status = 'ok'
+        AND c.principal IS NOT DISTINCT FROM fu.who
     UNION ALL
     SELECT fu.i, c.id, 'reply', 1, c.created_at
     FROM fu JOIN completions c ON c.reply_hash = fu.rep AND c.status = 'ok'
+        AND c.principal IS NOT DISTINCT FROM fu.who
+        AND c.session_id IS NOT DISTINCT FROM fu.session
 )
 SELECT i, arg_min(id, (rank, -epoch_us(created_at))), arg_min(matched_by, (rank, -epoch_us(created_at)))
 FROM hit GROUP BY i
@@ -161,7 +211,7 @@ def _completion_row(ev: CompletionEvent) -> list[Any]:
         json_text(ev.messages), json_text(ev.params), ev.stream, ev.response_text,
         json_text(ev.response_message), ev.finish_reason, json_text(ev.prompt_token_ids),
         json_text(ev.token_ids), ev.prompt_tokens, ev.completion_tokens, ev.latency_ms, ev.ttft_ms,
-        ev.status, ev.error, ev.context_hash, ev.reply_hash,
+        ev.status, ev.error, ev.context_hash, ev.reply_hash, ev.principal,
     ]
 
 
@@ -178,15 +228,25 @@ class StoreWriter:
     # A commit takes milliseconds; this bounds a caller's wait when the disk stalls.
     ack_timeout_s = 30.0
 
-    def __init__(self, path: Path, batch_max: int = 8192, queue_max: int = 100_000) -> None:
+    def __init__(self, path: Path, batch_max: int = 8192, queue_max: int = 100_000,
+                 queue_max_bytes: int = 256 * 1024 * 1024, redact: bool = False) -> None:
         self.path = Path(path)
         self.batch_max = batch_max
+        self.redact = redact
         # SimpleQueue (C, no condition variables) is several times cheaper per event under
         # load than queue.Queue; the bound is kept with a counter of its own.
-        self._queue: queue.SimpleQueue[tuple[object, Future[Any]] | object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[object, Future[Any], int] | object] = \
+            queue.SimpleQueue()
         self.queue_max = queue_max
         self._depth = 0
+        # Bytes (`feedback.approx_bytes`) of the events queued or being written: a flood of
+        # large events is refused at this bound long before `queue_max` events would be.
+        self.queue_max_bytes = queue_max_bytes
+        self._bytes = 0
         self._depth_lock = threading.Lock()
+        self._failure: str | None = None
+        self._reopen = False
+        self.probe_interval_s = PROBE_INTERVAL_S
         self._con: duckdb.DuckDBPyConnection | None = None
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
@@ -199,6 +259,7 @@ class StoreWriter:
         applied = migrate(self._con)
         if applied:
             log.info("store %s migrated: %s", self.path, ", ".join(applied))
+        seal(self._con)  # its cursors answer the admin API's SQL
         self._thread = threading.Thread(target=self._run, name="sdloop-store-writer", daemon=True)
         self._thread.start()
         return self
@@ -220,9 +281,9 @@ class StoreWriter:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def submit(self, event: Event) -> Future[None]:
+    def submit(self, event: Event, request_bytes: int | None = None) -> Future[None]:
         """Queue an event; the future resolves after its transaction committed."""
-        return self._enqueue(event)
+        return self._enqueue(event, approx_bytes(event, request_bytes))
 
     def submit_batch(self, events: list[Event]) -> Future[list[Exception | None]]:
         """Queue many events as one transaction (the ingester's poll batches); the future
@@ -232,7 +293,12 @@ class StoreWriter:
 
     def has_capacity(self) -> bool:
         # Headroom for the events already-admitted requests will still produce.
-        return self._depth < self.queue_max * 0.9
+        return self._depth < self.queue_max * 0.9 and self._bytes < self.queue_max_bytes * 0.9
+
+    @property
+    def failure(self) -> str | None:
+        """Why the last write failed, until one succeeds again (None: writing works)."""
+        return self._failure
 
     def call(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> Future[T]:
         """Run `fn` on the writer's connection in a transaction of its own, in queue order.
@@ -242,7 +308,9 @@ class StoreWriter:
         """
         return self._enqueue(fn)
 
-    def _enqueue(self, item: object) -> Future[Any]:
+    def _enqueue(self, item: object, size: int = 0) -> Future[Any]:
+        """`size`: the item's bytes, counted against `queue_max_bytes` (0 for a call or the
+        ingester's batches, which it bounds itself: two in flight)."""
         if self._closed.is_set():
             raise StoreClosed("the feedback store is closed")
         fut: Future[Any] = Future()
@@ -252,8 +320,13 @@ class StoreWriter:
         with self._depth_lock:
             if self._depth >= self.queue_max:
                 raise SinkFull("the feedback store's write queue is full; retry shortly")
+            # An event larger than the bound on its own is still taken into an empty queue.
+            if self._bytes and self._bytes + size > self.queue_max_bytes:
+                raise SinkFull(f"the feedback store's write queue holds {self._bytes >> 20} MiB "
+                               "of events (store.queue_max_bytes); retry shortly")
             self._depth += 1
-        self._queue.put((item, fut))
+            self._bytes += size
+        self._queue.put((item, fut, size))
         return fut  # the queue depth gauge is set by the writer, once per batch
 
     # -- reading ---------------------------------------------------------------------------
@@ -269,8 +342,13 @@ class StoreWriter:
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            first = self._queue.get()
-            batch: list[tuple[object, Future[Any]]] = []
+            try:
+                # While the store fails, wake up now and then to see whether it writes again.
+                first = self._queue.get(timeout=self.probe_interval_s if self._failure else None)
+            except queue.Empty:
+                self._probe()
+                continue
+            batch: list[tuple[object, Future[Any], int]] = []
             if first is _STOP:
                 stopping = True
             else:
@@ -298,30 +376,101 @@ class StoreWriter:
             try:
                 self._process(batch)
             except BaseException as exc:  # noqa: BLE001 - keep the writer alive, fail the batch
+                if _is_store_failure(exc):
+                    self._batch_failed(batch, exc)
+                    continue
                 log.exception("store writer failed on a batch of %d", len(batch))
-                for _, fut in batch:
+                for _, fut, _ in batch:
                     if not fut.done():
                         fut.set_exception(exc)
+            finally:  # the batch's events are written or dropped: their bytes are free
+                with self._depth_lock:
+                    self._bytes -= sum(size for _, _, size in batch)
 
-    def _process(self, batch: list[tuple[object, Future[Any]]]) -> None:
+    def _process(self, batch: list[tuple[object, Future[Any], int]]) -> None:
+        if self._reopen:
+            self._reopen_database()
         events: list[tuple[Event, Future[Any]]] = []
-        for item, fut in batch:
+        for item, fut, _ in batch:
             if isinstance(item, Event):
-                events.append((item, fut))
+                events.append((redact_event(item) if self.redact else item, fut))
                 continue
             # A batch or a call() keeps its place in the order: flush the events before it.
             self._write_events(events)
             events = []
             if isinstance(item, _EventBatch):
-                self._write_batch(item.events, fut)
+                self._write_batch([redact_event(e) for e in item.events] if self.redact
+                                  else item.events, fut)
             else:
                 self._run_call(item, fut)  # type: ignore[arg-type]
         self._write_events(events)
 
+    def _batch_failed(self, batch: list[tuple[object, Future[Any], int]],
+                      exc: BaseException) -> None:
+        """The store could not write: what is left of the batch fails, unacknowledged (the
+        feedback among it gets a 503 and is sent again; a completion is counted in
+        `sdloop_store_write_errors` and logged), and the failure is kept for /readyz."""
+        self._note_failure(exc)
+        pending = [(item, fut) for item, fut, _ in batch if not fut.done()]
+        lost = sum(len(item.events) if isinstance(item, _EventBatch) else 1
+                   for item, _ in pending if isinstance(item, Event | _EventBatch))
+        metrics.WRITE_ERRORS.inc(lost)
+        log.error("%s; %d events not written (not acknowledged)", self._failure, lost)
+        error = StoreUnavailable("it cannot write now (the server log says why); nothing was "
+                                 "stored")
+        for _, fut in pending:
+            fut.set_exception(error)
+
+    def _note_failure(self, exc: BaseException) -> None:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        self._failure = f"the feedback store cannot write: {type(exc).__name__}: {first_line}"
+        if isinstance(exc, _REOPEN_AFTER):
+            self._reopen = True
+
+    def _wrote(self) -> None:
+        if self._failure is not None:
+            log.warning("the feedback store writes again (after: %s)", self._failure)
+            self._failure = None
+
+    def _probe(self) -> None:
+        """While the store fails: can it write again? A block written and synced beside the
+        store's file, and the database opened again if DuckDB invalidated it. Passing it clears
+        the failure; a write that fails after all sets it again."""
+        probe = self.path.with_name(self.path.name + ".probe")
+        try:
+            if self._reopen:
+                self._reopen_database()
+            with open(probe, "wb") as fh:
+                fh.write(bytes(_PROBE_BYTES))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except Exception as exc:  # noqa: BLE001 - still failing: the next probe tries again
+            self._note_failure(exc)
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink(missing_ok=True)
+        self._wrote()
+
+    def _reopen_database(self) -> None:
+        """Open the file again: DuckDB refuses every statement once a failed checkpoint has
+        invalidated the database, until it is restarted. Raises what opening raises (the disk
+        is still full, say): the next batch or probe tries again."""
+        old, self._con = self._con, None
+        if old is not None:
+            with contextlib.suppress(duckdb.Error):
+                old.close()
+        con = duckdb.connect(str(self.path))
+        seal(con)
+        self._con, self._reopen = con, False
+        log.warning("reopened the feedback store %s", self.path)
+
     def _write_batch(self, events: list[Event], fut: Future[Any]) -> None:
         try:
             errors = self._commit_events(events)
-        except Exception:
+        except Exception as exc:
+            if _is_store_failure(exc):
+                raise  # the store's, not an event's: the whole batch fails (`_run`)
             # Find the event that broke the batch: the others are written one by one.
             singles = [Future() for _ in events]
             for single in zip(events, singles, strict=True):
@@ -331,10 +480,13 @@ class StoreWriter:
         fut.set_result(errors)
 
     def _run_call(self, fn: Callable[[duckdb.DuckDBPyConnection], Any], fut: Future[Any]) -> None:
-        assert self._con is not None
+        if self._con is None:
+            raise StoreUnavailable("the feedback store could not be opened again")
         try:
             result = in_transaction(self._con, fn)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            if _is_store_failure(exc):
+                self._note_failure(exc)
             fut.set_exception(exc)
             return
         fut.set_result(result)
@@ -345,6 +497,8 @@ class StoreWriter:
         try:
             errors = self._commit_events([ev for ev, _ in items])
         except Exception as exc:
+            if _is_store_failure(exc):
+                raise  # the store's, not an event's: one by one, each would fail again
             if len(items) == 1:
                 log.error("store write failed for %s: %s", items[0][0].kind, exc)
                 metrics.WRITE_ERRORS.inc()
@@ -366,13 +520,15 @@ class StoreWriter:
         Written plainly first: a batch holding an event that is stored already (a redelivery,
         a retried feedback) fails on its key and is written again skipping the duplicates.
         """
-        assert self._con is not None
+        if self._con is None:
+            raise StoreUnavailable("the feedback store could not be opened again")
         started = time.perf_counter()
         try:
             applied = in_transaction(self._con, lambda con: apply_events(con, events))
         except duckdb.ConstraintException:
             applied = in_transaction(
                 self._con, lambda con: apply_events(con, events, skip_duplicates=True))
+        self._wrote()
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(events))
         metrics.FOLLOWUPS_UNMATCHED.inc(applied.unmatched_followups)
@@ -408,12 +564,14 @@ def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event],
             i: (completion_id, matched_by)
             for i, completion_id, matched_by in con.execute(_RESOLVE_FOLLOWUPS, [
                 list(range(len(followups))), [e.context_hash for e in followups],
-                [e.reply_hash for e in followups]]).fetchall()
+                [e.reply_hash for e in followups], [e.principal for e in followups],
+                [e.session_id for e in followups]]).fetchall()
         }
         unmatched = len(followups) - len(parents)
         # The follow-up's row id is its event id, so a redelivered event is a no-op.
         rows = [[ev.event_id, parents[i][0], ev.next_completion_id, ev.created_at, ev.text,
-                 parents[i][1]] for i, ev in enumerate(followups) if i in parents]
+                 parents[i][1], ev.principal, ev.may_teach]
+                for i, ev in enumerate(followups) if i in parents]
         if rows:
             _insert_followups(con, rows, skip_duplicates)
 
@@ -437,7 +595,7 @@ def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event],
                 errors[i] = UnknownCompletion(ev.completion_id)
                 continue
             rows.append([ev.event_id, ev.completion_id, ev.created_at, ev.type, ev.score,
-                         ev.text, json_text(ev.metadata)])
+                         ev.text, json_text(ev.metadata), ev.principal, ev.may_teach])
         if rows:
             _insert_feedback(con, rows, skip_duplicates)
     return Applied(errors, unmatched)

@@ -128,8 +128,18 @@ def sample_waves(facts: list[Fact], seed: int, waves: int, per_wave: int) -> lis
 
 # -- talking to the server -----------------------------------------------------------------------
 
+# Bearer keys by base URL: the engine answers only requests with its key (the state file's
+# `engine_api_key`); the gateway of a bench server has none.
+KEYS: dict[str, str] = {}
+
+
+def auth(url: str) -> dict[str, str]:
+    key = next((k for base, k in KEYS.items() if url == base or url.startswith(base + "/")), "")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=60) as resp:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=auth(url)), timeout=60) as resp:
         return json.loads(resp.read())
 
 
@@ -137,7 +147,7 @@ def chat(url: str, model: str, messages: list[dict[str, str]]) -> str:
     body = json.dumps({"model": model, "messages": messages, "max_tokens": MAX_TOKENS,
                        "temperature": 0.0}).encode()
     req = urllib.request.Request(f"{url}/v1/chat/completions", body,
-                                 {"Content-Type": "application/json"})
+                                 {"Content-Type": "application/json", **auth(url)})
     with urllib.request.urlopen(req, timeout=300) as resp:
         return json.loads(resp.read())["choices"][0]["message"]["content"] or ""
 
@@ -262,6 +272,7 @@ def run(bench: Bench, setup: Setup, seed: int, waves: list[list[Fact]]) -> dict[
     rounds, evals = [], []
     try:
         engine = state["engine_url"]
+        KEYS[engine] = state.get("engine_api_key", "")
         if bench.base is None:  # greedy, so the same for every run: asked once
             bench.base = evaluate(engine, base_model_name(engine), bench.all_facts, bench.retention)
             print(f"[base] facts {facts_pct(bench.base, bench.all_facts):.1f}%  retention "

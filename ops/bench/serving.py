@@ -47,6 +47,13 @@ from serving.state import running_server  # noqa: E402
 from serving.version_folder import MANIFEST  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+# Bearer keys by base URL: the engine answers only requests with its key (the state file's
+# `engine_api_key`); the gateway of a bench server has none.
+KEYS: dict[str, str] = {}
+
+
+def auth(url: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {KEYS[url]}"} if KEYS.get(url) else {}
 
 
 @dataclass
@@ -70,7 +77,7 @@ async def one_request(
         body["stream_options"] = {"include_usage": True}
     started = time.perf_counter()
     ttft = None
-    async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+    async with session.post(f"{url}/v1/chat/completions", json=body, headers=auth(url)) as resp:
         if resp.status != 200:
             raise RuntimeError(f"{url}: {resp.status} {await resp.text()}")
         if not stream:
@@ -376,8 +383,10 @@ def main() -> None:
             else None
         print(f"starting sdloop serve on {tmp} ...", flush=True)
         proc, state = start_server(tmp, env={"SDLOOP_ENGINE__MERGED_ALIAS": "merged"})
+    KEYS[state["engine_url"]] = state.get("engine_api_key", "")
     try:
-        with urllib.request.urlopen(state["engine_url"] + "/v1/models") as resp:
+        with urllib.request.urlopen(urllib.request.Request(
+                state["engine_url"] + "/v1/models", headers=auth(state["engine_url"]))) as resp:
             base_model = next(m["id"] for m in json.loads(resp.read())["data"] if not m.get("parent"))
         print(f"machine: {os.cpu_count()} cpus; {_cpu_model()}")
         if proc is not None and folders is not None:

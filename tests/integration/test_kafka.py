@@ -7,6 +7,7 @@ their own; each test gets its own topics and consumer group on the shared broker
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -17,13 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from prometheus_client import REGISTRY
 
-from feedback.events import FeedbackEvent, new_id, utcnow
+from feedback.events import FeedbackEvent, ReplicaVersionEvent, new_id, utcnow
 from feedback.kafka import KafkaSink
 from ops.bench.adapter import train_version
 from ops.bench.broker import Broker
 from serving.config import load_config
+from serving.control import SIGNATURE_HEADER, ControlFollower, ControlPublisher
+from store import StoreWriter
 from tests.factories import completion
 from tests.integration.conftest import (
     MODEL_CACHE,
@@ -32,6 +36,7 @@ from tests.integration.conftest import (
     start_server,
     stop_server,
 )
+from tests.replica_fakes import ListSink, ReadyEngine, RecordingRegistry, hmac_sha256
 
 QUESTION = [{"role": "user", "content": "What is the capital of Veloria?"}]
 
@@ -43,11 +48,16 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Broker:
     b.stop()
 
 
+CONTROL_SECRET = "test-control-secret-0123456789"
+
+
 def bus_env(broker: Broker) -> dict[str, str]:
-    """Topics and a consumer group of the test's own; short timeouts so failures show fast."""
+    """Topics and a consumer group of the test's own; short timeouts so failures show fast;
+    the control-topic signing secret the ingester and every replica need to start."""
     tag = uuid.uuid4().hex[:8]
     return {
         "SDLOOP_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
+        "SDLOOP_KAFKA__CONTROL_SECRET": CONTROL_SECRET,
         "SDLOOP_KAFKA__EVENTS_TOPIC": f"events-{tag}",
         "SDLOOP_KAFKA__CONTROL_TOPIC": f"control-{tag}",
         "SDLOOP_KAFKA__GROUP_ID": f"ingest-{tag}",
@@ -133,6 +143,46 @@ def test_chat_and_feedback_go_through_kafka_into_the_store(server: Server, broke
         assert 'sdloop_ingest_events_total{kind="completion"} 2.0' in metrics
         assert "sdloop_ingest_lag" in metrics
         assert "sdloop_bus_acked_events_total" in replica.request("GET", "/metrics")[2].decode()
+    finally:
+        stop_all(replica, ingest)
+
+
+def test_keys_made_on_the_ingester_reach_every_replica_and_name_the_principal_in_the_store(
+        server: Server, broker: Broker, tmp_path: Path):
+    env = bus_env(broker)
+    ingest = start_ingest(tmp_path / "ingest", env)
+    replica = start_replica(tmp_path / "replica", env, server.state()["engine_url"])
+    try:
+        assert chat(replica, QUESTION)[0] == 200  # no key anywhere yet: open, as `local`
+        made = subprocess.run([*SDLOOP, "keys", "add", "alice", "--scopes", "chat,feedback",
+                               "--data-dir", str(ingest.data_dir)],
+                              capture_output=True, text=True, timeout=120)
+        assert made.returncode == 0, made.stderr
+        alice = {"authorization": f"Bearer {made.stdout.strip()}"}
+        deadline = time.monotonic() + 30  # the keys command travels over the control topic
+        while chat(replica, QUESTION)[0] != 401:
+            assert time.monotonic() < deadline, "the replica never got the key"
+            time.sleep(0.25)
+        status, _, raw = replica.request("POST", "/v1/chat/completions", {
+            "model": "default", "messages": QUESTION, "max_tokens": 8}, headers=alice)
+        assert status == 200, raw
+        answered = json.loads(raw)["id"]
+        status, _, raw = replica.request("POST", "/v1/feedback", {
+            "completion_id": answered, "type": "correction", "text": "It is Marenthal."},
+            headers=alice)
+        assert status == 202, raw
+        assert wait_count(ingest, "SELECT count(*) FROM feedback", 1) == 1
+        rows = ingest.admin_sql(f"SELECT c.principal AS asked, f.principal AS taught, f.may_teach "
+                                f"FROM feedback f JOIN completions c ON c.id = f.completion_id "
+                                f"WHERE c.id = '{answered}'")
+        assert rows == [{"asked": "alice", "taught": "alice", "may_teach": True}]
+
+        # A replica started now replays the topic: keyed from its first request on.
+        late = start_replica(tmp_path / "late", env, server.state()["engine_url"])
+        try:
+            assert chat(late, QUESTION)[0] == 401
+        finally:
+            stop_server(late)
     finally:
         stop_all(replica, ingest)
 
@@ -235,6 +285,119 @@ def test_poison_messages_are_dead_lettered_and_ingestion_goes_on(broker: Broker,
         stop_server(ingest)
 
 
+def test_a_null_or_out_of_range_record_is_dead_lettered_and_the_offset_moves_past_it(
+        broker: Broker, tmp_path: Path):
+    """Records that used to stop `sdloop ingest` before it committed (so that every restart
+    stopped on them again): a null value, a timestamp before year 1 in UTC."""
+    env = bus_env(broker)
+    topic, group = env["SDLOOP_KAFKA__EVENTS_TOPIC"], env["SDLOOP_KAFKA__GROUP_ID"]
+    broker.create_topic(topic, 4)
+    overflowing = json.loads(completion("chatcmpl-overflow").to_json())
+    overflowing["created_at"] = "0001-01-01T00:00:00+14:00"
+    valid = completion("chatcmpl-after-poison")
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    try:  # one key: one partition, in this order, the valid event last
+        sent = [producer.send(topic, key=b"poison", value=value).get(10)
+                for value in (None, json.dumps(overflowing).encode(), valid.to_json())]
+    finally:
+        producer.close()
+    assert len({m.partition for m in sent}) == 1
+
+    ingest = start_ingest(tmp_path / "ingest", env)
+    try:
+        assert wait_count(ingest, "SELECT count(*) FROM completions", 1) == 1
+        assert wait_count(ingest, "SELECT count(*) FROM dead_letters", 2) == 2
+        rows = ingest.admin_sql('SELECT "offset", reason_code, reason, payload FROM dead_letters '
+                                'ORDER BY "offset"')
+        assert [(r["offset"], r["reason_code"]) for r in rows] == [
+            (sent[0].offset, "empty_value"), (sent[1].offset, "invalid_event")]
+        assert rows[0]["payload"] == "" and "no value" in rows[0]["reason"]
+        assert "out of range in UTC" in rows[1]["reason"]
+        assert ingest.admin_sql("SELECT id FROM completions") == [{"id": "chatcmpl-after-poison"}]
+        assert ingest.request("GET", "/readyz")[0] == 200  # still ingesting
+
+        # The group's committed offset moved past all three: a restart does not meet them again.
+        tp = TopicPartition(topic, sent[0].partition)
+        consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group,
+                                 enable_auto_commit=False)
+        try:
+            deadline = time.monotonic() + 30
+            while (committed := consumer.committed(tp) or 0) <= sent[-1].offset:
+                assert time.monotonic() < deadline, f"committed offset {committed}"
+                time.sleep(0.5)
+        finally:
+            consumer.close()
+    finally:
+        stop_server(ingest)
+
+
+def _refused(reason: str) -> float:
+    return REGISTRY.get_sample_value("sdloop_control_commands_refused_total",
+                                     {"reason": reason}) or 0.0
+
+
+def test_a_replica_applies_signed_control_commands_and_refuses_unsigned_forged_or_replayed_ones(
+        broker: Broker, tmp_path: Path):
+    """The follower of a replica on the real broker (signatures travel in record headers),
+    with a registry that records what it is told instead of swapping on vLLM."""
+    cfg = load_config(env=bus_env(broker))
+    topic = cfg.kafka.control_topic
+    broker.create_topic(topic, 1)
+    # Signed commands come from the ingester's publisher, as in production.
+    publisher = ControlPublisher(StoreWriter(tmp_path / "unused.duckdb"), cfg.kafka)
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    reader = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=None,
+                           enable_auto_commit=False)
+    try:
+        asyncio.run(publisher._command({"action": "promote", "version": "default@v7",
+                                        "alias": "default"}))
+        reader.assign([TopicPartition(topic, 0)])
+        reader.seek_to_beginning()
+        deadline = time.monotonic() + 30
+        while not (copied := [r for rs in reader.poll(timeout_ms=500).values() for r in rs]):
+            assert time.monotonic() < deadline, "the signed command did not come back"
+        forged = json.dumps({"id": new_id("ctl"), "at": utcnow().isoformat(), "topic": topic,
+                             "action": "rollback", "alias": "default"}).encode()
+        records = [
+            (forged, None),  # unsigned
+            (forged, [(SIGNATURE_HEADER, hmac_sha256(b"a-guessed-secret-123", forged))]),  # forged
+            (copied[0].value, copied[0].headers),  # a copy of the signed command: a replay
+            (None, [(SIGNATURE_HEADER, hmac_sha256(CONTROL_SECRET.encode(), b""))]),  # a tombstone
+        ]
+        for value, headers in records:
+            producer.send(topic, key=b"registry", value=value, headers=headers).get(10)
+        asyncio.run(publisher._command({"action": "rollback", "alias": "default"}))
+    finally:
+        reader.close()
+        producer.close()
+        publisher.close()
+
+    registry, sink = RecordingRegistry(), ListSink()
+    before = {r: _refused(r) for r in ("unsigned", "bad_signature", "replayed", "malformed")}
+
+    async def follow() -> None:
+        follower = ControlFollower(cfg.kafka, registry, ReadyEngine(), sink,  # type: ignore[arg-type]
+                                   "replica-1")
+        follower.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not follower.caught_up:
+                assert time.monotonic() < deadline, "the control topic was not replayed"
+                await asyncio.sleep(0.1)
+        finally:
+            await asyncio.to_thread(follower.stop)
+
+    asyncio.run(follow())
+    assert registry.calls == [("promote", "default@v7"), ("rollback", "default")]
+    reports = [e for e in sink.events if isinstance(e, ReplicaVersionEvent)]
+    assert [r.status for r in reports] == ["promoted", "refused", "refused", "refused", "refused",
+                                          "promoted"]
+    assert [(r.detail or "").split("(")[1].split(")")[0] for r in reports[1:5]] == [
+        "unsigned", "bad_signature", "replayed", "malformed"]
+    assert {r: _refused(r) - before[r] for r in before} == {
+        "unsigned": 1, "bad_signature": 1, "replayed": 1, "malformed": 1}
+
+
 def test_broker_outage_answers_503_loses_nothing_acknowledged_and_recovers(
         server: Server, tmp_path: Path):
     own = Broker(tmp_path / "tansu.log").start()  # this test stops it
@@ -335,3 +498,44 @@ def test_a_published_version_reaches_every_replica_on_its_own_engine(
         assert got[0] == 200 and got[1]["x-sdloop-adapter-version"] == "kafka@v1"
     finally:
         stop_all(one, two, ingest)
+
+
+def test_a_gateway_replica_refuses_forged_control_commands_and_keeps_serving(
+        server: Server, broker: Broker, tmp_path: Path):
+    """End to end, with a gateway replica on the shared engine: whoever can produce to the
+    control topic cannot command it without the secret; what it refused is in its metrics and
+    in the store's replica_versions table, and a signed command still reaches its registry."""
+    env = bus_env(broker)
+    ingest = start_ingest(tmp_path / "ingest", env)
+    replica = start_replica(tmp_path / "replica", env, server.state()["engine_url"])
+    topic = env["SDLOOP_KAFKA__CONTROL_TOPIC"]
+
+    def rollback() -> bytes:
+        return json.dumps({"id": new_id("ctl"), "at": utcnow().isoformat(), "topic": topic,
+                           "action": "rollback", "alias": "default"}).encode()
+
+    forged, genuine = rollback(), rollback()
+    signature = [(SIGNATURE_HEADER, hmac_sha256(CONTROL_SECRET.encode(), genuine))]
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    try:
+        for value, headers in [
+                (forged, None),
+                (forged, [(SIGNATURE_HEADER, hmac_sha256(b"not-the-shared-secret", forged))]),
+                (genuine, signature),
+                (genuine, signature)]:  # the signed command once more: a replay
+            producer.send(topic, key=b"registry", value=value, headers=headers).get(10)
+        assert wait_count(ingest, "SELECT count(*) FROM replica_versions", 4) == 4
+        rows = ingest.admin_sql("SELECT action, status, detail FROM replica_versions")
+        refused = " ".join(r["detail"] for r in rows if r["status"] == "refused")
+        assert all(f"({reason})" in refused for reason in ("unsigned", "bad_signature", "replayed"))
+        # The signed rollback reached the registry (which had nothing to roll back to).
+        applied = [r for r in rows if r["status"] != "refused"]
+        assert len(applied) == 1 and applied[0]["action"] == "rollback", rows
+        metrics = replica.request("GET", "/metrics")[2].decode()
+        for reason in ("unsigned", "bad_signature", "replayed"):
+            assert f'sdloop_control_commands_refused_total{{reason="{reason}"}} 1.0' in metrics
+        assert replica.request("GET", "/readyz")[0] == 200
+        assert chat(replica, QUESTION)[0] == 200  # still serving
+    finally:
+        producer.close()
+        stop_all(replica, ingest)

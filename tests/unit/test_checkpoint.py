@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 
@@ -33,7 +37,8 @@ def test_the_progress_mark_outlives_a_cleared_round(tmp_path):
         work.save_progress({"last_signal_at": "2026-11-27 10:00:00", "rounds": 3, "attempt": 1})
         work.clear()
     with RoundWorkspace(tmp_path / "learner") as work:
-        assert work.progress() == {"last_signal_at": "2026-11-27 10:00:00", "rounds": 3, "attempt": 1}
+        assert work.progress() == {"last_signal_at": "2026-11-27 10:00:00", "rounds": 3, "attempt": 1,
+                                   "failed_starts": 0}
 
 
 def test_two_rounds_cannot_share_a_workspace(tmp_path):
@@ -41,3 +46,50 @@ def test_two_rounds_cannot_share_a_workspace(tmp_path):
         RoundWorkspace(tmp_path / "round").__enter__()
     with RoundWorkspace(tmp_path / "round"):  # released when the first round ended
         pass
+
+
+class _Planted:
+    """What someone with write access to the workspace could plant: unpickling it runs code
+    (here: creates a file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_unpickles_anything_but_tensors_and_plain_values_is_refused(tmp_path,
+                                                                                     caplog):
+    marker = tmp_path / "code-ran"
+    with RoundWorkspace(tmp_path / "round") as work:
+        work.save_checkpoint({"step": 4, "adapter": [torch.ones(2)], "planted": _Planted(marker)})
+        with caplog.at_level(logging.ERROR, logger="learner.checkpoint"):
+            assert work.load_checkpoint() is None  # the round trains from its start
+        assert not marker.exists()  # refused before anything in it ran
+        assert "refused the training checkpoint" in caplog.text
+        assert not (work.path / "checkpoint.pt").exists()
+
+
+def test_a_real_training_checkpoint_comes_back_through_the_safe_loader(tmp_path):
+    """What the trainer saves (adapter, optimizer and scheduler state dicts, EMA, losses) is
+    tensors and plain values: resuming reads it back whole."""
+    param = torch.nn.Parameter(torch.randn(3))
+    optimizer = torch.optim.AdamW([param], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    param.sum().backward()
+    optimizer.step()
+    scheduler.step()
+    state = {"step": 1, "adapter": [param.detach().clone()], "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "ema": [torch.zeros(3)], "losses": [0.5],
+             "anchor_losses": []}
+    with RoundWorkspace(tmp_path / "round") as work:
+        work.save_checkpoint(state)
+        back = work.load_checkpoint()
+    assert back is not None and back["step"] == 1 and back["losses"] == [0.5]
+    assert torch.equal(back["adapter"][0], state["adapter"][0])
+    assert back["scheduler"] == scheduler.state_dict()
+    restored = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=1e-3)
+    restored.load_state_dict(back["optimizer"])
+    assert torch.equal(restored.state_dict()["state"][0]["exp_avg"],
+                       optimizer.state_dict()["state"][0]["exp_avg"])

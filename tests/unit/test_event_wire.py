@@ -96,6 +96,47 @@ def test_token_ids_must_be_an_array_of_integers(ids: str):
     assert "`$.token_ids`" in str(err.value)
 
 
+@pytest.mark.parametrize("raw", [None, b"", ""], ids=["null", "empty-bytes", "empty-text"])
+def test_a_record_without_a_value_is_refused_as_empty(raw: bytes | str | None):
+    with pytest.raises(InvalidEvent) as err:
+        Event.from_json(raw)
+    assert err.value.code == "empty_value" and "no value" in str(err.value)
+
+
+@pytest.mark.parametrize("stamp", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-01:00"])
+def test_a_timestamp_outside_the_years_utc_can_hold_is_refused(stamp: str):
+    data = json.loads(_events()[2].to_json())
+    data["created_at"] = stamp
+    with pytest.raises(InvalidEvent) as err:
+        Event.from_json(json.dumps(data))
+    assert err.value.code == "invalid_event"
+    assert f"feedback: timestamp {stamp} is out of range in UTC" in str(err.value)
+    assert "`$.created_at`" in str(err.value)
+
+
+def test_the_first_and_last_utc_instants_still_decode():
+    data = json.loads(_events()[2].to_json())
+    for stamp, naive in (("0001-01-01T00:00:00Z", datetime(1, 1, 1)),
+                         ("9999-12-31T23:59:59+00:00", datetime(9999, 12, 31, 23, 59, 59))):
+        data["created_at"] = stamp
+        assert Event.from_json(json.dumps(data)).created_at == naive
+
+
+@pytest.mark.parametrize("valid_before", [True, False])
+def test_json_nested_past_the_decoders_depth_is_refused(valid_before: bool):
+    deep = "[" * 100_000 + "]" * 100_000
+    head = '{"kind": "feedback", "event_id": "x",' if valid_before else '{"kind": "feedback", "event_id": 5,'
+    with pytest.raises(InvalidEvent) as err:
+        Event.from_json(f'{head} "metadata": {{"x": {deep}}}}}')
+    assert err.value.code == "invalid_event" and "nested too deeply" in str(err.value)
+
+
+def test_a_value_that_is_not_bytes_or_text_is_refused():
+    with pytest.raises(InvalidEvent) as err:
+        Event.from_json(12345)  # type: ignore[arg-type]
+    assert err.value.code == "not_json" and "cannot decode int" in str(err.value)
+
+
 def test_timestamps_with_an_offset_are_stored_as_utc():
     data = json.loads(_events()[2].to_json())
     data["created_at"] = "2026-11-28T03:00:00+02:00"

@@ -12,6 +12,7 @@ import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +30,7 @@ from serving.registry import AdapterRegistry, InFlight
 from store import StoreWriter
 
 TOKEN = "admin-secret"
+ENGINE_KEY = "engine-secret"  # the stand-in engine, like sdloop's vLLM child, wants its key
 HI = [{"role": "user", "content": "hi"}]
 CHAT = "/v1/chat/completions"
 FEEDBACK = "/v1/feedback"
@@ -72,6 +74,11 @@ CASES = [
      "unknown field"),
     (FEEDBACK, {"completion_id": "chatcmpl-never-issued", "type": "rating", "score": 1}, 404,
      "Unknown completion_id"),
+    # nesting past server.max_json_depth, and past the JSON parser's own recursion limit
+    (CHAT, b"[" * 100_000 + b"]" * 100_000, 400, "deeper than 64 levels"),
+    (FEEDBACK, b'{"completion_id": "c", "type": "rating", "score": 1, "metadata": '
+     + b'{"a": ' * 100_000 + b"1" + b"}" * 100_001, 400, "deeper than 64 levels"),
+    (CHAT, {"model": "default", "messages": OK_MESSAGES * 1001}, 422, "server.max_messages"),
     ("/v1/nothing-here", {}, 404, "No route"),
 ]
 
@@ -88,6 +95,8 @@ class FakeEngine:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("authorization") != f"Bearer {ENGINE_KEY}":
+            return web.json_response({"error": "Unauthorized"}, status=401)
         body = await request.json()
         self.requests.append(body)
         rid = "chatcmpl-" + request.headers["x-request-id"]
@@ -144,6 +153,7 @@ class EngineState:
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
+        self.auth_headers = {"authorization": f"Bearer {ENGINE_KEY}"}
         self.served_model_name = "base"
         self.ready = True
         self.last_error = "the inference engine is starting"
@@ -193,7 +203,9 @@ def gateway(tmp_path: Any, engine_url: str, env: dict[str, str] | None = None,
                       overrides={"data_dir": str(tmp_path)})
     store = StoreWriter(tmp_path / "gw.duckdb").open()
     engine = EngineState(engine_url)
-    registry = AdapterRegistry(store, engine)  # type: ignore[arg-type]
+    # Publishing from anywhere: the confinement to `server.publish_dirs` has tests of its own
+    # (tests/unit/test_version_folder.py); these check the route's answers.
+    registry = AdapterRegistry(store, engine, publish_dirs=[Path("/")])  # type: ignore[arg-type]
     gw = Gateway(cfg, engine, registry, sink or store, store, TOKEN)  # type: ignore[arg-type]
 
     @contextlib.asynccontextmanager
@@ -351,7 +363,7 @@ class _Captured:
     def __init__(self) -> None:
         self.events: list[Event] = []
 
-    def capture_nowait(self, event: Event) -> None:
+    def capture_nowait(self, event: Event, request_bytes: int | None = None) -> None:
         self.events.append(event)
 
 
@@ -463,7 +475,7 @@ class Bus:
     def has_capacity(self) -> bool:
         return True
 
-    def submit(self, event: Event) -> Future[None]:
+    def submit(self, event: Event, request_bytes: int | None = None) -> Future[None]:
         fut: Future[None] = Future()
         if self.outcome == "full":
             raise SinkFull("12 events wait for the broker")

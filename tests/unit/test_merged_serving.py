@@ -14,6 +14,7 @@ from serving.version_folder import VersionFolder
 
 
 def _version(tmp_path: Path, name: str) -> VersionFolder:
+    (tmp_path / name).mkdir(exist_ok=True)
     return VersionFolder(tmp_path / name, {"version": name, "alias": "default", "files": {}})
 
 

@@ -153,3 +153,13 @@ def test_every_unit_runs_an_sdloop_command_with_a_shipped_config(path):
         assert "--no-learner" in argv
         # SIGTERM to the gateway alone: it drains and stops its vLLM process group itself.
         assert service["KillMode"] == "mixed"
+
+
+def test_the_ingester_and_every_replica_get_one_control_secret_from_the_environment():
+    env = env_file(OPS / "config" / "sdloop.env.example")
+    assert "SDLOOP_KAFKA__CONTROL_SECRET" in env and not env["SDLOOP_KAFKA__CONTROL_SECRET"]
+    services = compose()["services"]
+    values = {services[s]["environment"]["SDLOOP_KAFKA__CONTROL_SECRET"] for s in ("serve", "ingest")}
+    assert len(values) == 1 and values.pop().startswith("${SDLOOP_CONTROL_SECRET:?")  # required
+    for name in ("serve-replica.toml", "ingest.toml"):  # a secret, never in a config file
+        assert load_config(OPS / "config" / name, env={}).kafka.control_secret == ""

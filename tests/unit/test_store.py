@@ -74,6 +74,27 @@ def test_followup_links_by_conversation_then_by_reply_text(writer):
     assert rows == [("n1", "a", "context"), ("n2", "b", "reply")]  # latest same-text reply
 
 
+def test_a_followup_links_only_to_a_reply_its_own_principal_got_in_its_session(writer):
+    question = [{"role": "user", "content": "Capital of France?"}]
+    said = [*question, {"role": "assistant", "content": "Paris."}]
+    writer.submit(completion("alice", question, principal="alice", session_id="s1"))
+
+    def followup(eid: str, who: str, session: str, ctx: str) -> FollowupEvent:
+        return FollowupEvent(event_id=eid, created_at=utcnow(), text="No, it is Berlin.",
+                             next_completion_id=f"n-{eid}", context_hash=ctx,
+                             reply_hash=reply_hash("Paris."), principal=who, session_id=session)
+
+    wait([writer.submit(e) for e in (
+        followup("stranger-same-reply", "mallory", "s9", "other"),
+        followup("stranger-same-conversation", "mallory", "s1", context_hash(said)),
+        followup("alice-other-session", "alice", "s2", "other"),
+        followup("alice-rewritten-history", "alice", "s1", "other"),
+    )], 5)
+    rows = writer.cursor().execute(
+        "SELECT id, completion_id, matched_by, principal FROM followups").fetchall()
+    assert rows == [("alice-rewritten-history", "alice", "reply", "alice")]
+
+
 def test_episodes_view_joins_feedback_and_followups(writer):
     writer.submit(completion("c1"))
     writer.submit(completion("c2", text="Lyon."))
@@ -213,6 +234,53 @@ def test_acknowledged_writes_survive_kill_9(tmp_path):
 def test_read_only_queries_refuse_anything_else(writer, sql):
     with pytest.raises(QueryError):
         run_read_only(writer.cursor(), sql, 10, 5)
+
+
+@pytest.mark.parametrize("sql, says", [
+    ("WITH u AS (UPDATE aliases SET version = 'x' RETURNING *) SELECT * FROM u", "UPDATE"),
+    ("SELECT (WITH d AS (DELETE FROM feedback RETURNING id) SELECT count(*) FROM d)", "DELETE"),
+    ("WITH i AS (INSERT INTO aliases VALUES ('a', 'b', NULL, now()) RETURNING *) FROM i",
+     "INSERT"),
+    ("EXPLAIN ANALYZE WITH u AS (UPDATE aliases SET version = 'x' RETURNING *) SELECT * FROM u",
+     "UPDATE"),
+    ("SELECT * FROM checkpoint()", "checkpoint"),
+    ("SELECT * FROM force_checkpoint()", "force_checkpoint"),
+    ("SELECT * FROM query('SELECT 1')", "query"),
+    ("SELECT * FROM read_text('/etc/passwd')", "file system operations are disabled"),
+    ("SELECT * FROM read_csv('/etc/passwd')", "file system operations are disabled"),
+    ("SELECT * FROM glob('/*')", "file system operations are disabled"),
+    ("SELECT * FROM read_text('**/state.json')", "file system operations are disabled"),
+    ("SELECT * FROM read_json_auto('https://example.com/x.json')", "disabled"),
+    ("LOAD httpfs", "not LOAD"),
+    ("INSTALL httpfs", "not LOAD"),
+    ("SET enable_external_access = true", "not SET"),
+    ("ATTACH '/tmp/other.duckdb'", "not ATTACH"),
+])
+def test_queries_cannot_write_read_host_files_or_load_extensions(writer, sql, says):
+    writer.submit(completion("c0"))
+    writer.call(lambda con: None).result(5)
+    before = run_read_only(writer.cursor(), "SELECT * FROM aliases ORDER BY alias", 100, 5).rows
+    with pytest.raises(QueryError, match=says):
+        run_read_only(writer.cursor(), sql, 10, 5)
+    assert run_read_only(writer.cursor(), "SELECT * FROM aliases ORDER BY alias", 100, 5).rows \
+        == before
+    assert run_read_only(writer.cursor(), "SELECT count(*) FROM feedback", 1, 5).rows == [(0,)]
+
+
+def test_a_sealed_store_cannot_be_unsealed_by_a_statement(writer):
+    cur = writer.cursor()
+    with pytest.raises(duckdb.Error, match="locked"):
+        cur.execute("SET enable_external_access = true")
+    assert cur.execute("SELECT current_setting('enable_external_access')").fetchone() == (False,)
+
+
+def test_a_store_opened_from_its_file_is_sealed_too(writer, tmp_path):
+    writer.close()
+    with pytest.raises(QueryError, match="file system operations are disabled"):
+        query_file(writer.path, "SELECT * FROM read_text('/etc/passwd')", 10, 5)
+    with pytest.raises(QueryError, match="UPDATE"):
+        query_file(writer.path, "WITH u AS (UPDATE aliases SET version = 'x' RETURNING *) "
+                                "SELECT * FROM u", 10, 5)
 
 
 def test_read_only_query_returns_json_values_and_truncates(writer):

@@ -126,3 +126,32 @@ def test_register_falls_back_to_wrapping_vllms_ops_if_the_per_slot_ones_disagree
     vllm_plugin.register()
     for name, original in originals.items():
         assert getattr(lora_ops, name).__wrapped__ is original
+
+
+def test_with_an_api_key_every_engine_route_but_the_health_checks_needs_it():
+    """vLLM checks its key under /v1 and a few prefixes only; /invocations answers chat bodies
+    too, so the plugin makes the check cover every route but the health checks."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    auth = pytest.importorskip(vllm_plugin._AUTH_MODULE)  # noqa: SLF001
+    vllm_plugin._guard_every_route()  # noqa: SLF001 - what register() does in vLLM's processes
+    vllm_plugin._guard_every_route()  # noqa: SLF001 - idempotent, as register() may run twice
+
+    async def ok(request):
+        return PlainTextResponse("ok")
+
+    guarded = ("/invocations", "/tokenize", "/scale_elastic_ep", "/metrics", "/v1/completions",
+               "/v1/unload_lora_adapter", "/health/")
+    app = Starlette(routes=[Route(p, ok, methods=["GET", "POST"])
+                            for p in (*guarded, *vllm_plugin.OPEN_PATHS)])
+    app.add_middleware(auth.AuthenticationMiddleware, tokens=["the-key"])
+    client = TestClient(app)
+    for path in guarded:
+        assert client.post(path).status_code == 401, path
+        assert client.post(path, headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert client.post(path, headers={"authorization": "Bearer the-key"}).status_code == 200
+    for path in vllm_plugin.OPEN_PATHS:
+        assert client.get(path).status_code == 200, path
