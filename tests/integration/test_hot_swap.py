@@ -214,5 +214,7 @@ def test_probe_scores_are_teacher_forced_in_one_request_while_the_engine_follows
     (got, want, asked), (got_parted, want_parted, asked_parted) = asyncio.run(scores())
     assert asked == 1 and asked_parted == 1 + len(parted) - 4
     for a, b in zip([*got, *got_parted], [*want, *want_parted], strict=True):
-        assert abs(a - b) < 0.15, (got, want, got_parted, want_parted)  # bf16: decode vs prefill
+        # bf16, decode vs prefill: close, and further apart the less likely the token (0.30 at
+        # -5.6 seen); a score read at the wrong position is off by whole units.
+        assert abs(a - b) < 0.15 + 0.1 * abs(b), (got, want, got_parted, want_parted)
     assert want_parted[3] < -5  # the parted token is an unlikely one
