@@ -19,6 +19,7 @@ from feedback.events import (
     FollowupEvent,
     InvalidEvent,
     ReplicaVersionEvent,
+    ToolResultEvent,
     new_id,
     utcnow,
 )
@@ -30,8 +31,9 @@ from feedback.linking import (
     reply_hash,
     session_key,
 )
-from feedback.redaction import redact_event, redact_text
+from feedback.redaction import redact_event, redact_text, redact_value
 from feedback.sinks import Sink, SinkFull, UnknownCompletion
+from feedback.tools import ToolErrorRules, ToolResult, failure, find_tool_results
 from feedback.validation import FeedbackRequest, describe_validation_error
 
 __all__ = [
@@ -50,15 +52,21 @@ __all__ = [
     "ReplicaVersionEvent",
     "Sink",
     "SinkFull",
+    "ToolErrorRules",
+    "ToolResult",
+    "ToolResultEvent",
     "UnknownCompletion",
     "content_text",
     "context_hash",
     "normalise",
     "describe_validation_error",
+    "failure",
     "find_followup",
+    "find_tool_results",
     "new_id",
     "redact_event",
     "redact_text",
+    "redact_value",
     "reply_hash",
     "session_key",
     "utcnow",

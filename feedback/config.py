@@ -6,8 +6,10 @@ them with every other package's section into one config (TOML file, then `SDLOOP
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from feedback.tools import ToolErrorRules
 
 
 @dataclass
@@ -17,6 +19,22 @@ class FeedbackConfig:
     # Where the gateway sends events: "store" (this process writes the DuckDB file) or "kafka"
     # (the events topic; `sdloop ingest` writes the store).
     sink: str = "store"
+    # A tool result an agent sends back (a `tool` message after the assistant's `tool_calls`)
+    # counts as a failed call, and so as an `env_error` signal on the answer that made it, when
+    # the message says `"is_error": true` (or `metadata.is_error`), else when its content is a
+    # JSON object whose key here says so: `error`-like keys when they hold a value, `ok` /
+    # `success` when false, `exit_code` / `returncode` when not 0, `status_code` when >= 400,
+    # `status` / `state` / `outcome` when "error", "failed", ... (dotted paths reach nested keys).
+    tool_error_keys: list[str] = field(default_factory=lambda: [
+        "error", "errors", "is_error", "isError", "exception", "ok", "success", "status",
+        "exit_code", "returncode", "status_code"])
+    # ... else when its text reads as a failure: a Python traceback, or a line opening with an
+    # error label ("Error: ...", "ValueError: ...", "fatal: ...", "FAILED ...").
+    tool_error_text: bool = True
+
+    def tool_error_rules(self) -> ToolErrorRules:
+        return ToolErrorRules(tuple(k for k in self.tool_error_keys if k.strip()),
+                              self.tool_error_text)
 
     def check(self, cfg: Any) -> None:
         """Called by the config loader with the whole config; raise ValueError naming the key."""

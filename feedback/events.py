@@ -186,6 +186,10 @@ class CompletionEvent(Event):
     session_id: str | None = None
     # Who asked (an API key's name; `local` on a server without keys).
     principal: str | None = None
+    # The request's OpenAI `metadata` (string map) and `user` (the end user's id, as the
+    # client names them).
+    metadata: dict[str, str] | None = None
+    user: str | None = None
 
 
 @dataclass
@@ -207,6 +211,31 @@ class FollowupEvent(Event):
     # Who sent it; it is linked only to a reply given to the same principal.
     principal: str | None = None
     # The principal held the `feedback` scope: the follow-up may teach.
+    may_teach: bool | None = None
+
+
+@dataclass
+class ToolResultEvent(Event):
+    """A tool's result that an agent sent back as the next turn (a `tool` message answering a
+    call of a stored answer): the environment's word on that answer. A failed one is an
+    `env_error` signal on it, with `error` as its text.
+
+    The call is named by its id where the client kept it, else by the conversation hash (as
+    follow-ups are); the store resolves it to the completion that made the call.
+    """
+
+    kind: ClassVar[str] = "tool_result"
+    created_at: datetime
+    context_hash: str
+    content: str
+    # The completion whose request carried it.
+    next_completion_id: str
+    call_id: str | None = None
+    name: str | None = None
+    # Why it counts as failed (`feedback.tools`); None: it did not fail.
+    error: str | None = None
+    session_id: str | None = None
+    principal: str | None = None
     may_teach: bool | None = None
 
 
@@ -241,7 +270,8 @@ class ReplicaVersionEvent(Event):
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.kind: cls for cls in (CompletionEvent, FollowupEvent, FeedbackEvent, ReplicaVersionEvent)
+    cls.kind: cls for cls in (CompletionEvent, FollowupEvent, ToolResultEvent, FeedbackEvent,
+                              ReplicaVersionEvent)
 }
 
 

@@ -40,7 +40,13 @@ from kafka.errors import (
 
 from feedback import metrics
 from feedback.config import KafkaConfig
-from feedback.events import CompletionEvent, Event, FeedbackEvent, FollowupEvent
+from feedback.events import (
+    CompletionEvent,
+    Event,
+    FeedbackEvent,
+    FollowupEvent,
+    ToolResultEvent,
+)
 from feedback.redaction import redact_event
 from feedback.sinks import SinkFull, approx_bytes
 
@@ -327,7 +333,7 @@ class KafkaSink:
             if len(self._sessions) > _KNOWN_COMPLETIONS:
                 self._sessions.popitem(last=False)
             return key
-        if isinstance(event, FollowupEvent):
+        if isinstance(event, FollowupEvent | ToolResultEvent):
             return event.session_id or event.next_completion_id
         if isinstance(event, FeedbackEvent):
             return self._sessions.get(event.completion_id, event.completion_id)

@@ -29,7 +29,13 @@ import dataclasses
 import re
 from typing import Any
 
-from feedback.events import CompletionEvent, Event, FeedbackEvent, FollowupEvent
+from feedback.events import (
+    CompletionEvent,
+    Event,
+    FeedbackEvent,
+    FollowupEvent,
+    ToolResultEvent,
+)
 
 # Characters of an address's local part (before the "@"); the domain's are a subset of them.
 _LOCAL = "A-Za-z0-9._%+-"
@@ -158,36 +164,43 @@ def redact_text(text: str) -> str:
     return "".join(pieces)
 
 
-def _redact_value(value: Any) -> Any:
+def redact_value(value: Any) -> Any:
+    """Every string in a JSON-like value redacted (keys kept)."""
     if isinstance(value, str):
         return redact_text(value)
     if isinstance(value, list):
-        return [_redact_value(v) for v in value]
+        return [redact_value(v) for v in value]
     if isinstance(value, dict):
-        return {k: _redact_value(v) for k, v in value.items()}
+        return {k: redact_value(v) for k, v in value.items()}
     return value
 
 
 def redact_event(event: Event) -> Event:
     """A copy of the event with personal data replaced; ids and hashes are kept."""
     if isinstance(event, CompletionEvent):
-        messages = _redact_value(event.messages)
+        messages = redact_value(event.messages)
         text = redact_text(event.response_text) if event.response_text is not None else None
         return dataclasses.replace(
             event,
             messages=messages,
-            params=_redact_value(event.params),  # `user`, `stop`, tool descriptions: free text
+            params=redact_value(event.params),  # `user`, `stop`, tool descriptions: free text
             response_text=text,
-            response_message=_redact_value(event.response_message),
+            response_message=redact_value(event.response_message),
             prompt_token_ids=event.prompt_token_ids if messages == event.messages else None,
             token_ids=event.token_ids if text == event.response_text else None,
+            metadata=redact_value(event.metadata),
+            user=redact_text(event.user) if event.user is not None else None,
         )
     if isinstance(event, FollowupEvent):
         return dataclasses.replace(event, text=redact_text(event.text))
+    if isinstance(event, ToolResultEvent):
+        return dataclasses.replace(
+            event, content=redact_text(event.content),
+            error=redact_text(event.error) if event.error is not None else None)
     if isinstance(event, FeedbackEvent):
         return dataclasses.replace(
             event,
             text=redact_text(event.text) if event.text is not None else None,
-            metadata=_redact_value(event.metadata),
+            metadata=redact_value(event.metadata),
         )
     return event

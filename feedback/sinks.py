@@ -16,7 +16,13 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import Any, Protocol
 
-from feedback.events import CompletionEvent, Event, FeedbackEvent, FollowupEvent
+from feedback.events import (
+    CompletionEvent,
+    Event,
+    FeedbackEvent,
+    FollowupEvent,
+    ToolResultEvent,
+)
 
 
 class SinkFull(RuntimeError):
@@ -92,6 +98,8 @@ def approx_bytes(event: Event, request_bytes: int | None = None) -> int:
             len(event.text or "") + 64 * 1024 * (event.metadata is not None))
     elif isinstance(event, FollowupEvent):
         size += len(event.text)
+    elif isinstance(event, ToolResultEvent):
+        size += len(event.content) + len(event.error or "")
     return size
 
 

@@ -8,10 +8,12 @@ imported only when a round runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -127,9 +129,58 @@ def _report(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_arguments(parser: argparse.ArgumentParser, common: Callable[..., None]) -> None:
+    from learner.export import FORMATS
+
+    common(parser)
+    parser.add_argument("--format", required=True, choices=FORMATS,
+                        help="messages | sft | dpo | kto (TRL's conversational formats), "
+                             "openai-dpo (OpenAI preference fine-tuning)")
+    parser.add_argument("--since", help="only answers from this UTC time on (ISO, e.g. 2026-12-01)")
+    parser.add_argument("--where", help="a condition on the completions table, e.g. "
+                                        "\"metadata->>'agent' = 'weather-bot'\"")
+    parser.add_argument("--out", help="the JSONL file to write (default: standard output)")
+    redact = parser.add_mutually_exclusive_group()
+    redact.add_argument("--redact", action="store_true", default=None,
+                        help="replace e-mails, phone and card numbers (default: feedback.redact)")
+    redact.add_argument("--no-redact", dest="redact", action="store_false")
+
+
+def _export(cfg: Config, args: argparse.Namespace) -> int:
+    from learner.export import count, export
+
+    def query(sql: str, params: list[Any]) -> Any:
+        return store_query(cfg, sql, params)
+
+    total = count(query, args.since, args.where)
+    redact = cfg.feedback.redact if args.redact is None else args.redact
+    with contextlib.ExitStack() as stack:
+        out = (stack.enter_context(open(args.out, "w", encoding="utf-8"))  # noqa: SIM115
+               if args.out else sys.stdout)
+        bar = stack.enter_context(_progress(total, f"export {args.format}"))
+        written = export(query, out, args.format, cfg.learner.teaching(), args.since,
+                         args.where, redact, bar)
+    print(f"{written} {args.format} records from {total} answers"
+          + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
+    return 0
+
+
+@contextlib.contextmanager
+def _progress(total: int, what: str) -> Iterator[Callable[[int], object]]:
+    """A progress bar on standard error when it is a terminal (tqdm, which transformers
+    brings); its value is called with the number of items done since the last call."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=what, unit=" answers", file=sys.stderr,
+              disable=not sys.stderr.isatty()) as shown:
+        yield shown.update
+
+
 _USER_ERRORS = (ClientError, QueryError, ModelError)
 
 LEARN = Command("the learner daemon: feedback -> LoRA versions", _learn, _learn_arguments,
                 user_errors=_USER_ERRORS)
+EXPORT = Command("the captured data as JSONL training sets (TRL and OpenAI formats)", _export,
+                 _export_arguments, user_errors=_USER_ERRORS)
 REPORT = Command("the learner's progress as one HTML page with plots", _report,
                  _report_arguments, user_errors=_USER_ERRORS)

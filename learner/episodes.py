@@ -6,6 +6,10 @@ environment errors, demonstrations, the user's follow-up, or a sibling success â
 well-rated answer to the same prompt. A rating alone carries no context: it only selects
 episodes (and finds sibling successes).
 
+An agent's failed tool call (a `tool` result the store judged failed: an `env_error` naming its
+tool) has a sibling success too: a later answer in the same conversation whose call to the same
+tool worked â€” what the model should have called the first time.
+
 A follow-up that opens by rejecting the answer ("No, that's not right. The capital of X is Y.")
 is the user correcting the model in plain chat: it becomes a `correction` whose text is what
 follows the rejection, so it gets the correction's teacher placement (the best measured on the
@@ -15,6 +19,7 @@ source it stays a `followup`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections import defaultdict
@@ -38,8 +43,8 @@ from store import Query, QueryResult
 # on an old completion brings it back.
 EPISODES_SQL = """
 SELECT * FROM (
-    SELECT completion_id, created_at, version, messages, response_text, token_ids, feedback,
-           followups,
+    SELECT completion_id, created_at, version, messages, response_text, response_message,
+           token_ids, feedback, followups, session_id,
            greatest(coalesce(list_max([f.created_at FOR f IN feedback]), TIMESTAMP '1970-01-01'),
                     coalesce(list_max([u.created_at FOR u IN followups]), TIMESTAMP '1970-01-01'))
                AS signal_at
@@ -48,6 +53,17 @@ SELECT * FROM (
 )
 WHERE signal_at > ?::TIMESTAMP
 ORDER BY signal_at, completion_id
+"""
+
+# Answers whose tool calls all came back without failing, in the given conversations: the
+# successes a failed call to the same tool earlier in the conversation may learn from.
+TOOL_SUCCESSES_SQL = """
+SELECT c.session_id, r.name, c.created_at, any_value(c.response_text),
+       any_value(c.response_message)
+FROM tool_results r JOIN completions c ON c.id = r.completion_id
+WHERE c.status = 'ok' AND c.session_id IN (SELECT unnest(?::VARCHAR[])) AND r.name IS NOT NULL
+GROUP BY c.id, c.session_id, r.name, c.created_at HAVING NOT bool_or(r.is_error)
+ORDER BY c.created_at
 """
 
 # Signals that say the answer should have gone otherwise.
@@ -105,6 +121,9 @@ class Episode:
     signals: list[Signal] = field(default_factory=list)
     rating: float | None = None
     signal_at: str = ""  # when its newest signal arrived (UTC)
+    session_id: str | None = None
+    # Tools whose call in this answer failed (an admitted `env_error` from a tool result).
+    failed_tools: list[str] = field(default_factory=list)
 
 
 def build_episodes(result: QueryResult, sources: Iterable[str],
@@ -128,7 +147,9 @@ def build_episodes(result: QueryResult, sources: Iterable[str],
             version=row["version"], messages=as_json(row["messages"]),
             response_text=row["response_text"] or "", token_ids=row["token_ids"],
             rating=sum(scores) / len(scores) if scores else None,
-            signal_at=str(row.get("signal_at", "")),
+            signal_at=str(row.get("signal_at", "")), session_id=row.get("session_id"),
+            failed_tools=[tool for f in feedback if f.get("type") == "env_error"
+                          and (tool := (as_json(f.get("metadata")) or {}).get("tool"))],
         )
         if ratings:
             raters[ep.completion_id] = ratings[-1].get("principal")
@@ -178,6 +199,8 @@ def collect(query: Query, since: str, sources: Iterable[str],
         over_quota = {r[0] for r in query(OVER_QUOTA_SQL,
                                           [since, policy.principal_quota_per_hour]).rows}
     episodes = build_episodes(query(EPISODES_SQL, [since]), sources, policy, over_quota)
+    if "sibling_success" in sources:
+        add_tool_successes(query, episodes)
     agreed = None
     if policy.min_principals > 1:
         history = build_episodes(query(AGREEMENT_SQL, []), sources, policy, over_quota,
@@ -185,6 +208,44 @@ def collect(query: Query, since: str, sources: Iterable[str],
         agreed = agreement((signal_key(ep.messages, s.source, s.text), s.principal)
                            for ep in history for s in ep.signals)
     return apply_policy(episodes, policy, agreed)
+
+
+def add_tool_successes(query: Query, episodes: list[Episode]) -> None:
+    """A failed tool call's sibling success: the first later answer in its conversation whose
+    call to the same tool worked (its text, else its calls as JSON)."""
+    failed = [ep for ep in episodes if ep.failed_tools and ep.session_id]
+    if not failed:
+        return
+    worked: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
+    for session, tool, at, text, message in query(
+            TOOL_SUCCESSES_SQL, [sorted({ep.session_id for ep in failed})]).rows:
+        worked[(session, tool)].append((str(at), answer_text(text, as_json(message))))
+    for ep in failed:
+        for tool in dict.fromkeys(ep.failed_tools):
+            later = next((text for at, text in worked.get((ep.session_id, tool), ())
+                          if at > ep.created_at and text.strip()), None)
+            if later is not None and later != ep.response_text:
+                ep.signals.append(Signal("sibling_success", later))
+
+
+def answer_text(text: str | None, message: dict[str, Any] | None) -> str:
+    """An answer as text: what it said, or, for a call with nothing said, its tool calls as
+    JSON (`{"name": ..., "arguments": {...}}` a line each)."""
+    if text and text.strip():
+        return text
+    calls = (message or {}).get("tool_calls") or []
+    lines = []
+    for call in calls:
+        if not isinstance(call, dict):
+            continue
+        function = call["function"] if isinstance(call.get("function"), dict) else {}
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            with contextlib.suppress(ValueError):  # as the model wrote them, if not JSON
+                arguments = json.loads(arguments)
+        lines.append(json.dumps({"name": function.get("name"), "arguments": arguments},
+                                ensure_ascii=False))
+    return "\n".join(lines)
 
 
 def as_json(value: Any) -> Any:

@@ -39,6 +39,8 @@ class StreamCapture:
         self.started = started
         self._parts: list[str] = []
         self._token_ids: list[int] = []
+        # Tool calls as their deltas arrive: by index, the id, name and argument pieces.
+        self._calls: dict[int, dict[str, Any]] = {}
         self.done = False
         """The engine's `data: [DONE]` went by: the answer is whole."""
 
@@ -58,6 +60,8 @@ class StreamCapture:
             delta = choice.get("delta") or {}
             if delta.get("content"):
                 self._parts.append(delta["content"])
+            for call in delta.get("tool_calls") or ():
+                self._tool_call_delta(call)
             if choice.get("token_ids"):
                 if not self._token_ids and event.ttft_ms is None:
                     event.ttft_ms = (time.perf_counter() - self.started) * 1000.0
@@ -70,10 +74,30 @@ class StreamCapture:
             event.prompt_tokens = usage.get("prompt_tokens")
             event.completion_tokens = usage.get("completion_tokens")
 
+    def _tool_call_delta(self, delta: dict[str, Any]) -> None:
+        """OpenAI streams a call as deltas of one index: its id, type and name first, then the
+        arguments in pieces."""
+        index = delta.get("index")
+        call = self._calls.setdefault(index if isinstance(index, int) else len(self._calls),
+                                      {"arguments": []})
+        for key in ("id", "type"):
+            if delta.get(key):
+                call[key] = delta[key]
+        function = delta.get("function") or {}
+        if function.get("name"):
+            call["name"] = function["name"]
+        if isinstance(function.get("arguments"), str):
+            call["arguments"].append(function["arguments"])
+
     def finish(self) -> None:
         event = self.event
         event.response_text = "".join(self._parts)
         event.response_message = {"role": "assistant", "content": event.response_text}
+        if self._calls:  # the same shape as a non-streamed answer's message
+            event.response_message["tool_calls"] = [
+                {"id": c.get("id"), "type": c.get("type", "function"),
+                 "function": {"name": c.get("name"), "arguments": "".join(c["arguments"])}}
+                for _, c in sorted(self._calls.items())]
         event.token_ids = self._token_ids or None
         if event.completion_tokens is None and event.token_ids is not None:
             event.completion_tokens = len(event.token_ids)

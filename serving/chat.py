@@ -14,14 +14,24 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from feedback import CompletionEvent, FollowupEvent, find_followup, new_id, session_key, utcnow
+from feedback import (
+    CompletionEvent,
+    Event,
+    FollowupEvent,
+    ToolResultEvent,
+    find_followup,
+    find_tool_results,
+    new_id,
+    session_key,
+    utcnow,
+)
 from serving import metrics
 from serving.auth import Principal
 from serving.capture import StreamCapture, count_tokens, finish_from_json
@@ -39,12 +49,13 @@ SESSION_HEADER = "x-sdloop-session"
 # Request fields stored with the completion as its `params`: the OpenAI parameters and vLLM's
 # sampling and chat-template extras (vLLM's ChatCompletionRequest) that shape the answer. Other
 # fields (vLLM validates or ignores them) are sent to the engine but not stored: the store keeps
-# no arbitrary client data. `messages`, `model` and `stream` have columns of their own.
+# no arbitrary client data. `messages`, `model`, `stream`, `metadata` and `user` have columns of
+# their own.
 STORED_PARAMS = frozenset({
     "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "max_tokens",
     "max_completion_tokens", "n", "presence_penalty", "response_format", "seed", "stop",
     "stream_options", "temperature", "top_p", "tools", "tool_choice", "parallel_tool_calls",
-    "user", "reasoning_effort",
+    "reasoning_effort",
     "top_k", "min_p", "repetition_penalty", "length_penalty", "use_beam_search",
     "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "min_tokens",
     "skip_special_tokens", "spaces_between_special_tokens", "truncate_prompt_tokens",
@@ -53,6 +64,14 @@ STORED_PARAMS = frozenset({
 })
 # Where the parameters left out of an oversized `params` are named.
 OMITTED = "_omitted"
+# Request fields the gateway consumes (OpenAI's): vLLM does not take them.
+GATEWAY_FIELDS = ("metadata", "store")
+
+Record = Callable[[Event, "int | None"], None]
+
+
+def _not_stored(event: Event, request_bytes: int | None = None) -> None:
+    """What `store: false` records: nothing."""
 
 
 def stored_params(body: dict[str, Any], request_bytes: int, max_bytes: int) -> dict[str, Any]:
@@ -96,26 +115,28 @@ async def chat_completions(request: Request) -> Response:
     engine, _, _ = gw.registry.route(version)
     if not engine.ready:
         raise APIError(503, engine.last_error, code="engine_unavailable")
-    if not gw.sink.has_capacity():  # answer nothing that could not be recorded
+    stored = chat.store is not False  # the client's right to opt out of capture
+    if stored and not gw.sink.has_capacity():  # answer nothing that could not be recorded
         raise APIError(503, f"The {gw.sink.name} is behind; retry shortly.", code="store_backlog")
+    record: Record = gw.capture_nowait if stored else _not_stored
 
     request_hex = uuid.uuid4().hex
     started = time.perf_counter()
-    upstream = dict(body)
+    upstream = {k: v for k, v in body.items() if k not in GATEWAY_FIELDS}
     upstream["return_token_ids"] = True
     event = CompletionEvent(
         event_id=new_id("cmpl"), completion_id=f"chatcmpl-{request_hex}", created_at=utcnow(),
         alias=chat.model, version=version, messages=body["messages"],
         params=stored_params(body, request_bytes, server.max_params_bytes), stream=chat.stream,
         session_id=request.headers.get(SESSION_HEADER) or session_key(body["messages"]),
-        principal=principal.name,
+        principal=principal.name, metadata=chat.metadata, user=chat.user,
     )
     headers = {VERSION_HEADER: version}  # and WEIGHTS_HEADER, once the engine is chosen
 
     ticket = gw.registry.acquire(version)  # released once the answer is complete
     try:
         response = await _forward(gw, upstream, event, request_hex, headers, started, ticket,
-                                  principal, request_bytes)
+                                  principal, record, request_bytes)
     except BaseException:
         ticket.release()
         raise
@@ -127,39 +148,58 @@ async def chat_completions(request: Request) -> Response:
 async def _forward(
     gw: Gateway, upstream: dict[str, Any], event: CompletionEvent, request_hex: str,
     headers: dict[str, str], started: float, ticket: InFlight, principal: Principal,
-    request_bytes: int | None = None,
+    record: Record, request_bytes: int | None = None,
 ) -> Response:
-    """Send the request to the engine and relay the answer back. `request_bytes`: the body's
-    size, what the completion is counted as in the sink's bound in bytes."""
-    resp, raw = await _ask_engine(gw, upstream, request_hex, event, headers, request_bytes)
+    """Send the request to the engine and relay the answer back, handing what it captures to
+    `record`. `request_bytes`: the body's size, what the completion is counted as in the
+    sink's bound in bytes."""
+    resp, raw = await _ask_engine(gw, upstream, request_hex, event, headers, record,
+                                  request_bytes)
     if resp.status != 200:
         return _relay_error(resp.status, raw, headers)
 
-    # The engine accepted the request: its last user message is now part of the record.
-    followup = find_followup(event.messages)
-    if followup is not None:
-        metrics.FOLLOWUPS_SEEN.inc()
-        gw.capture_nowait(FollowupEvent(
-            event_id=new_id("fu"), created_at=utcnow(), context_hash=followup[0],
-            reply_hash=followup[1], text=followup[2], next_completion_id=event.completion_id,
-            session_id=event.session_id, principal=principal.name, may_teach=principal.may_teach,
-        ))
+    # The engine accepted the request: what it says about the previous answer — the user's
+    # next message, or the results of the tools that answer called — is now part of the record.
+    if record is not _not_stored:
+        _record_hindsight(gw, event, principal, record)
 
     if not event.stream:
         finish_from_json(event, json.loads(raw), started)
-        gw.capture_nowait(event, request_bytes)
+        record(event, request_bytes)
         count_tokens(event)
         return Response(raw, media_type="application/json", headers=headers)
 
     return StreamingResponse(
-        _relay_stream(gw, resp, StreamCapture(event, started), ticket, request_bytes),
+        _relay_stream(resp, StreamCapture(event, started), ticket, record, request_bytes),
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache"},
     )
 
 
+def _record_hindsight(gw: Gateway, event: CompletionEvent, principal: Principal,
+                      record: Record) -> None:
+    """The follow-up and the tool results the request's history ends with, as events linked
+    (by the store) to the stored answer they follow."""
+    followup = find_followup(event.messages)
+    if followup is not None:
+        metrics.FOLLOWUPS_SEEN.inc()
+        record(FollowupEvent(
+            event_id=new_id("fu"), created_at=utcnow(), context_hash=followup[0],
+            reply_hash=followup[1], text=followup[2], next_completion_id=event.completion_id,
+            session_id=event.session_id, principal=principal.name, may_teach=principal.may_teach,
+        ), None)
+    for result in find_tool_results(event.messages, gw.tool_error_rules):
+        metrics.TOOL_RESULTS_SEEN.labels("failed" if result.error is not None else "ok").inc()
+        record(ToolResultEvent(
+            event_id=new_id("tr"), created_at=utcnow(), context_hash=result.context_hash,
+            content=result.content, next_completion_id=event.completion_id,
+            call_id=result.call_id, name=result.name, error=result.error,
+            session_id=event.session_id, principal=principal.name, may_teach=principal.may_teach,
+        ), None)
+
+
 async def _ask_engine(gw: Gateway, upstream: dict[str, Any], request_hex: str,
-                      event: CompletionEvent, headers: dict[str, str],
+                      event: CompletionEvent, headers: dict[str, str], record: Record,
                       request_bytes: int | None = None,
                       ) -> tuple[aiohttp.ClientResponse, bytes]:
     """The engine's response, and its whole body unless it is a stream that starts well.
@@ -199,7 +239,7 @@ async def _ask_engine(gw: Gateway, upstream: dict[str, Any], request_hex: str,
             what = "dropped the request" if accepted else "is unavailable"
             if accepted:  # the engine had it: the record says how it ended
                 event.status, event.error = "engine_error", f"response broke: {type(exc).__name__}"
-                gw.capture_nowait(event, request_bytes)
+                record(event, request_bytes)
             raise APIError(503, f"The inference engine {what} ({type(exc).__name__}); retry in a "
                                 "moment.", code="engine_unavailable") from None
         except aiohttp.ClientError as exc:
@@ -220,8 +260,8 @@ def _relay_error(status: int, raw: bytes, headers: dict[str, str]) -> Response:
     )
 
 
-async def _relay_stream(gw: Gateway, resp: aiohttp.ClientResponse, capture: StreamCapture,
-                        ticket: InFlight, request_bytes: int | None = None,
+async def _relay_stream(resp: aiohttp.ClientResponse, capture: StreamCapture,
+                        ticket: InFlight, record: Record, request_bytes: int | None = None,
                         ) -> AsyncIterator[bytes]:
     """Forward SSE events as they come, reading what the store needs out of each.
 
@@ -253,5 +293,5 @@ async def _relay_stream(gw: Gateway, resp: aiohttp.ClientResponse, capture: Stre
         resp.release()
         ticket.release()
         capture.finish()
-        gw.capture_nowait(event, request_bytes)
+        record(event, request_bytes)
         count_tokens(event)

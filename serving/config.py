@@ -100,6 +100,12 @@ class EngineConfig:
     max_loras: int = 2
     max_lora_rank: int = 16
     max_logprobs: int = 20
+    # vLLM's tool-call parser (`--tool-call-parser`, with `--enable-auto-tool-choice`): what
+    # turns the model's text into `tool_calls` for requests with `tools`. vLLM refuses every
+    # `tool_choice` but "none" without one. `hermes` suits the embedded model and Hermes/Qwen
+    # style models; see vLLM's tool-calling docs for others (`llama3_json`, `mistral`, ...).
+    # Empty: off.
+    tool_call_parser: str = "hermes"
     # vLLM-CPU KV cache, GiB (VLLM_CPU_KVCACHE_SPACE).
     cpu_kvcache_gb: int = 2
     # The alias whose live version is also served from a second engine on merged weights

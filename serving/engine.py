@@ -217,6 +217,8 @@ class EngineManager:
             *(["--enable-lora", "--max-loras", str(self.cfg.max_loras),
                 "--max-lora-rank", str(self.cfg.max_lora_rank)] if self.lora else []),
             "--max-logprobs", str(self.cfg.max_logprobs),
+            *(["--enable-auto-tool-choice", "--tool-call-parser", self.cfg.tool_call_parser]
+              if self.cfg.tool_call_parser else []),
             "--disable-uvicorn-access-log",
             "--disable-log-stats",
             *self.cfg.extra_args,

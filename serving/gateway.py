@@ -54,6 +54,8 @@ class Gateway:
                              "redaction")
         self.admin_token = admin_token
         self.keys = KeyRing(cfg.server.api_key)
+        # How a tool result an agent sends back is judged failed (`feedback.tools`).
+        self.tool_error_rules = cfg.feedback.tool_error_rules()
         self.http: aiohttp.ClientSession | None = None
         # Set on a Kafka replica: False until the control topic's versions are applied.
         self.versions_ready: Callable[[], bool] = lambda: True
@@ -96,7 +98,8 @@ class Gateway:
         return self.sink.submit(event, request_bytes)
 
     def capture_nowait(self, event: Event, request_bytes: int | None = None) -> None:
-        """Completions and follow-ups: written off the request path, never failing it."""
+        """Completions, follow-ups, tool results: written off the request path, never failing
+        it."""
         try:
             self.capture(event, request_bytes)
         except SinkFull as exc:

@@ -21,6 +21,10 @@ FEEDBACK_EVENTS = Counter("sdloop_feedback_events", "Feedback events captured, b
 FOLLOWUPS_SEEN = Counter(
     "sdloop_followups_seen", "Requests whose last user message follows an assistant reply."
 )
+TOOL_RESULTS_SEEN = Counter(
+    "sdloop_tool_results_seen", "Tool results sent back after an assistant's tool calls, by "
+    "outcome (failed: an env_error signal on the answer that made the call).", ["outcome"]
+)
 CAPTURE_DROPPED = Counter(
     "sdloop_capture_dropped", "Completions not captured because the store queue was full."
 )

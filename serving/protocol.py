@@ -28,6 +28,9 @@ class ChatMessage(BaseModel):
 # on an adapter kills the engine core (punica_cpu `bgmv_shrink`, in
 # `_get_prompt_logprobs_dict`) — every client's requests with it. `echo` turns them on in chat.
 _PROMPT_SCORING = ("prompt_logprobs", "prompt_logprob_token_ids", "echo")
+# OpenAI's limits on `metadata`: 16 pairs, keys up to 64 characters, values up to 512.
+METADATA_MAX_PAIRS, METADATA_MAX_KEY, METADATA_MAX_VALUE = 16, 64, 512
+USER_MAX = 256
 
 
 class ChatRequest(BaseModel):
@@ -40,6 +43,35 @@ class ChatRequest(BaseModel):
     prompt_logprobs: Any = None
     prompt_logprob_token_ids: Any = None
     echo: Any = False
+    # OpenAI's: a string map stored with the completion (filterable in SQL), and whether to
+    # store the exchange at all (`false`: answered, nothing captured). The gateway consumes
+    # both; vLLM does not see them.
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    user: str | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _openai_metadata(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        if metadata is None:
+            return None
+        if len(metadata) > METADATA_MAX_PAIRS:
+            raise ValueError(f"{len(metadata)} pairs; at most {METADATA_MAX_PAIRS} are taken")
+        for key, value in metadata.items():
+            if len(key) > METADATA_MAX_KEY:
+                raise ValueError(f"key {key[:20]!r}...: keys are at most {METADATA_MAX_KEY} "
+                                 "characters")
+            if len(value) > METADATA_MAX_VALUE:
+                raise ValueError(f"value of {key!r}: values are at most {METADATA_MAX_VALUE} "
+                                 "characters")
+        return metadata
+
+    @field_validator("user")
+    @classmethod
+    def _short_user(cls, user: str | None) -> str | None:
+        if user is not None and len(user) > USER_MAX:
+            raise ValueError(f"at most {USER_MAX} characters (an id for the end user)")
+        return user
 
     @field_validator("n")
     @classmethod

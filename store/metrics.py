@@ -20,6 +20,10 @@ FOLLOWUPS_UNMATCHED = Counter(
     "sdloop_store_followups_unmatched",
     "Follow-up messages whose earlier reply is not in the store (history from elsewhere).",
 )
+TOOL_RESULTS_UNMATCHED = Counter(
+    "sdloop_store_tool_results_unmatched",
+    "Tool results whose call was made by no answer in the store (or for another principal).",
+)
 
 # The Kafka ingester (store.ingest).
 INGESTED = Counter("sdloop_ingest_events", "Events the ingester committed to the store, by kind.", ["kind"])

@@ -45,6 +45,7 @@ from feedback.events import (
     FeedbackEvent,
     FollowupEvent,
     ReplicaVersionEvent,
+    ToolResultEvent,
     json_text,
 )
 from feedback.redaction import redact_event
@@ -105,7 +106,8 @@ _COMPLETION_COLUMNS = (
     ("prompt_token_ids", "INTEGER[]"), ("token_ids", "INTEGER[]"), ("prompt_tokens", "INTEGER"),
     ("completion_tokens", "INTEGER"), ("latency_ms", "DOUBLE"), ("ttft_ms", "DOUBLE"),
     ("status", "VARCHAR"), ("error", "VARCHAR"), ("context_hash", "VARCHAR"),
-    ("reply_hash", "VARCHAR"), ("principal", "VARCHAR"),
+    ("reply_hash", "VARCHAR"), ("principal", "VARCHAR"), ("metadata", "JSON"),
+    ("end_user", "VARCHAR"),
 )
 _FEEDBACK_COLUMNS = (
     ("id", "VARCHAR"), ("completion_id", "VARCHAR"), ("created_at", "TIMESTAMP"),
@@ -115,6 +117,17 @@ _FEEDBACK_COLUMNS = (
 _FOLLOWUP_COLUMNS = (
     ("id", "VARCHAR"), ("completion_id", "VARCHAR"), ("next_completion_id", "VARCHAR"),
     ("created_at", "TIMESTAMP"), ("text", "VARCHAR"), ("matched_by", "VARCHAR"),
+    ("principal", "VARCHAR"), ("may_teach", "BOOLEAN"),
+)
+
+_TOOL_CALL_COLUMNS = (
+    ("completion_id", "VARCHAR"), ("idx", "INTEGER"), ("call_id", "VARCHAR"), ("name", "VARCHAR"),
+    ("arguments", "VARCHAR"),
+)
+_TOOL_RESULT_COLUMNS = (
+    ("id", "VARCHAR"), ("completion_id", "VARCHAR"), ("call_id", "VARCHAR"), ("name", "VARCHAR"),
+    ("next_completion_id", "VARCHAR"), ("created_at", "TIMESTAMP"), ("content", "VARCHAR"),
+    ("is_error", "BOOLEAN"), ("error", "VARCHAR"), ("matched_by", "VARCHAR"),
     ("principal", "VARCHAR"), ("may_teach", "BOOLEAN"),
 )
 
@@ -180,6 +193,8 @@ _REPLICA_VERSION_COLUMNS = (
 _insert_completions = _BulkInsert("completions", _COMPLETION_COLUMNS)
 _insert_feedback = _BulkInsert("feedback", _FEEDBACK_COLUMNS)
 _insert_followups = _BulkInsert("followups", _FOLLOWUP_COLUMNS)
+_insert_tool_calls = _BulkInsert("tool_calls", _TOOL_CALL_COLUMNS)
+_insert_tool_results = _BulkInsert("tool_results", _TOOL_RESULT_COLUMNS)
 _insert_replica_versions = _BulkInsert("replica_versions", _REPLICA_VERSION_COLUMNS)
 
 # Each follow-up's reply, for a whole batch in one join: same conversation first (context
@@ -204,6 +219,29 @@ SELECT i, arg_min(id, (rank, -epoch_us(created_at))), arg_min(matched_by, (rank,
 FROM hit GROUP BY i
 """
 
+# Each tool result's call, for a whole batch in one join: by the call's id where the client
+# kept it, else the answer that ends the same conversation (context hash); made for the same
+# principal either way (another principal's tool output is not this answer's environment).
+_RESOLVE_TOOL_RESULTS = """
+WITH tr AS (
+    SELECT unnest($1::INTEGER[]) AS i, unnest($2::VARCHAR[]) AS call, unnest($3::VARCHAR[]) AS ctx,
+           unnest($4::VARCHAR[]) AS who
+), hit AS (
+    SELECT tr.i, c.id, 'call_id' AS matched_by, 0 AS rank, c.created_at, t.name
+    FROM tr JOIN tool_calls t ON t.call_id = tr.call
+    JOIN completions c ON c.id = t.completion_id AND c.status = 'ok'
+        AND c.principal IS NOT DISTINCT FROM tr.who
+    UNION ALL
+    SELECT tr.i, c.id, 'context', 1, c.created_at, NULL
+    FROM tr JOIN completions c ON c.context_hash = tr.ctx AND c.status = 'ok'
+        AND c.principal IS NOT DISTINCT FROM tr.who
+)
+SELECT i, arg_min(id, (rank, -epoch_us(created_at))),
+       arg_min(matched_by, (rank, -epoch_us(created_at))),
+       arg_min(name, (rank, -epoch_us(created_at)))
+FROM hit GROUP BY i
+"""
+
 
 def _completion_row(ev: CompletionEvent) -> list[Any]:
     return [
@@ -212,7 +250,30 @@ def _completion_row(ev: CompletionEvent) -> list[Any]:
         json_text(ev.response_message), ev.finish_reason, json_text(ev.prompt_token_ids),
         json_text(ev.token_ids), ev.prompt_tokens, ev.completion_tokens, ev.latency_ms, ev.ttft_ms,
         ev.status, ev.error, ev.context_hash, ev.reply_hash, ev.principal,
+        json_text(ev.metadata), ev.user,
     ]
+
+
+def _tool_call_rows(ev: CompletionEvent) -> list[list[Any]]:
+    """The answer's tool calls, one row each (whatever shape the engine gave them)."""
+    calls = (ev.response_message or {}).get("tool_calls")
+    if not isinstance(calls, list):
+        return []
+    rows = []
+    for i, call in enumerate(calls):
+        if not isinstance(call, dict):
+            continue
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        arguments = function.get("arguments")
+        rows.append([ev.completion_id, i, _text_or_none(call.get("id")),
+                     _text_or_none(function.get("name")),
+                     arguments if arguments is None or isinstance(arguments, str)
+                     else json_text(arguments)])
+    return rows
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 @dataclass
@@ -532,6 +593,7 @@ class StoreWriter:
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(events))
         metrics.FOLLOWUPS_UNMATCHED.inc(applied.unmatched_followups)
+        metrics.TOOL_RESULTS_UNMATCHED.inc(applied.unmatched_tool_results)
         _count_written(ev for ev, err in zip(events, applied.errors, strict=True) if err is None)
         return applied.errors
 
@@ -543,6 +605,7 @@ class Applied:
 
     errors: list[Exception | None]
     unmatched_followups: int = 0
+    unmatched_tool_results: int = 0
 
 
 def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event],
@@ -554,9 +617,12 @@ def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event],
     """
     errors: list[Exception | None] = [None] * len(events)
     unmatched = 0
-    completions = [_completion_row(e) for e in events if isinstance(e, CompletionEvent)]
+    completions = [e for e in events if isinstance(e, CompletionEvent)]
     if completions:
-        _insert_completions(con, completions, skip_duplicates)
+        _insert_completions(con, [_completion_row(e) for e in completions], skip_duplicates)
+        calls = [row for e in completions if e.response_message for row in _tool_call_rows(e)]
+        if calls:
+            _insert_tool_calls(con, calls, skip_duplicates)
 
     followups = [e for e in events if isinstance(e, FollowupEvent)]
     if followups:
@@ -574,6 +640,23 @@ def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event],
                 for i, ev in enumerate(followups) if i in parents]
         if rows:
             _insert_followups(con, rows, skip_duplicates)
+
+    results = [e for e in events if isinstance(e, ToolResultEvent)]
+    unmatched_results = 0
+    if results:
+        calls_of = {
+            i: (completion_id, matched_by, name)
+            for i, completion_id, matched_by, name in con.execute(_RESOLVE_TOOL_RESULTS, [
+                list(range(len(results))), [e.call_id for e in results],
+                [e.context_hash for e in results], [e.principal for e in results]]).fetchall()
+        }
+        unmatched_results = len(results) - len(calls_of)
+        rows = [[ev.event_id, calls_of[i][0], ev.call_id, calls_of[i][2] or ev.name,
+                 ev.next_completion_id, ev.created_at, ev.content, ev.error is not None,
+                 ev.error, calls_of[i][1], ev.principal, ev.may_teach]
+                for i, ev in enumerate(results) if i in calls_of]
+        if rows:
+            _insert_tool_results(con, rows, skip_duplicates)
 
     reports = [[e.event_id, e.replica, e.alias, e.version, e.action, e.status, e.detail,
                 e.created_at] for e in events if isinstance(e, ReplicaVersionEvent)]
@@ -598,7 +681,7 @@ def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event],
                          ev.text, json_text(ev.metadata), ev.principal, ev.may_teach])
         if rows:
             _insert_feedback(con, rows, skip_duplicates)
-    return Applied(errors, unmatched)
+    return Applied(errors, unmatched, unmatched_results)
 
 
 def _count_written(events: Iterable[Event]) -> None:

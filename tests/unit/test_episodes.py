@@ -92,3 +92,35 @@ def test_only_configured_sources_and_only_new_episodes(store):
     assert [s.source for s in collect(query_of(store), "1970-01-01", ["critique"])[0].signals] == [
         "critique"]
     assert collect(query_of(store), "2999-01-01", CONTEXT_SOURCES) == []
+
+
+def test_a_failed_tool_call_learns_from_the_later_call_to_that_tool_that_worked(store):
+    from feedback import ToolResultEvent
+
+    task = [{"role": "user", "content": "Weather in Paris?"}]
+
+    def call(call_id: str, city: str) -> dict:
+        return {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call_id, "type": "function",
+             "function": {"name": "weather", "arguments": f'{{"city_id": "{city}"}}'}}]}
+
+    for cid, call_id, city, session in (("first", "c-1", "Paris", "s1"),
+                                        ("second", "c-2", "FR-PAR", "s1"),
+                                        ("elsewhere", "c-3", "FR-LYS", "s2")):
+        store.submit(completion(cid, task, text="", session_id=session,
+                                response_message=call(call_id, city)))
+        store.call(lambda con: None).result(5)  # one after the other in time
+    for event_id, call_id, error in (("r1", "c-1", "Error: use the form FR-PAR"),
+                                     ("r2", "c-2", None), ("r3", "c-3", None)):
+        store.submit(ToolResultEvent(event_id=event_id, created_at=utcnow(), context_hash="-",
+                                     content=error or "14 C", next_completion_id="n",
+                                     call_id=call_id, name="weather", error=error))
+    store.call(lambda con: None).result(5)
+
+    [ep] = collect(query_of(store), "1970-01-01", CONTEXT_SOURCES)
+    assert ep.completion_id == "first" and ep.failed_tools == ["weather"]
+    assert ep.signals == [Signal("env_error", "Error: use the form FR-PAR"),
+                          Signal("sibling_success",
+                                 '{"name": "weather", "arguments": {"city_id": "FR-PAR"}}')]
+    without = collect(query_of(store), "1970-01-01", ["env_error"])[0]
+    assert without.signals == [Signal("env_error", "Error: use the form FR-PAR")]

@@ -16,6 +16,7 @@ from feedback import (
     FollowupEvent,
     InvalidEvent,
     ReplicaVersionEvent,
+    ToolResultEvent,
     new_id,
     session_key,
     utcnow,
@@ -28,13 +29,19 @@ def _events() -> list[Event]:
         CompletionEvent(event_id=new_id("cmpl"), completion_id="chatcmpl-1", created_at=now,
                         alias="default", version="base", messages=[{"role": "user", "content": "hi"}],
                         params={"temperature": 0}, stream=True, token_ids=[1, 2], latency_ms=3,
-                        session_id="conv-x"),
+                        session_id="conv-x", metadata={"agent": "a"}, user="u1",
+                        response_message={"role": "assistant", "tool_calls": [
+                            {"id": "call_1", "type": "function",
+                             "function": {"name": "f", "arguments": "{}"}}]}),
         FollowupEvent(event_id=new_id("fu"), created_at=now, context_hash="c", reply_hash="r",
                       text="No.", next_completion_id="chatcmpl-2"),
         FeedbackEvent(event_id=new_id("fb"), completion_id="chatcmpl-1", created_at=now,
                       type="rating", score=1, metadata={"k": [1]}),
         ReplicaVersionEvent(event_id=new_id("rv"), created_at=now, replica="a:8000",
                             version="default@v2", action="publish", status="promoted"),
+        ToolResultEvent(event_id=new_id("tr"), created_at=now, context_hash="c",
+                        content='{"error": "x"}', next_completion_id="chatcmpl-3",
+                        call_id="call_1", name="f", error='{"error": "x"}', may_teach=True),
     ]
 
 

@@ -60,6 +60,14 @@ CASES = [
     (CHAT, {"model": "default", "messages": OK_MESSAGES, "prompt_logprob_token_ids": [[1]]}, 422,
      "prompt_logprob_token_ids"),
     (CHAT, {"model": "no-such-model", "messages": OK_MESSAGES}, 404, "does not exist"),
+    # OpenAI's own limits on `metadata`; `store` is a boolean
+    (CHAT, {"model": "default", "messages": OK_MESSAGES, "metadata": {"k": 1}}, 422,
+     "metadata.k"),
+    (CHAT, {"model": "default", "messages": OK_MESSAGES,
+            "metadata": {f"k{i}": "v" for i in range(17)}}, 422, "at most 16 are taken"),
+    (CHAT, {"model": "default", "messages": OK_MESSAGES, "metadata": {"k": "v" * 513}}, 422,
+     "at most 512 characters"),
+    (CHAT, {"model": "default", "messages": OK_MESSAGES, "store": "no"}, 422, "store"),
     (CHAT, b'{"model": "default", "messages": [{"role": "user", "content": "'
      + b"x" * (5 * 1024 * 1024) + b'"}]}', 413, "limit"),
     (FEEDBACK, b"{nope", 400, "not valid JSON"),
@@ -341,6 +349,47 @@ def test_a_stream_is_relayed_event_by_event_and_stored_whole(gw: Harness):
     assert ttft is not None and 0 < ttft <= latency
 
 
+def test_store_false_is_answered_and_leaves_no_row(gw: Harness, fake_engine: FakeEngine):
+    first = gw.chat(store=False).json()
+    history = [*HI, first["choices"][0]["message"], {"role": "user", "content": "No, say bye."}]
+    assert gw.chat(history, store=False).status_code == 200
+    with gw.client.stream("POST", CHAT, json={"model": "default", "messages": HI, "stream": True,
+                                              "store": False}) as resp:
+        assert [line for line in resp.iter_lines() if line][-1] == "data: [DONE]"
+    assert gw.rows("SELECT (SELECT count(*) FROM completions) + (SELECT count(*) FROM followups)"
+                   ) == [(0,)]
+    assert "store" not in fake_engine.requests[-1]  # the gateway's to honour, not vLLM's
+
+
+def test_metadata_and_user_are_stored_queryable_and_not_sent_to_the_engine(
+        gw: Harness, fake_engine: FakeEngine):
+    gw.chat(metadata={"team": "search", "run": "7"}, user="u-42")
+    gw.chat(metadata={"team": "ads"})
+    assert "metadata" not in fake_engine.requests[-1]
+    assert gw.rows("SELECT metadata->>'run', end_user FROM completions "
+                   "WHERE metadata->>'team' = 'search'") == [("7", "u-42")]
+
+
+def test_a_streamed_answers_tool_calls_are_stored_as_a_whole_answers_are():
+    event = CompletionEvent(event_id=new_id("ev"), completion_id="chatcmpl-x", created_at=utcnow(),
+                            alias="default", version="base", messages=HI, params={}, stream=True)
+    capture = StreamCapture(event, 0.0)
+    deltas = [{"index": 0, "id": "call_1", "type": "function",
+               "function": {"name": "weather", "arguments": ""}},
+              {"index": 0, "function": {"arguments": '{"city_id": '}},
+              {"index": 1, "id": "call_2", "type": "function", "function": {"name": "clock"}},
+              {"index": 0, "function": {"arguments": '"FR-PAR"}'}}]
+    capture.read(b"".join(
+        b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [d]},
+                                             "token_ids": [i]}]}).encode() + b"\n\n"
+        for i, d in enumerate(deltas)))
+    capture.finish()
+    assert event.response_message["tool_calls"] == [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "weather", "arguments": '{"city_id": "FR-PAR"}'}},
+        {"id": "call_2", "type": "function", "function": {"name": "clock", "arguments": ""}}]
+
+
 class _SlowStream:
     """An engine response that sends its events a moment apart and then holds the connection
     open, as vLLM may for a moment after `[DONE]`."""
@@ -375,8 +424,8 @@ def _hang_up_after(received: int) -> CompletionEvent:
     event = CompletionEvent(event_id=new_id("ev"), completion_id="chatcmpl-x", created_at=utcnow(),
                             alias="default", version="base", messages=HI, params={}, stream=True)
     gw, resp = _Captured(), _SlowStream(events)
-    relay = _relay_stream(gw, resp, StreamCapture(event, 0.0),  # type: ignore[arg-type]
-                          InFlight(Counter(), "base"))
+    relay = _relay_stream(resp, StreamCapture(event, 0.0),  # type: ignore[arg-type]
+                          InFlight(Counter(), "base"), gw.capture_nowait)
     got: list[bytes] = []
 
     async def send_all() -> None:

@@ -134,8 +134,8 @@ def test_only_known_sampling_parameters_are_stored_and_the_rest_still_reaches_th
     resp = gw.chat(temperature=0.2, max_tokens=4, user="u1", junk=junk, chat_template="{{x}}")
     assert resp.status_code == 200
     assert engine.requests[-1]["junk"] == junk  # vLLM validates what it is sent
-    params = gw.rows("SELECT params FROM completions")[0][0]
-    assert json.loads(params) == {"temperature": 0.2, "max_tokens": 4, "user": "u1"}
+    params, user = gw.rows("SELECT params, end_user FROM completions")[0]
+    assert json.loads(params) == {"temperature": 0.2, "max_tokens": 4} and user == "u1"
 
 
 def test_oversized_parameters_are_stored_as_a_marker_keeping_the_numbers(gw: Harness):

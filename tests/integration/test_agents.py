@@ -1,0 +1,149 @@
+"""Agent traffic through the real engine, with the official `openai` client: tool calls are
+stored with the answer, the tool results the agent sends back as its next turn become
+signals (a failed one an `env_error` on the right answer and call, with no feedback call),
+and OpenAI's `store` and `metadata` are honoured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+
+from tests.integration.conftest import SDLOOP, Server, wait_for_rows
+
+LOOKUP = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "description": "Current weather for a city id such as FR-PAR.",
+        "parameters": {"type": "object", "properties": {"city_id": {"type": "string"}},
+                       "required": ["city_id"]},
+    },
+}
+
+
+def _ask_for_a_call(openai_client, question: str, **extra):
+    """A question answered with a tool call (`tool_choice: required` makes the embedded model
+    call one reliably: vLLM constrains its output to the calls' JSON)."""
+    messages = [{"role": "user", "content": question}]
+    reply = openai_client.chat.completions.create(
+        model="default", messages=messages, tools=[LOOKUP], tool_choice="required",
+        max_tokens=96, temperature=0, **extra)
+    calls = reply.choices[0].message.tool_calls
+    assert calls, reply.choices[0].message
+    return messages, reply
+
+
+def _send_back(openai_client, messages, reply, results: list[str], **extra):
+    """The agent's next turn: the answer with its calls, then one `tool` message per call."""
+    message = reply.choices[0].message
+    history = [*messages, message.model_dump(exclude_none=True)]
+    history += [{"role": "tool", "tool_call_id": call.id, "content": content}
+                for call, content in zip(message.tool_calls, results, strict=False)]
+    return openai_client.chat.completions.create(
+        model="default", messages=history, tools=[LOOKUP], max_tokens=16, temperature=0,
+        **extra)
+
+
+def test_a_tool_round_trip_is_stored_with_its_calls(server: Server, openai_client):
+    messages, reply = _ask_for_a_call(openai_client, "What is the weather in Paris?")
+    call = reply.choices[0].message.tool_calls[0]
+    rows = wait_for_rows(server, "SELECT completion_id, idx, call_id, name, arguments "
+                                 f"FROM tool_calls WHERE completion_id = '{reply.id}'")
+    assert rows[0] == {"completion_id": reply.id, "idx": 0, "call_id": call.id,
+                       "name": call.function.name, "arguments": call.function.arguments}
+    [stored] = server.admin_sql(f"SELECT response_message, params FROM completions "
+                                f"WHERE id = '{reply.id}'")
+    assert stored["response_message"]["tool_calls"][0]["id"] == call.id  # JSON columns: values
+    assert stored["params"]["tool_choice"] == "required"
+
+    nxt = _send_back(openai_client, messages, reply, [json.dumps({"temperature_c": 14})])
+    assert nxt.choices[0].message is not None  # the engine took the history with the result
+
+
+def test_a_failed_tool_result_is_an_env_error_signal_on_the_call_that_made_it(
+        server: Server, openai_client):
+    error = "{\"error\": \"unknown city 'Paris'; use the form FR-PAR\"}"
+    messages, failed = _ask_for_a_call(openai_client, "Weather in Paris, please.")
+    after_failure = _send_back(openai_client, messages, failed, [error])
+    messages_ok, fine = _ask_for_a_call(openai_client, "Weather in Rome, please.")
+    after_success = _send_back(openai_client, messages_ok, fine, ['{"temperature_c": 21}'])
+
+    rows = wait_for_rows(server, "SELECT completion_id, call_id, next_completion_id, is_error, "
+                                 "error, matched_by FROM tool_results WHERE completion_id IN "
+                                 f"('{failed.id}', '{fine.id}') ORDER BY is_error", 2)
+    assert rows == [
+        {"completion_id": fine.id, "call_id": fine.choices[0].message.tool_calls[0].id,
+         "next_completion_id": after_success.id, "is_error": False, "error": None,
+         "matched_by": "call_id"},
+        {"completion_id": failed.id, "call_id": failed.choices[0].message.tool_calls[0].id,
+         "next_completion_id": after_failure.id, "is_error": True, "error": error,
+         "matched_by": "call_id"},
+    ]
+    signals = server.admin_sql("SELECT completion_id, origin, type, text FROM signals "
+                               f"WHERE completion_id IN ('{failed.id}', '{fine.id}')")
+    assert signals == [{"completion_id": failed.id, "origin": "tool_result", "type": "env_error",
+                        "text": error}]
+    assert server.admin_sql(f"SELECT count(*) AS n FROM feedback WHERE completion_id = "
+                            f"'{failed.id}'") == [{"n": 0}]  # no feedback call was made
+
+
+def test_store_false_answers_and_leaves_no_row(server: Server, openai_client):
+    marker = uuid.uuid4().hex
+    messages, reply = _ask_for_a_call(openai_client, f"Weather in Oslo? ({marker})", store=False)
+    nxt = _send_back(openai_client, messages, reply, ["Error: unknown city"], store=False)
+    plain = openai_client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": f"Hi ({marker})"}], max_tokens=4,
+        store=False)
+    assert reply.choices[0].message.tool_calls and nxt.id and plain.choices[0].message
+    wait_for_rows(server, "SELECT 1 FROM completions WHERE id = "  # a later stored request...
+                  f"'{_ask_for_a_call(openai_client, 'Weather in Bonn?')[1].id}'")
+    ids = (reply.id, nxt.id, plain.id)  # ... is committed: nothing of these was
+    assert server.admin_sql(
+        "SELECT (SELECT count(*) FROM completions WHERE id IN ({0}) OR messages::VARCHAR "
+        "LIKE '%{1}%') + (SELECT count(*) FROM tool_results WHERE next_completion_id IN ({0}))"
+        " + (SELECT count(*) FROM tool_calls WHERE completion_id IN ({0})) AS n".format(
+            ", ".join(f"'{i}'" for i in ids), marker)) == [{"n": 0}]
+
+
+def test_metadata_is_stored_and_filterable_in_sql(server: Server, openai_client):
+    run = uuid.uuid4().hex[:12]
+    reply = openai_client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4,
+        metadata={"agent": "weather-bot", "run": run}, user="end-user-7")
+    rows = wait_for_rows(server, "SELECT id, metadata->>'agent' AS agent, end_user "
+                                 f"FROM completions WHERE metadata->>'run' = '{run}'")
+    assert rows == [{"id": reply.id, "agent": "weather-bot", "end_user": "end-user-7"}]
+
+
+def test_export_streams_the_servers_data_in_each_format_datasets_loads(server: Server,
+                                                                       openai_client, tmp_path):
+    """`sdloop export` while the server runs: through the admin API's sealed SQL, paged."""
+    import datasets
+
+    run = uuid.uuid4().hex[:12]
+    question = [{"role": "user", "content": f"Capital of Quessany? ({run})"}]
+    wrong = openai_client.chat.completions.create(
+        model="default", messages=question, max_tokens=8, metadata={"run": run})
+    openai_client.chat.completions.create(
+        model="default", max_tokens=8, metadata={"run": run},
+        messages=[*question, {"role": "assistant", "content": wrong.choices[0].message.content},
+                  {"role": "user", "content": "No, the capital of Quessany is Dalvorne."}])
+    wait_for_rows(server, f"SELECT 1 FROM followups WHERE completion_id = '{wrong.id}'")
+    for fmt, columns, n in (("messages", {"messages"}, 2),
+                            ("dpo", {"prompt", "chosen", "rejected"}, 1)):
+        out = tmp_path / f"{fmt}.jsonl"
+        done = subprocess.run(
+            [*SDLOOP, "export", "--data-dir", str(server.data_dir), "--format", fmt,
+             "--where", f"metadata->>'run' = '{run}'", "--out", str(out)],
+            capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        loaded = datasets.load_dataset("json", data_files=str(out), split="train")
+        assert columns <= set(loaded.column_names) and len(loaded) == n, done.stderr
+    assert loaded[0]["chosen"] == [{"role": "assistant",
+                                    "content": "The capital of Quessany is Dalvorne."}]
+    refused = subprocess.run(
+        [*SDLOOP, "export", "--data-dir", str(server.data_dir), "--format", "messages",
+         "--where", "true) UNION ALL (SELECT id FROM read_text('/etc/passwd')"],
+        capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "passwd" not in refused.stdout, refused.stdout
