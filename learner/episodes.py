@@ -55,15 +55,12 @@ WHERE signal_at > ?::TIMESTAMP
 ORDER BY signal_at, completion_id
 """
 
-# Answers whose tool calls all came back without failing, in the given conversations: the
-# successes a failed call to the same tool earlier in the conversation may learn from.
+# The tool successes (a store view) in the given conversations, with the answers that made them.
 TOOL_SUCCESSES_SQL = """
-SELECT c.session_id, r.name, c.created_at, any_value(c.response_text),
-       any_value(c.response_message)
-FROM tool_results r JOIN completions c ON c.id = r.completion_id
-WHERE c.status = 'ok' AND c.session_id IN (SELECT unnest(?::VARCHAR[])) AND r.name IS NOT NULL
-GROUP BY c.id, c.session_id, r.name, c.created_at HAVING NOT bool_or(r.is_error)
-ORDER BY c.created_at
+SELECT t.session_id, t.name, t.created_at, c.response_text, c.response_message
+FROM tool_successes t JOIN completions c ON c.id = t.completion_id
+WHERE t.session_id IN (SELECT unnest(?::VARCHAR[]))
+ORDER BY t.created_at
 """
 
 # Signals that say the answer should have gone otherwise.
@@ -148,8 +145,7 @@ def build_episodes(result: QueryResult, sources: Iterable[str],
             response_text=row["response_text"] or "", token_ids=row["token_ids"],
             rating=sum(scores) / len(scores) if scores else None,
             signal_at=str(row.get("signal_at", "")), session_id=row.get("session_id"),
-            failed_tools=[tool for f in feedback if f.get("type") == "env_error"
-                          and (tool := (as_json(f.get("metadata")) or {}).get("tool"))],
+            failed_tools=failed_tools(feedback),
         )
         if ratings:
             raters[ep.completion_id] = ratings[-1].get("principal")
@@ -226,6 +222,13 @@ def add_tool_successes(query: Query, episodes: list[Episode]) -> None:
                           if at > ep.created_at and text.strip()), None)
             if later is not None and later != ep.response_text:
                 ep.signals.append(Signal("sibling_success", later))
+
+
+def failed_tools(feedback: list[dict[str, Any]]) -> list[str]:
+    """The tools whose calls failed, from an episode's feedback items (a failed tool result is
+    an `env_error` whose metadata names its tool)."""
+    return [tool for f in feedback if f.get("type") == "env_error"
+            and (tool := (as_json(f.get("metadata")) or {}).get("tool"))]
 
 
 def answer_text(text: str | None, message: dict[str, Any] | None) -> str:

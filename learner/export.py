@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from feedback import FEEDBACK_BY_TYPE, context_hash, redact_value
-from learner.episodes import as_json, corrected_statement, correction_text
+from learner.episodes import as_json, corrected_statement, correction_text, failed_tools
 from learner.policy import TeachingPolicy
 from store import QueryResult
 
@@ -38,8 +38,8 @@ Query = Callable[[str, list[Any]], QueryResult]
 # user's condition on the completions table.
 _PAGE_SQL = """
 SELECT e.completion_id, e.created_at, e.messages, e.params, e.response_text, e.response_message,
-       e.feedback, e.followups, c.session_id
-FROM episodes e JOIN completions c ON c.id = e.completion_id
+       e.feedback, e.followups, e.session_id
+FROM episodes e
 WHERE e.status = 'ok' AND e.created_at >= ?::TIMESTAMP
   AND (e.created_at > ?::TIMESTAMP OR (e.created_at = ?::TIMESTAMP AND e.completion_id > ?))
   AND e.completion_id IN (SELECT id FROM completions WHERE {where})
@@ -50,13 +50,7 @@ _COUNT_SQL = """
 SELECT count(*) FROM completions
 WHERE status = 'ok' AND created_at >= ?::TIMESTAMP AND id IN (SELECT id FROM completions WHERE {where})
 """
-# Tool calls whose results came back and none failed: a success for their conversation's task.
-_TOOL_SUCCESSES_SQL = """
-SELECT c.session_id, r.name, c.created_at, c.id
-FROM tool_results r JOIN completions c ON c.id = r.completion_id
-WHERE c.status = 'ok' AND c.session_id IS NOT NULL AND r.name IS NOT NULL
-GROUP BY ALL HAVING NOT bool_or(r.is_error)
-"""
+_TOOL_SUCCESSES_SQL = "SELECT session_id, name, created_at, completion_id FROM tool_successes"
 _EPOCH = "1970-01-01 00:00:00"
 
 
@@ -120,6 +114,7 @@ def _stored(row: dict[str, Any], policy: TeachingPolicy) -> Stored:
     scores = [f["score"] for f in feedback if f.get("type") == "rating"
               and f.get("score") is not None]
     item.rating = sum(scores) / len(scores) if scores else None
+    item.failed_tools = failed_tools(feedback)
     better: list[tuple[str, str]] = []  # (when, text), newest wins
     for f in feedback:
         kind = FEEDBACK_BY_TYPE.get(f.get("type") or "")
@@ -128,9 +123,6 @@ def _stored(row: dict[str, Any], policy: TeachingPolicy) -> Stored:
             continue
         if kind.asks_for_change:
             item.judged_bad = True
-            tool = (as_json(f.get("metadata")) or {}).get("tool")
-            if f["type"] == "env_error" and tool:
-                item.failed_tools.append(tool)
         if kind.is_answer:
             better.append((str(f["created_at"]), corrected_statement(text)
                            if f["type"] == "correction" else text))

@@ -30,7 +30,6 @@ class ChatMessage(BaseModel):
 _PROMPT_SCORING = ("prompt_logprobs", "prompt_logprob_token_ids", "echo")
 # OpenAI's limits on `metadata`: 16 pairs, keys up to 64 characters, values up to 512.
 METADATA_MAX_PAIRS, METADATA_MAX_KEY, METADATA_MAX_VALUE = 16, 64, 512
-USER_MAX = 256
 
 
 class ChatRequest(BaseModel):
@@ -65,13 +64,6 @@ class ChatRequest(BaseModel):
                 raise ValueError(f"value of {key!r}: values are at most {METADATA_MAX_VALUE} "
                                  "characters")
         return metadata
-
-    @field_validator("user")
-    @classmethod
-    def _short_user(cls, user: str | None) -> str | None:
-        if user is not None and len(user) > USER_MAX:
-            raise ValueError(f"at most {USER_MAX} characters (an id for the end user)")
-        return user
 
     @field_validator("n")
     @classmethod

@@ -37,6 +37,14 @@ CREATE TABLE tool_results (
     may_teach          BOOLEAN
 );
 
+-- Answers whose tool calls all came back without failing, per tool: the successes a failed
+-- call to the same tool earlier in the same conversation learns from (learner, export).
+CREATE VIEW tool_successes AS
+SELECT c.id AS completion_id, c.session_id, r.name, c.created_at
+FROM tool_results r JOIN completions c ON c.id = r.completion_id
+WHERE c.status = 'ok' AND c.session_id IS NOT NULL AND r.name IS NOT NULL
+GROUP BY ALL HAVING NOT bool_or(r.is_error);
+
 DROP VIEW episodes;
 DROP VIEW review_queue;
 DROP VIEW signals;
