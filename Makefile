@@ -16,7 +16,7 @@ PY := $(VENV)/bin/python
 SDLOOP := $(VENV)/bin/sdloop
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: setup run test lint bench-serving bench-learning bench-ingest clean
+.PHONY: setup run test lint bench-serving bench-learning bench-tools bench-ingest clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,9 @@ bench-serving: $(STAMP)
 
 bench-learning: $(STAMP)
 	SDLOOP_MODEL__CACHE_DIR=$(TEST_MODEL_CACHE) $(PY) ops/bench/learning.py $(ARGS)
+
+bench-tools: $(STAMP)
+	SDLOOP_MODEL__CACHE_DIR=$(TEST_MODEL_CACHE) $(PY) ops/bench/tools.py $(ARGS)
 
 bench-ingest: $(STAMP)
 	$(PY) ops/bench/ingest.py $(ARGS)

@@ -53,7 +53,7 @@ def round_io(cfg: Config, progress: bool = True) -> RoundIO:
         try:
             return EnginePolicy.of(server["engine_url"], version, server.get("engine_api_key", ""))
         except (OSError, ValueError, KeyError, StopIteration) as exc:
-            log.warning("on-policy samples from the trainer's model: the engine did not answer (%s)",
+            log.warning("samples from the trainer's model: the engine did not answer (%s)",
                         exc)
             return None
 

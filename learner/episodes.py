@@ -43,8 +43,8 @@ from store import Query, QueryResult
 # on an old completion brings it back.
 EPISODES_SQL = """
 SELECT * FROM (
-    SELECT completion_id, created_at, version, messages, response_text, response_message,
-           token_ids, feedback, followups, session_id,
+    SELECT completion_id, created_at, version, messages, params, response_text,
+           response_message, token_ids, feedback, followups, session_id,
            greatest(coalesce(list_max([f.created_at FOR f IN feedback]), TIMESTAMP '1970-01-01'),
                     coalesce(list_max([u.created_at FOR u IN followups]), TIMESTAMP '1970-01-01'))
                AS signal_at
@@ -62,6 +62,10 @@ FROM tool_successes t JOIN completions c ON c.id = t.completion_id
 WHERE t.session_id IN (SELECT unnest(?::VARCHAR[]))
 ORDER BY t.created_at
 """
+
+# Request fields that constrain what the engine may answer (vLLM's structured outputs); a
+# `response_format` of type `text` constrains nothing.
+CONSTRAINT_PARAMS = ("response_format", "structured_outputs")
 
 # Signals that say the answer should have gone otherwise.
 _NEGATIVE = tuple(k.name for k in FEEDBACK_KINDS if k.asks_for_change)
@@ -121,6 +125,8 @@ class Episode:
     session_id: str | None = None
     # Tools whose call in this answer failed (an admitted `env_error` from a tool result).
     failed_tools: list[str] = field(default_factory=list)
+    # The structured-output fields the answer was drawn under (`output_constraint`), if any.
+    constraint: dict[str, Any] | None = None
 
 
 def build_episodes(result: QueryResult, sources: Iterable[str],
@@ -146,6 +152,7 @@ def build_episodes(result: QueryResult, sources: Iterable[str],
             rating=sum(scores) / len(scores) if scores else None,
             signal_at=str(row.get("signal_at", "")), session_id=row.get("session_id"),
             failed_tools=failed_tools(feedback),
+            constraint=output_constraint(as_json(row.get("params"))),
         )
         if ratings:
             raters[ep.completion_id] = ratings[-1].get("principal")
@@ -222,6 +229,17 @@ def add_tool_successes(query: Query, episodes: list[Episode]) -> None:
                           if at > ep.created_at and text.strip()), None)
             if later is not None and later != ep.response_text:
                 ep.signals.append(Signal("sibling_success", later))
+
+
+def output_constraint(params: Any) -> dict[str, Any] | None:
+    """The structured-output fields of a stored answer's request (`params`): what a sample
+    standing for that answer must be drawn under, as the engine's completions API takes them."""
+    if not isinstance(params, dict):
+        return None
+    found = {k: params[k] for k in CONSTRAINT_PARAMS if isinstance(params.get(k), dict)}
+    if (found.get("response_format") or {}).get("type", "text") == "text":
+        found.pop("response_format", None)
+    return found or None
 
 
 def failed_tools(feedback: list[dict[str, Any]]) -> list[str]:

@@ -9,18 +9,31 @@
 
 The consistency filter knows nothing of any evaluation: a regenerated answer is kept when it
 contains at least half of the content words the signal adds to the question — the words of the
-correction that the question did not already have.
+correction that the question did not already have. An environment error is not an answer to
+agree with: there a regeneration is kept when the teacher gave the same answer at least twice
+among its samples (self-consistency: measured on the tool benchmark, the embedded model's
+teacher, shown a tool's error, mostly answers something new each time, and a round that trained
+on every such sample taught wrong calls — "Paris" became "Barcelona-12345"; a fix it repeats is
+one it is sure of) and that answer does not repeat the one that failed.
+
+An answer the engine gave under a structured-output constraint (an agent's `response_format`
+JSON schema) is regenerated under the same constraint, by the serving engine serving the same
+version: the trainer's model cannot apply one, and unconstrained, the embedded model answers an
+agent's JSON prompt in prose or by continuing the schema — samples of what is never served.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from learner.inference import sample
+from learner.inference import prompt_ids, sample
+
+log = logging.getLogger(__name__)
 
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
 _STOP = frozenset("""a an the of in on at to for from by with and or but not no yes is are was were
@@ -70,12 +83,14 @@ class EnginePolicy:
         return cls(engine_url, next(m["id"] for m in models if not m.get("parent")), api_key)
 
     def sample(self, prompt: list[int], n: int, temperature: float, max_new_tokens: int,
-               seed: int = 0) -> list[tuple[list[int], list[float]]]:
+               seed: int = 0, constraint: dict[str, Any] | None = None,
+               ) -> list[tuple[list[int], list[float]]]:
         """`n` samples after the (already templated) prompt ids: token ids, end-of-turn kept,
-        each with the engine's log-probability of that token."""
+        each with the engine's log-probability of that token. `constraint`: the structured-output
+        fields of the answer they stand for (`learner.episodes.output_constraint`)."""
         body = {"model": self.model, "prompt": prompt, "n": n, "temperature": temperature,
                 "max_tokens": max_new_tokens, "logprobs": 0, "return_token_ids": True,
-                "seed": seed}
+                "seed": seed, **(constraint or {})}
         req = urllib.request.Request(f"{self.url}/v1/completions", json.dumps(body).encode(),
                                      {"Content-Type": "application/json", **self.headers})
         with urllib.request.urlopen(req, timeout=300) as resp:
@@ -84,18 +99,54 @@ class EnginePolicy:
                 for c in choices if c.get("token_ids")]
 
 
+def draw(model: Any, tokenizer: Any, messages: list[dict[str, Any]], n: int, temperature: float,
+         max_new_tokens: int, seed: int = 0, engine: EnginePolicy | None = None,
+         constraint: dict[str, Any] | None = None) -> list[list[int]]:
+    """`n` sampled answers to `messages` from the version a round improves: by the serving
+    engine under `constraint` where the answer had one and the engine is there, else by the
+    trainer's model (`model`, which must then be that version)."""
+    if constraint and engine is not None:
+        try:
+            return [ids for ids, _ in engine.sample(prompt_ids(tokenizer, messages), n, temperature,
+                                                    max_new_tokens, seed, constraint) if ids]
+        except (OSError, ValueError, KeyError) as exc:  # refused, gone, or not its answer's shape
+            log.warning("constrained samples from the trainer's model, unconstrained: the engine "
+                        "did not give them (%s)", exc)
+    return sample(model, tokenizer, messages, n, temperature, max_new_tokens, seed)
+
+
+def same_answer(a: str, b: str) -> bool:
+    """Whether two answers say the same: equal JSON values, else equal text up to case and
+    whitespace."""
+    try:
+        return json.loads(a) == json.loads(b)
+    except ValueError:
+        return " ".join(a.lower().split()) == " ".join(b.lower().split())
+
+
 def teacher_regenerations(model: Any, tokenizer: Any, student_messages: list[dict[str, Any]],
                           teacher_messages: list[dict[str, Any]], signal: str, n: int,
                           temperature: float, max_new_tokens: int, seed: int = 0,
-                          ) -> list[list[int]]:
+                          engine: EnginePolicy | None = None,
+                          constraint: dict[str, Any] | None = None,
+                          failed: str | None = None) -> list[list[int]]:
     """The frozen teacher's answers with the signal in context, kept if they agree with it.
     Called before training: the model is then the version the round improves (the frozen
-    teacher), whose earlier lessons the answers keep."""
-    candidates = sample(model, tokenizer, teacher_messages, n, temperature, max_new_tokens, seed)
+    teacher), whose earlier lessons the answers keep. `engine`, `constraint`: see `draw`.
+    `failed`: the signal is an environment error about this answer; kept are the answers the
+    teacher gave at least twice that do not repeat it."""
+    candidates = draw(model, tokenizer, teacher_messages, n, temperature, max_new_tokens, seed,
+                      engine, constraint)
     question = " ".join(str(m.get("content", "")) for m in student_messages if m.get("role") == "user")
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in candidates]
     kept = []
-    for ids in candidates:
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if text.strip() and agrees(text, question, signal) and ids not in kept:
-            kept.append(ids)
+    for ids, text in zip(candidates, texts, strict=True):
+        if not text.strip() or ids in kept:
+            continue
+        if failed is not None and (same_answer(text, failed)
+                                   or sum(same_answer(text, t) for t in texts) < 2):
+            continue
+        if failed is None and not agrees(text, question, signal):
+            continue
+        kept.append(ids)
     return kept

@@ -33,7 +33,7 @@ from learner.contexts import Template, load_template
 from learner.episodes import Episode, as_json, collect
 from learner.gate import evaluate
 from learner.inference import generate_greedy, prompt_ids, sample
-from learner.responses import EnginePolicy, teacher_regenerations
+from learner.responses import EnginePolicy, draw, teacher_regenerations
 from learner.retention_data import retention_set
 from learner.spec import Divergence, Support, TokenLossConfig
 from learner.trainer import AnchorItem, SelfDistillationTrainer, TrainItem, load_student
@@ -52,7 +52,8 @@ class RoundIO:
     # Hand a written version folder to the server, promoted or not; the version's status
     # (`promoted`, `candidate`, `rejected`), or `written` when no server is there to take it.
     publish: Callable[[Path, bool], str]
-    # The serving engine to sample on-policy answers from, for a version; None: the trainer's
+    # The serving engine to sample on-policy answers (and answers under an agent's
+    # structured-output constraint) from, for a version; None: the trainer's
     # own model samples them.
     policy: Callable[[str], EnginePolicy | None]
     # The base model's folder (the embedded model is converted on first use).
@@ -177,9 +178,12 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
     phases.done("load")
     plan = work.load_plan(key)
     if plan is None:
-        policy = io.policy(parent) if knobs.responses == "on_policy" else None
+        # The engine samples on-policy answers, and any answer that was drawn under a
+        # structured-output constraint (learner.responses.draw).
+        policy = (io.policy(parent) if knobs.responses == "on_policy"
+                  or any(e.constraint for e in episodes) else None)
         items = _train_items(model, tokenizer, episodes, knobs, template, lcfg, policy, progress)
-        gate_items = _gate_items(model, tokenizer, episodes, template, lcfg, progress)
+        gate_items = _gate_items(model, tokenizer, episodes, template, lcfg, policy, progress)
         phases.done("responses")
         if not items or not gate_items:  # these knobs will never train on them: move on
             return {**summary, "status": "skipped", "reason": "no training example could be "
@@ -246,7 +250,8 @@ def judge_knobs(knobs: Knobs) -> Knobs:
 
 
 def _gate_items(model: Any, tokenizer: Any, episodes: list[Episode], template: Template,
-                lcfg: LearnerConfig, progress: bool = False) -> list[TrainItem]:
+                lcfg: LearnerConfig, engine: EnginePolicy | None = None,
+                progress: bool = False) -> list[TrainItem]:
     """Held-out answers: for every signal, `gate_samples` fresh answers of the frozen teacher
     (another seed than training's, unfiltered), never trained on. Holding out whole episodes
     instead would withhold those users' corrections and measure nothing: a fact taught in one
@@ -255,8 +260,9 @@ def _gate_items(model: Any, tokenizer: Any, episodes: list[Episode], template: T
     for ep in tqdm(episodes, desc="held-out answers", unit="episode", disable=not progress):
         for signal in ep.signals:
             teacher = template.teacher_messages(ep.messages, signal.source, signal.text)
-            answers = sample(model, tokenizer, teacher, lcfg.gate_samples,
-                             lcfg.regen_temperature or 1.0, lcfg.max_new_tokens, lcfg.seed + 1)
+            answers = draw(model, tokenizer, teacher, lcfg.gate_samples,
+                           lcfg.regen_temperature or 1.0, lcfg.max_new_tokens, lcfg.seed + 1,
+                           engine, ep.constraint)
             items += [TrainItem(ep.messages, teacher, a, signal.source, ep.completion_id)
                       for a in answers if a]
     return items
@@ -294,7 +300,8 @@ def _responses(model: Any, tokenizer: Any, ep: Episode, signal: Any,
     if knobs.responses in ("teacher", "mix"):
         kept = teacher_regenerations(model, tokenizer, ep.messages, teacher, signal.text,
                                      lcfg.regen_samples, lcfg.regen_temperature,
-                                     lcfg.max_new_tokens, lcfg.seed)
+                                     lcfg.max_new_tokens, lcfg.seed, policy, ep.constraint,
+                                     ep.response_text if signal.source == "env_error" else None)
         if not kept and signal.source in ANSWER_SOURCES:  # the signal itself is an answer
             kept = [_signal_ids(tokenizer, signal.text)]
         out.extend(kept)
@@ -303,7 +310,7 @@ def _responses(model: Any, tokenizer: Any, ep: Episode, signal: Any,
     if knobs.responses == "on_policy" and policy is not None:
         return [(ids, lps) for ids, lps in policy.sample(
             prompt_ids(tokenizer, ep.messages), lcfg.regen_samples,
-            lcfg.regen_temperature or 1.0, lcfg.max_new_tokens, lcfg.seed) if ids]
+            lcfg.regen_temperature or 1.0, lcfg.max_new_tokens, lcfg.seed, ep.constraint) if ids]
     if knobs.responses == "on_policy":
         out.extend(sample(model, tokenizer, ep.messages, lcfg.regen_samples,
                           lcfg.regen_temperature or 1.0, lcfg.max_new_tokens, lcfg.seed))

@@ -9,7 +9,8 @@ import json
 import subprocess
 import uuid
 
-from tests.integration.conftest import SDLOOP, Server, wait_for_rows
+from serving.model_cache import EMBEDDED_NAME
+from tests.integration.conftest import MODEL_CACHE, SDLOOP, Server, wait_for_rows
 
 LOOKUP = {
     "type": "function",
@@ -147,3 +148,40 @@ def test_export_streams_the_servers_data_in_each_format_datasets_loads(server: S
          "--where", "true) UNION ALL (SELECT id FROM read_text('/etc/passwd')"],
         capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "passwd" not in refused.stdout, refused.stdout
+
+
+def test_a_json_mode_agents_answer_is_resampled_by_the_engine_under_its_schema(server: Server):
+    """What a learner round draws for an answer an agent asked for under `response_format`
+    (teacher regenerations, gate samples, on-policy samples) comes from the engine under the
+    same schema: the stored request's constraint, read back from the store, shapes every
+    sample, even at temperature 1 with the error in the prompt."""
+    from transformers import AutoTokenizer
+
+    from learner.episodes import as_json, output_constraint
+    from learner.responses import EnginePolicy, draw
+
+    schema = {"type": "json_schema", "json_schema": {"name": "weather", "strict": True, "schema": {
+        "type": "object", "additionalProperties": False, "required": ["city_id"],
+        "properties": {"city_id": {"type": "string"}}}}}
+    messages = [{"role": "system", "content": "Reply with the JSON arguments of a call to the "
+                                              "weather tool and nothing else."},
+                {"role": "user", "content": "Weather in Paris, please."}]
+    status, _, body = server.request("POST", "/v1/chat/completions", {
+        "model": "default", "messages": messages, "max_tokens": 32, "temperature": 0,
+        "response_format": schema})
+    assert status == 200
+    answer = json.loads(body)
+    params = wait_for_rows(server, f"SELECT params FROM completions WHERE id = '{answer['id']}'")
+    constraint = output_constraint(as_json(params[0]["params"]))
+    assert constraint == {"response_format": schema}
+
+    state = server.state()
+    engine = EnginePolicy.of(state["engine_url"], "base", state.get("engine_api_key", ""))
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_CACHE + "/" + EMBEDDED_NAME)
+    teacher = [messages[0], {"role": "user", "content": messages[1]["content"] + (
+        "\n\n[An earlier answer failed. The tool output was: unknown city 'Paris']")}]
+    samples = draw(None, tokenizer, teacher, 4, 1.0, 32, 0, engine, constraint)
+    assert len(samples) == 4
+    for ids in samples:
+        value = json.loads(tokenizer.decode(ids, skip_special_tokens=True))
+        assert set(value) == {"city_id"} and isinstance(value["city_id"], str), value

@@ -1,0 +1,276 @@
+"""Tool-use learning benchmark: does an agent get its tool calls right the first time after the
+learner has seen it fail — on task instances it never met — and does it still answer the rest?
+
+The environment (`ops/bench/toolenv.py`) has three tools whose calls can be schema-valid yet
+wrong: a weather lookup that knows cities as `city:new-york`, a file reader that wants absolute
+paths under `/workspace`, a directory that knows people as `first.last`. An error states the
+accepted form by example of another instance, plus "did you mean" when the call named a known
+entity in another form. A run draws, with its seed, per tool `--train` instances the agent
+meets while deployed and `--heldout` others it is evaluated on.
+
+A run starts a fresh `sdloop serve` with a learner setup, and:
+1. deployment: a JSON-mode agent loop (`ops/bench/agent.py`) works the training tasks through
+   the gateway, up to `--calls` calls each, sending every tool result back as the next turn.
+   Nothing else: no feedback call, no correction — what the learner gets is the failed results
+   the gateway captured (`env_error` signals) and any later call that worked;
+2. `--rounds` learner rounds (`sdloop learn --once`, again while a round says
+   `retry_next_round`, as the daemon does), deployment again before each further round;
+3. evaluation of the version `default` serves, asked on the engine directly (nothing logged,
+   as in `ops/bench/learning.py`): every held-out task with the same loop, greedy — first-call
+   success and calls spent —, the training tasks' first calls, and the general retention
+   questions (`data/retention.json`).
+Base figures are the same evaluation of the base model, once (greedy).
+
+The headline is the shipped defaults with the gate enforced (`sdloop`); the `sft` control runs
+on the same seeds and instances. Figures per seed, then median [min–max] over seeds.
+
+    python ops/bench/tools.py                          # sdloop and sft, 3 seeds
+    python ops/bench/tools.py --arms sdloop --seeds 1  # the headline, one seed
+    python ops/bench/tools.py --seeds 1 --max-steps 2 --arms sdloop   # smoke test
+    python ops/bench/tools.py --seeds 2 --first-seed 1 --out b.json     # more seeds, later
+    python ops/bench/tools.py --report a.json b.json   # one report over the runs of both files
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from ops.bench.agent import Episode, run_task  # noqa: E402
+from ops.bench.learning import (  # noqa: E402
+    DATA,
+    KEYS,
+    Setup,
+    auth,
+    base_model_name,
+    check,
+    evaluate,
+    learn_round,
+    load_retention,
+    parse_knobs,
+    retention_pct,
+    served_version,
+    spread,
+)
+from ops.bench.server import start_server, stop_server  # noqa: E402
+from ops.bench.toolenv import Task, load_tasks, split  # noqa: E402
+from store.versions import BASE_VERSION, DEFAULT_ALIAS  # noqa: E402
+
+# Acceptance (issue 16), judged on the headline setup.
+TARGET_RATIO = 2.0  # held-out first-call success vs base
+TARGET_RETENTION = -2.0  # retention points vs base
+
+
+def known_entities(tasks: list[Task]) -> dict[str, list[str]]:
+    """Per tool, every entity its database has (all instances, held out or not)."""
+    out: dict[str, list[str]] = {}
+    for t in tasks:
+        out.setdefault(t.tool, []).append(t.instance)
+    return out
+
+
+def work(url: str, model: str, tasks: list[Task], known: dict[str, list[str]], calls: int,
+         reply: bool, temperature: float, seed: int) -> list[Episode]:
+    """The agent loop over `tasks`, one at a time."""
+    return [run_task(url, model, t, known[t.tool], calls, auth(url), reply, temperature,
+                     seed + n) for n, t in enumerate(tasks)]
+
+
+def scores(episodes: list[Episode], calls: int) -> dict[str, float]:
+    """First-call success %, solved within `calls` %, mean calls spent (a failed task: all)."""
+    n = max(len(episodes), 1)
+    return {"first %": 100.0 * sum(e.first_call_ok for e in episodes) / n,
+            "solved %": 100.0 * sum(e.turns_to_success is not None for e in episodes) / n,
+            "calls": statistics.mean(e.turns_to_success or calls for e in episodes)
+            if episodes else 0.0}
+
+
+def evaluate_agent(engine: str, model: str, heldout: list[Task], train: list[Task],
+                   known: dict[str, list[str]], calls: int,
+                   retention: list[dict[str, Any]]) -> dict[str, Any]:
+    """Held-out tasks (the whole loop, greedy), training tasks' first call, retention."""
+    held = work(engine, model, heldout, known, calls, False, 0.0, 0)
+    seen = work(engine, model, train, known, 1, False, 0.0, 0)
+    ret = evaluate(engine, model, [], retention)
+    return {"model": model, "heldout": [vars_of(e) for e in held],
+            "train": [vars_of(e) for e in seen], "retention": ret["retention"],
+            "answers": ret["answers"], "figures": {
+                **{f"held {k}": v for k, v in scores(held, calls).items()},
+                "train first %": scores(seen, 1)["first %"],
+                "retention %": retention_pct(ret)}}
+
+
+def vars_of(e: Episode) -> dict[str, Any]:
+    return {"task": e.task.key, "ask": e.task.ask, "actions": e.actions, "worked": e.worked}
+
+
+def by_tool(ev: dict[str, Any]) -> dict[str, float]:
+    """Held-out first-call success % per tool."""
+    out: dict[str, list[bool]] = {}
+    for e in ev["heldout"]:
+        out.setdefault(e["task"].split(":", 1)[0], []).append(bool(e["worked"] and e["worked"][0]))
+    return {tool: 100.0 * sum(v) / len(v) for tool, v in out.items()}
+
+
+def run(setup: Setup, seed: int, args: argparse.Namespace, tasks: list[Task],
+        retention: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
+    tag = f"{setup.label} seed {seed}"
+    train, heldout = split(tasks, seed, args.train, args.heldout)
+    known = known_entities(tasks)
+    data_dir = Path(tempfile.mkdtemp(prefix=f"sdloop-toolbench-{setup.preset}-{seed}-"))
+    env = setup.env(seed, args.knobs)
+    print(f"[{tag}] serving on {data_dir}; train {[t.key for t in train]}", flush=True)
+    proc, state = start_server(data_dir, env)
+    rounds, deployed = [], []
+    try:
+        engine = state["engine_url"]
+        KEYS[engine] = state.get("engine_api_key", "")
+        if "figures" not in base:  # greedy: the same for every run, asked once over all tasks
+            base.update(evaluate_agent(engine, base_model_name(engine), tasks, [], known,
+                                       args.calls, retention))
+            print(f"[base] first call {base['figures']['held first %']:.1f}% of {len(tasks)} "
+                  f"tasks, retention {base['figures']['retention %']:.1f}%", flush=True)
+        for n in range(1, args.rounds + 1):
+            eps = work(state["url"], DEFAULT_ALIAS, train, known, args.calls, True,
+                       args.agent_temperature, 1000 * seed + 100 * n)
+            deployed.append([vars_of(e) for e in eps])
+            print(f"[{tag}] deployment {n}: {scores(eps, args.calls)}", flush=True)
+            rounds.append(learn_round(data_dir, env, args.max_steps, f"{tag} round {n}"))
+        version = served_version(state["url"])
+        model = base_model_name(engine) if version == BASE_VERSION else version
+        after = evaluate_agent(engine, model, heldout, train, known, args.calls, retention)
+    finally:
+        stop_server(proc)
+    if not args.keep:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    base_held = [e for e in base["heldout"] if e["task"] in {t.key for t in heldout}]
+    base_first = 100.0 * sum(bool(e["worked"][0]) for e in base_held) / max(len(base_held), 1)
+    base_train = [e for e in base["heldout"] if e["task"] in {t.key for t in train}]
+    figures = {"base first %": base_first, **after["figures"],
+               "base train first %": 100.0 * sum(bool(e["worked"][0]) for e in base_train)
+               / max(len(base_train), 1),
+               "retention vs base": after["figures"]["retention %"]
+               - base["figures"]["retention %"],
+               "promoted": 100.0 * sum(r["promoted"] for r in rounds) / len(rounds),
+               "learn s/round": statistics.mean(r["seconds"] for r in rounds)}
+    print(f"[{tag}] serving {version}: held-out first call {figures['held first %']:.1f}% "
+          f"(base {base_first:.1f}%), solved {figures['held solved %']:.1f}%, retention "
+          f"{figures['retention vs base']:+.1f}; per tool {by_tool(after)}", flush=True)
+    return {"setup": setup.label, "seed": seed, "version": version,
+            "train": [t.key for t in train], "heldout": [t.key for t in heldout],
+            "deployed": deployed, "rounds": rounds, "after": after, "figures": figures}
+
+
+COLUMNS = ["base first %", "held first %", "held solved %", "held calls", "base train first %",
+           "train first %", "retention %", "retention vs base", "promoted", "learn s/round"]
+
+
+def report(runs: list[dict[str, Any]], base: dict[str, Any], smoke: bool) -> list[dict[str, Any]]:
+    width = {c: max(len(c), 6) + 2 for c in COLUMNS}
+    print(f"\n{'setup':<10}{'seed':>5}" + "".join(f"{c:>{width[c]}}" for c in COLUMNS))
+    for r in runs:
+        print(f"{r['setup']:<10}{r['seed']:>5}" + "".join(
+            f"{r['figures'][c]:>{width[c]}.1f}" for c in COLUMNS))
+    labels = list(dict.fromkeys(r["setup"] for r in runs))
+    print(f"\nmedian [min–max] over seeds\n{'':<22}" + "".join(f"{lb:>26}" for lb in labels))
+    for c in COLUMNS:
+        print(f"{c:<22}" + "".join(
+            f"{spread([r['figures'][c] for r in runs if r['setup'] == lb]):>26}" for lb in labels))
+    print(f"\nbase model over all {len(base['heldout'])} tasks: first call "
+          f"{base['figures']['held first %']:.1f}%, solved within the calls "
+          f"{base['figures']['held solved %']:.1f}%, retention {base['figures']['retention %']:.1f}%")
+    print("held: the held-out tasks after the last round (first call %, solved within --calls %, "
+          "calls spent per task, a failed task counting all); train first: the training tasks' "
+          "first call; base columns: the base model on the same tasks; promoted: rounds whose "
+          "version was promoted (gate enforced).")
+    head = [r for r in runs if r["setup"] == runs[0]["setup"]]
+    med = {c: statistics.median(r["figures"][c] for r in head) for c in COLUMNS}
+    print(f"\nAcceptance, {runs[0]['setup']} (shipped defaults, gate enforced), {len(head)} "
+          f"seed(s)" + (" — SMOKE TEST (--max-steps): not a measurement" if smoke else "") + ":")
+    worked = sum(bool(e["worked"] and e["worked"][0]) for r in head for e in r["after"]["heldout"])
+    asked = sum(len(r["after"]["heldout"]) for r in head)
+    base_worked = sum(r["figures"]["base first %"] * len(r["heldout"]) / 100.0 for r in head)
+    pooled = (f"; pooled over seeds {worked} of {asked} held-out first calls worked, base "
+              f"{base_worked:.0f} of {asked}")
+    # From a base of 0 any success "doubles" it: no verdict then, the counts instead.
+    return [
+        check(f"held-out first-call success ≥ {TARGET_RATIO:.0f}x base (medians)",
+              None if not med["base first %"]
+              else med["held first %"] >= TARGET_RATIO * med["base first %"],
+              f"{med['held first %']:.1f} % vs base {med['base first %']:.1f} %"
+              + (f" ({med['held first %'] / med['base first %']:.2f}x)" if med["base first %"]
+                 else " (base 0: a ratio is undefined)") + pooled),
+        check(f"retention ≥ base {TARGET_RETENTION:+.0f} points (median)",
+              med["retention vs base"] >= TARGET_RETENTION, f"{med['retention vs base']:+.1f} points"),
+    ]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", default="sdloop,sft",
+                        help="presets, gate enforced; the first is the headline")
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first..first+N-1 (a "
+                        "seed draws the instances, the agent's samples and the learner's seed)")
+    parser.add_argument("--report", type=Path, nargs="+", metavar="JSON",
+                        help="print the report over the runs of earlier --out files; run nothing")
+    parser.add_argument("--train", type=int, default=4, help="training instances per tool")
+    parser.add_argument("--heldout", type=int, default=6, help="held-out instances per tool")
+    parser.add_argument("--calls", type=int, default=2, help="calls the agent makes per task at "
+                                                             "most")
+    parser.add_argument("--rounds", type=int, default=1, help="deployment + learner rounds")
+    parser.add_argument("--agent-temperature", type=float, default=0.7,
+                        help="the deployed agent's sampling temperature (evaluation is greedy)")
+    parser.add_argument("--set", action="append", default=[], metavar="[ARM.]KEY=VALUE",
+                        help="a [learner] knob for every arm or for one (sdloop.lr=1e-3)")
+    parser.add_argument("--max-steps", type=int, help="cap training steps per round (smoke tests)")
+    parser.add_argument("--retention", type=Path, default=DATA / "retention.json")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--keep", action="store_true", help="keep each run's data dir")
+    args = parser.parse_args()
+    args.knobs = parse_knobs(args.set, parser.error)
+    args.setups = [Setup(a.strip(), True) for a in args.arms.split(",") if a.strip()]
+    if not args.setups or min(args.seeds, args.train, args.heldout, args.calls, args.rounds) < 1:
+        parser.error("need an arm, and --seeds, --train, --heldout, --calls, --rounds >= 1")
+    args.out = args.out or Path(tempfile.gettempdir()) / f"sdloop-toolbench-{int(time.time())}.json"
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.report:
+        saved = [json.loads(p.read_text()) for p in args.report]
+        runs = [r for s in saved for r in s["runs"]]
+        runs.sort(key=lambda r: ([s.label for s in args.setups] + [r["setup"]]).index(r["setup"]))
+        report(runs, saved[0]["base"], False)
+        return
+    tasks, retention = load_tasks(), load_retention(args.retention)
+    print(f"{len(tasks)} task instances; per run {args.train} training and {args.heldout} "
+          f"held-out instances per tool, {args.calls} calls per task, {args.rounds} round(s); "
+          f"{args.seeds} seed(s); arms {args.arms}; machine: {os.cpu_count()} cpus; writing "
+          f"{args.out}", flush=True)
+    base: dict[str, Any] = {}
+    runs: list[dict[str, Any]] = []
+    record = {"args": {k: str(v) for k, v in vars(args).items()}, "base": base, "runs": runs}
+    for setup in args.setups:
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            runs.append(run(setup, seed, args, tasks, retention, base))
+            args.out.write_text(json.dumps(record, indent=1, default=str))
+    record["acceptance"] = report(runs, base, args.max_steps is not None)
+    args.out.write_text(json.dumps(record, indent=1, default=str))
+    print(f"\nwritten: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
