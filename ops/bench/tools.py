@@ -202,10 +202,11 @@ def report(runs: list[dict[str, Any]], base: dict[str, Any], smoke: bool) -> lis
     base_worked = sum(r["figures"]["base first %"] * len(r["heldout"]) / 100.0 for r in head)
     pooled = (f"; pooled over seeds {worked} of {asked} held-out first calls worked, base "
               f"{base_worked:.0f} of {asked}")
-    # From a base of 0 any success "doubles" it: no verdict then, the counts instead.
+    # From a base of 0 any success "doubles" it: no verdict then, the counts instead (none
+    # at all is a miss).
     return [
         check(f"held-out first-call success ≥ {TARGET_RATIO:.0f}x base (medians)",
-              None if not med["base first %"]
+              False if not med["held first %"] else None if not med["base first %"]
               else med["held first %"] >= TARGET_RATIO * med["base first %"],
               f"{med['held first %']:.1f} % vs base {med['base first %']:.1f} %"
               + (f" ({med['held first %'] / med['base first %']:.2f}x)" if med["base first %"]
