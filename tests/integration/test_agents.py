@@ -180,8 +180,15 @@ def test_a_json_mode_agents_answer_is_resampled_by_the_engine_under_its_schema(s
     tokenizer = AutoTokenizer.from_pretrained(MODEL_CACHE + "/" + EMBEDDED_NAME)
     teacher = [messages[0], {"role": "user", "content": messages[1]["content"] + (
         "\n\n[An earlier answer failed. The tool output was: unknown city 'Paris']")}]
-    samples = draw(None, tokenizer, teacher, 4, 1.0, 32, 0, engine, constraint)
+    # The learner's own settings: 4 samples at temperature 0.7, up to 64 tokens. Unconstrained
+    # the model answers this in prose; constrained every sample opens the schema's object (on
+    # this model the string often runs on to the token budget), and every sample that ended
+    # is a whole object of the schema.
+    samples = draw(None, tokenizer, teacher, 4, 0.7, 64, 0, engine, constraint)
     assert len(samples) == 4
+    ended = [ids for ids in samples if ids[-1] == tokenizer.eos_token_id]
     for ids in samples:
+        assert tokenizer.decode(ids).lstrip("{ \n").startswith('"city_id"'), tokenizer.decode(ids)
+    for ids in ended:
         value = json.loads(tokenizer.decode(ids, skip_special_tokens=True))
         assert set(value) == {"city_id"} and isinstance(value["city_id"], str), value
