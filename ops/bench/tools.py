@@ -114,6 +114,21 @@ def vars_of(e: Episode) -> dict[str, Any]:
     return {"task": e.task.key, "ask": e.task.ask, "actions": e.actions, "worked": e.worked}
 
 
+def first_worked(records: list[dict[str, Any]]) -> int:
+    """Tasks (saved `vars_of` records) whose first call worked."""
+    return sum(bool(e["worked"] and e["worked"][0]) for e in records)
+
+
+def first_call_pct(records: list[dict[str, Any]]) -> float:
+    return 100.0 * first_worked(records) / max(len(records), 1)
+
+
+def on_tasks(base: dict[str, Any], keys: list[str]) -> list[dict[str, Any]]:
+    """The base model's records of these tasks (its evaluation ran every task)."""
+    wanted = set(keys)
+    return [e for e in base["heldout"] if e["task"] in wanted]
+
+
 def by_tool(ev: dict[str, Any]) -> dict[str, float]:
     """Held-out first-call success % per tool."""
     out: dict[str, list[bool]] = {}
@@ -153,12 +168,9 @@ def run(setup: Setup, seed: int, args: argparse.Namespace, tasks: list[Task],
         stop_server(proc)
     if not args.keep:
         shutil.rmtree(data_dir, ignore_errors=True)
-    base_held = [e for e in base["heldout"] if e["task"] in {t.key for t in heldout}]
-    base_first = 100.0 * sum(bool(e["worked"][0]) for e in base_held) / max(len(base_held), 1)
-    base_train = [e for e in base["heldout"] if e["task"] in {t.key for t in train}]
+    base_first = first_call_pct(on_tasks(base, [t.key for t in heldout]))
     figures = {"base first %": base_first, **after["figures"],
-               "base train first %": 100.0 * sum(bool(e["worked"][0]) for e in base_train)
-               / max(len(base_train), 1),
+               "base train first %": first_call_pct(on_tasks(base, [t.key for t in train])),
                "retention vs base": after["figures"]["retention %"]
                - base["figures"]["retention %"],
                "promoted": 100.0 * sum(r["promoted"] for r in rounds) / len(rounds),
@@ -197,11 +209,11 @@ def report(runs: list[dict[str, Any]], base: dict[str, Any], smoke: bool) -> lis
     med = {c: statistics.median(r["figures"][c] for r in head) for c in COLUMNS}
     print(f"\nAcceptance, {runs[0]['setup']} (shipped defaults, gate enforced), {len(head)} "
           f"seed(s)" + (" — SMOKE TEST (--max-steps): not a measurement" if smoke else "") + ":")
-    worked = sum(bool(e["worked"] and e["worked"][0]) for r in head for e in r["after"]["heldout"])
+    worked = sum(first_worked(r["after"]["heldout"]) for r in head)
     asked = sum(len(r["after"]["heldout"]) for r in head)
-    base_worked = sum(r["figures"]["base first %"] * len(r["heldout"]) / 100.0 for r in head)
+    base_worked = sum(first_worked(on_tasks(base, r["heldout"])) for r in head)
     pooled = (f"; pooled over seeds {worked} of {asked} held-out first calls worked, base "
-              f"{base_worked:.0f} of {asked}")
+              f"{base_worked} of {asked}")
     # From a base of 0 any success "doubles" it: no verdict then, the counts instead (none
     # at all is a miss).
     return [
