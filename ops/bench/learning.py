@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -57,7 +56,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from learner.gate import says_key  # noqa: E402
-from ops.bench.server import start_server, stop_server  # noqa: E402
+from ops.bench.server import bench_server  # noqa: E402
 from store.versions import BASE_VERSION, DEFAULT_ALIAS  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -171,6 +170,13 @@ def served_version(url: str) -> str:
     return next(m["version"] for m in get_json(f"{url}/v1/models")["data"] if m["id"] == DEFAULT_ALIAS)
 
 
+def served_model(url: str, engine_url: str) -> tuple[str, str]:
+    """The version `default` serves now, and the engine's model name for asking it directly
+    (nothing logged): the base model's own name, or the version's adapter."""
+    version = served_version(url)
+    return version, base_model_name(engine_url) if version == BASE_VERSION else version
+
+
 def evaluate(engine_url: str, model: str, facts: list[Fact],
              retention: list[dict[str, Any]]) -> dict[str, Any]:
     """Every paraphrase of every fact and every retention question, asked with no context of
@@ -265,12 +271,10 @@ class Bench:
 def run(bench: Bench, setup: Setup, seed: int, waves: list[list[Fact]]) -> dict[str, Any]:
     """Serve, teach wave by wave with a round after each, evaluate after every round."""
     tag = f"{setup.label} seed {seed}"
-    data_dir = Path(tempfile.mkdtemp(prefix=f"sdloop-learnbench-{setup.preset}-{seed}-"))
     env = setup.env(seed, bench.knobs)
-    print(f"[{tag}] serving on {data_dir}", flush=True)
-    proc, state = start_server(data_dir, env)
     rounds, evals = [], []
-    try:
+    with bench_server(tag, f"sdloop-learnbench-{setup.preset}-{seed}-", env,
+                      bench.keep) as (data_dir, state):
         engine = state["engine_url"]
         KEYS[engine] = state.get("engine_api_key", "")
         if bench.base is None:  # greedy, so the same for every run: asked once
@@ -281,17 +285,12 @@ def run(bench: Bench, setup: Setup, seed: int, waves: list[list[Fact]]) -> dict[
             teach(state["url"], wave)
             rounds.append({"wave": n, **learn_round(data_dir, env, bench.max_steps,
                                                     f"{tag} wave {n}")})
-            version = served_version(state["url"])
-            model = base_model_name(engine) if version == BASE_VERSION else version
+            version, model = served_model(state["url"], engine)
             taught = [f for w in waves[:n] for f in w]
             evals.append({"version": version, **evaluate(engine, model, taught, bench.retention)})
             print(f"[{tag}] after wave {n}: serving {version}, facts "
                   f"{facts_pct(evals[-1], taught):.1f}%, retention "
                   f"{retention_pct(evals[-1]):.1f}%", flush=True)
-    finally:
-        stop_server(proc)
-    if not bench.keep:
-        shutil.rmtree(data_dir, ignore_errors=True)
     return {"setup": setup.label, "preset": setup.preset, "gate": setup.gate, "seed": seed,
             "waves": [[f["ask"] for f in w] for w in waves],
             "sets": [[f["set"] for f in w] for w in waves], "rounds": rounds, "evals": evals,

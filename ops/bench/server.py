@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from serving.engine import free_port
@@ -42,3 +46,20 @@ def start_server(data_dir: Path, env: dict[str, str] | None = None,
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
     stop_child(proc, timeout_s=60)
+
+
+@contextmanager
+def bench_server(label: str, prefix: str, env: dict[str, str],
+                 keep: bool) -> Iterator[tuple[Path, dict]]:
+    """A server on a fresh temporary data dir for one run: (data dir, state file). Stopped on
+    exit; the dir is removed after a run that finished unless `keep` — a failed run's stays,
+    for its logs."""
+    data_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    print(f"[{label}] serving on {data_dir}", flush=True)
+    proc, state = start_server(data_dir, env)
+    try:
+        yield data_dir, state
+    finally:
+        stop_server(proc)
+    if not keep:
+        shutil.rmtree(data_dir, ignore_errors=True)

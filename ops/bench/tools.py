@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -59,12 +58,12 @@ from ops.bench.learning import (  # noqa: E402
     load_retention,
     parse_knobs,
     retention_pct,
-    served_version,
+    served_model,
     spread,
 )
-from ops.bench.server import start_server, stop_server  # noqa: E402
+from ops.bench.server import bench_server  # noqa: E402
 from ops.bench.toolenv import Task, load_tasks, split  # noqa: E402
-from store.versions import BASE_VERSION, DEFAULT_ALIAS  # noqa: E402
+from store.versions import DEFAULT_ALIAS  # noqa: E402
 
 # Acceptance (issue 16), judged on the headline setup.
 TARGET_RATIO = 2.0  # held-out first-call success vs base
@@ -142,12 +141,11 @@ def run(setup: Setup, seed: int, args: argparse.Namespace, tasks: list[Task],
     tag = f"{setup.label} seed {seed}"
     train, heldout = split(tasks, seed, args.train, args.heldout)
     known = known_entities(tasks)
-    data_dir = Path(tempfile.mkdtemp(prefix=f"sdloop-toolbench-{setup.preset}-{seed}-"))
     env = setup.env(seed, args.knobs)
-    print(f"[{tag}] serving on {data_dir}; train {[t.key for t in train]}", flush=True)
-    proc, state = start_server(data_dir, env)
+    print(f"[{tag}] train {[t.key for t in train]}", flush=True)
     rounds, deployed = [], []
-    try:
+    with bench_server(tag, f"sdloop-toolbench-{setup.preset}-{seed}-", env,
+                      args.keep) as (data_dir, state):
         engine = state["engine_url"]
         KEYS[engine] = state.get("engine_api_key", "")
         if "figures" not in base:  # greedy: the same for every run, asked once over all tasks
@@ -161,13 +159,8 @@ def run(setup: Setup, seed: int, args: argparse.Namespace, tasks: list[Task],
             deployed.append([vars_of(e) for e in eps])
             print(f"[{tag}] deployment {n}: {scores(eps, args.calls)}", flush=True)
             rounds.append(learn_round(data_dir, env, args.max_steps, f"{tag} round {n}"))
-        version = served_version(state["url"])
-        model = base_model_name(engine) if version == BASE_VERSION else version
+        version, model = served_model(state["url"], engine)
         after = evaluate_agent(engine, model, heldout, train, known, args.calls, retention)
-    finally:
-        stop_server(proc)
-    if not args.keep:
-        shutil.rmtree(data_dir, ignore_errors=True)
     base_first = first_call_pct(on_tasks(base, [t.key for t in heldout]))
     figures = {"base first %": base_first, **after["figures"],
                "base train first %": first_call_pct(on_tasks(base, [t.key for t in train])),
