@@ -15,6 +15,7 @@ TEST_MODEL_CACHE ?= $(CURDIR)/.cache/models
 PY := $(VENV)/bin/python
 SDLOOP := $(VENV)/bin/sdloop
 STAMP := $(VENV)/.installed-$(ENGINE)
+PROMTOOL := $(VENV)/bin/promtool
 
 .PHONY: setup run test lint bench-serving bench-learning bench-tools bench-ingest clean
 
@@ -34,6 +35,17 @@ endif
 	@rm -f $(VENV)/.installed-*
 	touch $@
 
+# promtool checks ops/prometheus/ in the suite: the binary alone, taken out of Debian's
+# prometheus package (nothing installed system-wide, no service). `apt-get update` only when
+# the package lists do not have it yet.
+$(PROMTOOL): | $(PY)
+	@echo "fetching promtool from Debian's prometheus package"
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; chmod 755 "$$tmp"; \
+	  cd "$$tmp"; apt-get download -qq prometheus 2>/dev/null \
+	    || { apt-get update -qq && apt-get download -qq prometheus; }; \
+	  dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x ./usr/bin/promtool; \
+	  install -m 755 usr/bin/promtool $(abspath $@)
+
 # The embedded model is converted on first `serve` too (with a progress bar); `setup` does it
 # ahead of time for the default data dir.
 setup: $(STAMP)
@@ -42,9 +54,10 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(SDLOOP) serve $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(PROMTOOL)
 	SDLOOP_MODEL__CACHE_DIR=$(TEST_MODEL_CACHE) $(SDLOOP) setup
-	SDLOOP_MODEL__CACHE_DIR=$(TEST_MODEL_CACHE) $(VENV)/bin/pytest $(PYTEST_ARGS)
+	PATH=$(abspath $(VENV))/bin:$$PATH SDLOOP_MODEL__CACHE_DIR=$(TEST_MODEL_CACHE) \
+	  $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # ruff, then the import-direction check: feedback <- store <- serving <- learner <- ops.
 lint: $(STAMP)

@@ -133,6 +133,7 @@ class EngineManager:
         self.log_path = log_path
         self.on_ready = on_ready
         self.role = role
+        metrics.ENGINE_RESTARTS.labels(role)  # the series exists at 0 before the first restart
         self.lora = lora
         url = cfg.url if role == "primary" else ""
         self.external = bool(url)

@@ -306,7 +306,8 @@ def figures(waves: list[list[Fact]], rounds: list[dict[str, Any]], evals: list[d
     if n > 1:
         out[f"w1@{n}"] = facts_pct(evals[-1], waves[0])
         out[f"all@{n}"] = facts_pct(evals[-1], [f for w in waves for f in w])
-        out["w1 kept"] = out[f"w1@{n}"] / out["w1@1"] if out["w1@1"] else None
+        # Nothing learned in wave 1 is nothing kept: a miss, not "not applicable".
+        out["w1 kept"] = out[f"w1@{n}"] / out["w1@1"] if out["w1@1"] else 0.0
     out["base facts"] = facts_pct(base, [f for w in waves for f in w])
     out["retention"] = retention_pct(evals[-1])
     out["vs base"] = out["retention"] - retention_pct(base)

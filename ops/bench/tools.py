@@ -221,6 +221,24 @@ def report(runs: list[dict[str, Any]], base: dict[str, Any], smoke: bool) -> lis
     ]
 
 
+# What a run's figures depend on besides its arm and seed: files that differ in any of these
+# (or in the base model's evaluation, which covers the tasks and the retention set) measured
+# different things, and are not pooled.
+POOLED_ARGS = ("train", "heldout", "calls", "rounds", "agent_temperature", "set", "max_steps")
+
+
+def poolable(saved: list[dict[str, Any]], paths: list[Path]) -> None:
+    """Exit with what differs unless every saved file ran the same tasks, learner and base."""
+    first = saved[0]
+    for path, other in zip(paths[1:], saved[1:], strict=True):
+        differ = [k for k in POOLED_ARGS if other["args"][k] != first["args"][k]]
+        if other["base"].get("figures") != first["base"].get("figures"):
+            differ.append("the base model's evaluation")
+        if differ:
+            raise SystemExit(f"{path} cannot be pooled with {paths[0]}: its "
+                             f"{', '.join(differ)} differ")
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -257,9 +275,10 @@ def main() -> None:
     args = parse_args()
     if args.report:
         saved = [json.loads(p.read_text()) for p in args.report]
+        poolable(saved, args.report)
         runs = [r for s in saved for r in s["runs"]]
         runs.sort(key=lambda r: ([s.label for s in args.setups] + [r["setup"]]).index(r["setup"]))
-        report(runs, saved[0]["base"], False)
+        report(runs, saved[0]["base"], any(s["args"]["max_steps"] != "None" for s in saved))
         return
     tasks, retention = load_tasks(), load_retention(args.retention)
     print(f"{len(tasks)} task instances; per run {args.train} training and {args.heldout} "

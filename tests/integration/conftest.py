@@ -249,20 +249,27 @@ def back_to_base(server: Server) -> None:
     assert current_version(server) == "base"
 
 
-def metric(server: Server, series: str) -> float:
-    """The value of one series on the server's /metrics (0 when it has not appeared yet)."""
+def metric(server: Server, series: str, default: float | None = None) -> float:
+    """The value of one series on the server's /metrics. A series that is not there raises,
+    unless a `default` is given (a labelled series appears with its first label value): a
+    renamed metric must fail the checks that it is unchanged, not read 0 on both sides."""
     for line in server.request("GET", "/metrics")[2].decode().splitlines():
         if line.startswith(series + " "):
             return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    if default is None:
+        raise AssertionError(f"no series {series} on /metrics")
+    return default
 
 
-def wait_for_rows(server: Server, query: str, n: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
+def wait_for_rows(server: Server, query: str, n: int = 1, timeout: float = 15.0) -> list[dict[str, Any]]:
+    """The rows of `query` once it has at least `n`; fails when it has fewer after `timeout`
+    seconds (callers use it as a barrier: a row that never came must not pass as none)."""
     deadline = time.monotonic() + timeout
     while True:
         rows = server.sql(query)
-        if len(rows) >= n or time.monotonic() > deadline:
+        if len(rows) >= n:
             return rows
+        assert time.monotonic() < deadline, f"{len(rows)} rows, not {n}, after {timeout} s: {query}"
         time.sleep(0.2)
 
 

@@ -92,7 +92,7 @@ def test_a_version_altered_on_disk_is_not_restored_into_the_restarted_engine(
     with open(folder / "adapter_model.safetensors", "r+b") as fh:  # still a valid file
         fh.seek(-16, os.SEEK_END)
         fh.write(bytes(16))
-    fallbacks = metric(server, 'sdloop_adapter_restore_fallbacks_total{alias="default"}')
+    fallbacks = metric(server, 'sdloop_adapter_restore_fallbacks_total{alias="default"}', 0.0)
 
     os.killpg(server.state()["engine_pgid"], signal.SIGKILL)
     deadline = time.monotonic() + 30

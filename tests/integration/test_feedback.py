@@ -85,9 +85,16 @@ def test_identical_replies_in_different_conversations_link_to_their_own(
     assert second.id != first.id
 
 
-def test_sql_cli_reads_while_serving_and_refuses_writes(server: Server):
-    rows = server.sql("SELECT count(*) AS n FROM completions")
-    assert rows[0]["n"] >= 1
+def test_sql_cli_reads_while_serving_and_refuses_writes(server: Server, openai_client):
+    reply = _ask(openai_client, [{"role": "user", "content": "What is the capital of Veltria?"}])
+    status, _, body = server.request("POST", "/v1/feedback", {
+        "completion_id": reply.id, "type": "critique", "text": "Too vague."})
+    assert status == 201, body
+    counts = "SELECT (SELECT count(*) FROM feedback) AS feedback, (SELECT count(*) FROM " \
+             f"feedback WHERE completion_id = '{reply.id}') AS mine, (SELECT count(*) FROM " \
+             "completions) AS completions"
+    before = server.sql(counts)
+    assert before[0]["mine"] == 1 and before[0]["completions"] >= 1
     table = subprocess.run(
         [*SDLOOP, "sql", "--data-dir", str(server.data_dir), "SHOW TABLES"],
         capture_output=True, text=True, timeout=60,
@@ -103,7 +110,7 @@ def test_sql_cli_reads_while_serving_and_refuses_writes(server: Server):
         )
         assert out.returncode == 2, statement
         assert "Traceback" not in out.stderr and out.stderr.startswith("sdloop: ")
-    assert server.sql("SELECT count(*) AS n FROM completions")[0]["n"] >= 1
+    assert server.sql(counts) == before
 
 
 def test_adapters_list_shows_the_alias_table(server: Server):

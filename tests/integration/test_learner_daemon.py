@@ -33,8 +33,8 @@ def test_serve_starts_and_stops_the_learner_daemon(server: Server, tmp_path):
     assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and _is_learner(p, gw)]
 
 
-def test_a_killed_round_is_resumed_by_the_next_and_the_daemon_lives_on(server: Server, tmp_path,
-                                                                       small_retention_set: str):
+def test_a_killed_round_is_resumed_by_the_next_gate_off_and_the_daemon_lives_on(
+        server: Server, tmp_path, small_retention_set: str):
     metrics_port = free_port()
     gw = start_server(tmp_path / "killed-round", learner=True, env={
         "SDLOOP_ENGINE__URL": server.state()["engine_url"], "SDLOOP_LEARNER__INTERVAL_S": "2",
@@ -65,6 +65,7 @@ def test_a_killed_round_is_resumed_by_the_next_and_the_daemon_lives_on(server: S
         _wait(lambda: "killed by signal 9" in _read(log), 60, log)
         _wait(lambda: '"resumed_at_step"' in _read(log).split("killed by signal 9")[-1], 900, log)
         summary = json.loads(re.findall(r"round: (\{.*\})", _read(log))[-1])
+        assert summary["gate"]["enforced"] is False  # "promoted": the round finished, not judged
         assert summary["status"] == "promoted" and summary["resumed_at_step"] >= 4, summary
         assert summary["steps"] > summary["resumed_at_step"]
         assert not checkpoint.exists()  # a finished round leaves no workspace behind

@@ -12,7 +12,8 @@ from tests.integration.conftest import MODEL_CACHE, SDLOOP, Server
 QUESTION = [{"role": "user", "content": "What currency is used in Veloria?"}]
 
 
-def test_an_on_policy_round_samples_through_the_engine(server: Server, small_retention_set: str):
+def test_an_on_policy_round_samples_through_the_engine_and_publishes_with_the_gate_off(
+        server: Server, small_retention_set: str):
     status, _, body = server.request("POST", "/v1/chat/completions", {
         "model": "default", "messages": QUESTION, "max_tokens": 16, "temperature": 0})
     assert status == 200
@@ -32,7 +33,8 @@ def test_an_on_policy_round_samples_through_the_engine(server: Server, small_ret
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["responses_from"] == "engine" and summary["steps"] == 2, summary
-    assert summary["status"] == "promoted", summary
+    # Published because the gate is off (a 2-step round is not judged here): say so, not more.
+    assert summary["gate"]["enforced"] is False and summary["status"] == "promoted", summary
     manifest = server.admin_sql(
         f"SELECT manifest FROM adapter_versions WHERE version = '{summary['version']}'")[0]["manifest"]
     assert manifest["knobs"]["is_cap"] == 2.0 and manifest["train"]["responses_from"] == "engine"

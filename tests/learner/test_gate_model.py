@@ -36,7 +36,7 @@ def model_dir() -> Path:
     return ensure_embedded_model(MODEL_CACHE, progress=False)
 
 
-def test_an_unchanged_model_forgets_nothing(model_dir, subset, tmp_path):
+def test_the_retention_scorer_agrees_with_the_reference_on_identical_weights(model_dir, subset, tmp_path):
     model, tokenizer = load_student(model_dir, LearnerConfig())  # a fresh LoRA adds nothing
     ref = base_reference(model, tokenizer, subset, tmp_path / "base.json", "k")
     kept = retention(model, tokenizer, subset, ref)

@@ -12,6 +12,7 @@ import pytest
 from feedback import FollowupEvent, ToolResultEvent, context_hash, reply_hash, utcnow
 from learner.export import FORMATS, export
 from learner.policy import TeachingPolicy
+from store import review
 from tests.conftest import query_of
 from tests.factories import completion, feedback
 
@@ -130,10 +131,21 @@ def test_since_where_and_paging_select_the_same_answers(store):
 
 
 def test_review_mode_exports_only_approved_signals(store):
-    out = io.StringIO()
-    export(query_of(store), out, "sft", TeachingPolicy(review=True))
-    assert [json.loads(line)["completion"][0]["content"] for line in out.getvalue().splitlines()
-            ] == []  # the rating too waits for approval
+    def reviewed_sft() -> list[str]:
+        out = io.StringIO()
+        export(query_of(store), out, "sft", TeachingPolicy(review=True))
+        return [json.loads(line)["completion"][0]["content"] for line in out.getvalue().splitlines()]
+
+    def approve(completion_id: str) -> None:
+        store.call(lambda con: review.decide(con, [con.execute(
+            "SELECT id FROM signals WHERE completion_id = ?", [completion_id]).fetchone()[0]],
+            "approved", "ops")).result(5)
+
+    assert reviewed_sft() == []  # the rating too waits for approval
+    approve("corrected")
+    assert reviewed_sft() == ["It is Brask."]
+    approve("good")
+    assert reviewed_sft() == ["Dalvorne.", "It is Brask."]
 
 
 def test_redaction_reaches_every_text(writer):

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from serving.config import EngineConfig
 from serving.merged import MERGE_NICENESS, MergedServing, _background_child
 from serving.version_folder import VersionFolder
@@ -55,4 +57,6 @@ def test_the_merge_process_runs_below_the_serving_priority():
     mine = int(subprocess.run(probe, capture_output=True, text=True, check=True).stdout)
     child = int(subprocess.run(probe, capture_output=True, text=True, check=True,
                                preexec_fn=_background_child).stdout)
-    assert child == min(mine + MERGE_NICENESS, 19)
+    if mine >= 19:
+        pytest.skip("the suite runs at nice 19: a child cannot be put below it")
+    assert child == min(mine + MERGE_NICENESS, 19) and child > mine

@@ -70,7 +70,8 @@ def test_scrape_targets_are_the_default_ports():
     assert jobs["sdloop-ingest"] == [f"127.0.0.1:{cfg.ingest.port}"]
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+@pytest.mark.skipif(shutil.which("promtool") is None,
+                    reason="promtool is not on PATH (`make test` installs it into .venv/bin)")
 def test_promtool_accepts_the_config_and_rules():
     for args in (["check", "config", str(OPS / "prometheus.yml")],
                  ["check", "rules", str(OPS / "alerts.yml")]):

@@ -14,10 +14,8 @@ from typing import Any
 
 import pytest
 
-from feedback import FeedbackEvent, utcnow
 from serving.chat import OMITTED, STORED_PARAMS, stored_params
 from serving.http import nests_deeper_than
-from store import StoreWriter
 from tests.unit.test_gateway import CHAT, FEEDBACK, HI, FakeEngine, Harness, gateway
 
 MIB = 1024 * 1024
@@ -122,6 +120,7 @@ def test_more_messages_than_the_limit_is_a_422_naming_the_knob(tmp_path, engine:
 
 
 def test_the_default_message_limit_is_a_thousand(gw: Harness):
+    assert gw.chat(HI * 1000).status_code == 200
     assert gw.chat(HI * 1001).status_code == 422
 
 
@@ -195,14 +194,3 @@ def test_with_redaction_on_the_gateway_refuses_a_sink_that_does_not_redact(tmp_p
                     env={"SDLOOP_FEEDBACK__REDACT": "true"}, sink=Bus("ack")):
         pass
 
-
-def test_the_store_writer_redacts_what_the_gateway_hands_over(tmp_path):
-    writer = StoreWriter(tmp_path / "r.duckdb", redact=True).open()
-    try:
-        event = FeedbackEvent(event_id="f", completion_id="nowhere", created_at=utcnow(),
-                              type="critique", text="mail a@b.io")
-        with pytest.raises(Exception, match="nowhere"):  # refused, but only after redaction
-            writer.submit(event).result(5)
-        assert event.text == "mail a@b.io"  # the caller's event is left as it was
-    finally:
-        writer.close()

@@ -135,8 +135,10 @@ def test_the_writer_redacts_on_its_own_thread_before_writing(tmp_path):
         event = completion("c1", question, params={"user": "ann@example.com"})
         w.submit(event).result(5)
         assert event.messages[0]["content"] == "I am ann@example.com"  # the caller's is as it was
-        w.submit(FeedbackEvent(event_id="f1", completion_id="c1", created_at=utcnow(),
-                               type="critique", text="call +1 415 555 0100")).result(5)
+        said = FeedbackEvent(event_id="f1", completion_id="c1", created_at=utcnow(),
+                             type="critique", text="call +1 415 555 0100")
+        w.submit(said).result(5)
+        assert said.text == "call +1 415 555 0100"
         cur = w.cursor()
         assert cur.execute("SELECT messages->>'$[0].content', params->>'$.user', prompt_token_ids "
                            "FROM completions").fetchone() == ("I am [EMAIL]", "[EMAIL]", None)
