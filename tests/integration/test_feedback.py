@@ -70,19 +70,20 @@ def test_three_turn_conversation_links_each_user_turn_to_the_reply_before_it(
 def test_identical_replies_in_different_conversations_link_to_their_own(
     server: Server, openai_client
 ):
-    question = [{"role": "system", "content": "Answer with one word."},
-                {"role": "user", "content": "Say the word 'ok'."}]
-    first = _ask(openai_client, [{"role": "system", "content": "Conversation A."}, *question[1:]])
-    second = _ask(openai_client, [{"role": "system", "content": "Conversation B."}, *question[1:]])
+    question = {"role": "user", "content": "What is 2 + 2? Answer with the number only."}
+    first = _ask(openai_client, [{"role": "system", "content": "Conversation A."}, question])
+    second = _ask(openai_client, [{"role": "system", "content": "Conversation B."}, question])
+    reply = first.choices[0].message.content
+    assert second.choices[0].message.content == reply  # the same reply hash: ambiguous alone
     follow = _ask(openai_client, [
-        {"role": "system", "content": "Conversation A."}, question[1],
-        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "system", "content": "Conversation A."}, question,
+        {"role": "assistant", "content": reply},
         {"role": "user", "content": "Again please."},
     ])
     rows = wait_for_rows(
-        server, f"SELECT completion_id FROM followups WHERE next_completion_id = '{follow.id}'")
-    assert [r["completion_id"] for r in rows] == [first.id]
-    assert second.id != first.id
+        server, f"SELECT completion_id, matched_by FROM followups "
+                f"WHERE next_completion_id = '{follow.id}'")
+    assert [(r["completion_id"], r["matched_by"]) for r in rows] == [(first.id, "context")]
 
 
 def test_sql_cli_reads_while_serving_and_refuses_writes(server: Server, openai_client):

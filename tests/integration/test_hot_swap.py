@@ -213,8 +213,23 @@ def test_probe_scores_are_teacher_forced_in_one_request_while_the_engine_follows
 
     (got, want, asked), (got_parted, want_parted, asked_parted) = asyncio.run(scores())
     assert asked == 1 and asked_parted == 1 + len(parted) - 4
-    for a, b in zip([*got, *got_parted], [*want, *want_parted], strict=True):
-        # bf16, decode vs prefill: close, and further apart the less likely the token (0.30 at
-        # -5.6 seen); a score read at the wrong position is off by whole units.
-        assert abs(a - b) < 0.15 + 0.1 * abs(b), (got, want, got_parted, want_parted)
     assert want_parted[3] < -5  # the parted token is an unlikely one
+    # What the generation read (every position of the followed response, the parted one up to
+    # its parting token) against the one-token requests; after the parting token `score` asks
+    # the one-token requests itself, which would be the method checked against itself.
+    for read, reference in ((got, want), (got_parted[:4], want_parted[:4])):
+        assert all(_close(a, b) for a, b in zip(read, reference, strict=True)), (read, reference)
+    # The tolerance tells positions apart: the parted response's scores read one position off,
+    # either way, do not pass it.
+    read, reference = got_parted[:4], want_parted[:4]
+    for shifted, against in ((read[1:], reference[:-1]), (read[:-1], reference[1:])):
+        assert not all(_close(a, b) for a, b in zip(shifted, against, strict=True)), read
+
+
+def _close(decoded: float, prefilled: float) -> bool:
+    """A log-probability read in a decode step against the same one from a prefill, in bf16.
+    Measured by ops/bench/score_gap.py on the base model (24 prompts, every generated token and
+    8 others per step, 16 and 40 tokens: 36,787 pairs, 2 cores): |a - b| at most 0.12 where
+    |b| < 1 (p99 0.08), at most 0.63 elsewhere (p99 0.37), growing with the context, not with
+    |b| past 1; a score read one position off is 10-11 units away (median)."""
+    return abs(decoded - prefilled) < (0.15 if abs(prefilled) < 1 else 0.75)
