@@ -213,9 +213,9 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
              "loss_first": result.losses[0] if result.losses else None,
              "loss_last": result.losses[-1] if result.losses else None}
     version = _next_version(query, adapters, DEFAULT_ALIAS)
+    verdict = {**gate.as_dict(), "enforced": lcfg.enforce_gate}
     record = {"preset": lcfg.preset, "knobs": knobs.as_dict(), "seed": lcfg.seed,
-              "episodes": [e.completion_id for e in episodes], "train": train,
-              "gate": {**gate.as_dict(), "enforced": lcfg.enforce_gate}}
+              "episodes": [e.completion_id for e in episodes], "train": train, "gate": verdict}
     folder = write_version(model, tokenizer, adapters, version, model_dir, parent,
                            [(it.student_messages, it.response) for it in items], record)
     phases.done("write")
@@ -223,7 +223,7 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
     phases.done("publish")
     work.clear()
     return {**summary, "status": status, "version": version, "parent": parent,
-            "path": str(folder), **train, "gate": gate.as_dict(), "phases": phases.seconds}, newest
+            "path": str(folder), **train, "gate": verdict, "phases": phases.seconds}, newest
 
 
 class PhaseClock:
