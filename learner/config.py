@@ -115,6 +115,17 @@ class LearnerConfig:
     lora_dropout: float = 0.0
     # Modules the LoRA adapts: "all-linear", or module names ("gate_proj,up_proj,down_proj").
     lora_targets: str = "all-linear"
+    # Layers whose modules the LoRA adapts: "" every layer, or indices and ranges ("3-8,10").
+    lora_layers: str = ""
+    # Where the update may write (learner.subspace): "none" anywhere; "null_space" only along
+    # input directions that what must not change barely uses — the LoRA's input side is kept
+    # in the null space of the preserved inputs' second moment. Needs `lora_targets` of one
+    # module (e.g. "down_proj") and `lora_layers`.
+    projection: str = "none"
+    # The share of the preserved inputs' energy the null space may hold: the smallest-eigenvalue
+    # directions are free up to it (an update there acts on a preserved input with at most
+    # about this share of its squared norm).
+    null_space_energy: float = 1e-3
     lr: float = 5e-4
     warmup_ratio: float = 0.1
     passes: int = 6
@@ -184,6 +195,42 @@ class LearnerConfig:
                              f"{self.max_principal_share}")
         if self.retention_set:
             retention_set(self.retention_set)
+        parse_layers(self.lora_layers)
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"learner.projection: '{self.projection}' is not one of "
+                             f"{', '.join(PROJECTIONS)}")
+        if self.projection != "none":
+            if not parse_layers(self.lora_layers):
+                raise ValueError("learner.projection: a projected update needs learner.lora_layers")
+            if len(self.lora_target_names()) != 1:
+                raise ValueError("learner.projection: a projected update needs learner.lora_targets "
+                                 f"to name one module, got '{self.lora_targets}'")
+            if not 0 < self.null_space_energy < 1:
+                raise ValueError("learner.null_space_energy: must be in (0, 1), got "
+                                 f"{self.null_space_energy}")
+
+    def lora_target_names(self) -> list[str]:
+        """The module names of `lora_targets` ([] for "all-linear")."""
+        names = [n.strip() for n in self.lora_targets.split(",") if n.strip()]
+        return [] if names in ([], ["all-linear"]) else names
+
+
+PROJECTIONS = ("none", "null_space")
+
+
+def parse_layers(spec: str) -> list[int]:
+    """"3-8,10" → [3, 4, 5, 6, 7, 8, 10]; "" → [] (every layer)."""
+    layers: set[int] = set()
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not match:
+            raise ValueError(f"learner.lora_layers: '{part}' is not a layer index or a range "
+                             "like 3-8")
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        if last < first:
+            raise ValueError(f"learner.lora_layers: the range '{part}' runs backwards")
+        layers.update(range(first, last + 1))
+    return sorted(layers)
 
 
 @dataclass(frozen=True)

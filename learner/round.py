@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from feedback import content_text
 from learner.checkpoint import RoundWorkspace, plan_key
-from learner.config import ANSWER_SOURCES, Knobs, LearnerConfig, TeacherMode, resolve
+from learner.config import ANSWER_SOURCES, Knobs, LearnerConfig, TeacherMode, parse_layers, resolve
 from learner.contexts import Template, load_template
 from learner.episodes import Episode, as_json, collect
 from learner.gate import evaluate
@@ -36,6 +36,14 @@ from learner.inference import generate_greedy, prompt_ids, sample
 from learner.responses import EnginePolicy, draw, teacher_regenerations
 from learner.retention_data import retention_set
 from learner.spec import Divergence, Support, TokenLossConfig
+from learner.subspace import (
+    NullSpace,
+    Projection,
+    conversation_sequences,
+    general_moments,
+    input_moments,
+    target_modules,
+)
 from learner.trainer import AnchorItem, SelfDistillationTrainer, TrainItem, load_student
 from learner.versions import write_version
 from store import BASE_VERSION, DEFAULT_ALIAS, Query
@@ -172,8 +180,9 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
                     "max_steps": max_steps, "model": model_dir,
                     "episodes": [(e.completion_id, e.signal_at) for e in episodes]})
     phases = PhaseClock()
+    if lcfg.projection != "none" and parent_path is not None:
+        raise NotImplementedError("a projected round on top of a learned version")
     model, tokenizer = load_student(model_dir, lcfg, parent_path)
-    trainer = SelfDistillationTrainer(model, tokenizer, lcfg, knobs)
     judge = SelfDistillationTrainer(model, tokenizer, lcfg, judge_knobs(knobs))
     phases.done("load")
     plan = work.load_plan(key)
@@ -188,8 +197,10 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
         if not items or not gate_items:  # these knobs will never train on them: move on
             return {**summary, "status": "skipped", "reason": "no training example could be "
                     "built (no response passed the filter)"}, newest
+        # What must not change: trained toward (the anchor's weight) and, projected, the
+        # prompts whose inputs the update may not act on.
         anchors = (_anchors(model, tokenizer, query, lcfg, episodes, parent)
-                   if knobs.anchor_weight else [])
+                   if knobs.anchor_weight or lcfg.projection != "none" else [])
         phases.done("anchors")
         before = judge.divergence(gate_items)
         work.save_plan(key, items, gate_items, anchors, before)
@@ -197,6 +208,14 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
         items, gate_items, anchors, before = (plan["items"], plan["gate_items"], plan["anchors"],
                                               plan["before"])
     phases.done("heldout_before")
+    constraint = None
+    if lcfg.projection != "none":
+        null_space = preserved_null_space(model, tokenizer, lcfg, anchors, model_cache, model_dir)
+        constraint = Projection(model, null_space)
+        summary["null_space"] = {k: {"null_dim": v["null_dim"], "dim": v["dim"]}
+                                 for k, v in null_space.report.items()}
+        phases.done("null_space")
+    trainer = SelfDistillationTrainer(model, tokenizer, lcfg, knobs, constraint)
     result = trainer.train(items, anchors, max_steps=max_steps, progress=progress,
                            resume=work.load_checkpoint() if plan else None,
                            save=work.save_checkpoint)
@@ -357,6 +376,25 @@ def taught_prompts(query: Query, version: str, episodes: list[Episode],
     now = [ep.messages for ep in episodes]
     rows = query(_TAUGHT_SQL, [version, limit + len(now)]).rows
     return [m for m in (as_json(r[0]) for r in rows) if m not in now][:limit]
+
+
+def preserved_null_space(model: Any, tokenizer: Any, lcfg: LearnerConfig,
+                         anchors: list[AnchorItem], model_cache: Path, model_dir: str) -> NullSpace:
+    """The null space of what the round must not change (learner.subspace): the general
+    sample's inputs (once per model, cached in `model_cache`) and the round's anchors' (the
+    store's past prompts, near misses, earlier rounds' questions) with the starting version's
+    answers. The gate's retention questions are never among them."""
+    modules = target_modules(model, parse_layers(lcfg.lora_layers),
+                             f"mlp.{lcfg.lora_target_names()[0]}")
+    cache = model_cache / f"subspace-{hashlib.sha256(model_dir.encode()).hexdigest()[:16]}.pt"
+    general = general_moments(model, tokenizer, modules, cache, model_dir)
+    gated = {q["q"] for q in retention_set(lcfg.retention_set)["questions"]}
+    kept = [a for a in anchors if not any(content_text(m.get("content")) in gated
+                                          for m in a.messages)]
+    own = input_moments(model, tokenizer, modules,
+                  conversation_sequences(tokenizer, [a.messages for a in kept],
+                                         [a.response for a in kept]))
+    return NullSpace.of(general + own, lcfg.null_space_energy)
 
 
 def gate_base_file(model_dir: str, retention: str = "") -> str:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from learner.config import Knobs, LearnerConfig
+from learner.config import Knobs, LearnerConfig, parse_layers
 from learner.inference import answer_hidden, pad_id, prompt_ids
 from learner.losses import (
     TokenLossConfig,
@@ -78,20 +78,20 @@ def load_student(model_dir: str | Path, cfg: LearnerConfig, parent_adapter: str 
         model = PeftModel.from_pretrained(base, str(parent_adapter), is_trainable=True)
     else:
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=lora_targets(cfg.lora_targets), task_type="CAUSAL_LM")
+                          target_modules=cfg.lora_target_names() or "all-linear",
+                          layers_to_transform=parse_layers(cfg.lora_layers) or None,
+                          task_type="CAUSAL_LM")
         model = get_peft_model(base, lora)
     return model, tokenizer
 
 
-def lora_targets(spec: str) -> str | list[str]:
-    """peft's `target_modules` from the config's "all-linear" or comma-separated names."""
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    return "all-linear" if names in ([], ["all-linear"]) else names
-
-
 class SelfDistillationTrainer:
-    def __init__(self, model: Any, tokenizer: Any, cfg: LearnerConfig, knobs: Knobs) -> None:
+    def __init__(self, model: Any, tokenizer: Any, cfg: LearnerConfig, knobs: Knobs,
+                 constraint: Callable[[], None] | None = None) -> None:
+        """`constraint`: called after every optimizer step to put the adapter back where it
+        may be (learner.subspace.Projection)."""
         self.model = model
+        self.constraint = constraint
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.knobs = knobs
@@ -256,6 +256,8 @@ class SelfDistillationTrainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self._trainable, cfg.grad_clip)
             optimizer.step()
+            if self.constraint is not None:
+                self.constraint()
             scheduler.step()
             self._update_ema()
             losses.append(float(loss.detach()))

@@ -1,0 +1,112 @@
+"""The projected update on the real embedded model: after training, each adapted module's output
+on the preserved inputs is unchanged (within a measured tolerance) while its output on the taught
+fact's answer moves — and the same training without the projection moves both."""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+
+from learner.config import LearnerConfig, parse_layers, resolve
+from learner.contexts import load_template
+from learner.inference import prompt_ids
+from learner.subspace import NullSpace, Projection, input_moments, module_key, target_modules
+from learner.trainer import SelfDistillationTrainer, TrainItem, load_student
+
+MODEL_CACHE = Path(os.environ.get(
+    "SDLOOP_MODEL__CACHE_DIR", Path(__file__).resolve().parents[2] / ".cache" / "models"))
+QUESTION = [{"role": "user", "content": "What is the capital of Quessany?"}]
+CORRECTION = "The capital of Quessany is Dalvorne."
+LAYERS = "3-5"
+ENERGY = 1e-2
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    from serving.model_cache import ensure_embedded_model
+
+    return ensure_embedded_model(MODEL_CACHE, progress=False)
+
+
+def _pool() -> list[str]:
+    data = resources.files("learner").joinpath("data")
+    return [p for name in ("anchor_prompts.json", "near_miss_prompts.json")
+            for p in json.loads(data.joinpath(name).read_text())["prompts"]]
+
+
+def _inputs(model, modules, sequences, counted_from=None) -> dict[str, torch.Tensor]:
+    """Every counted input row of each module, stacked."""
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in modules}
+    handles = [m.register_forward_pre_hook(
+        lambda _m, args, k=k: rows[k].append(args[0].detach().reshape(-1, args[0].shape[-1])))
+        for k, m in modules.items()]
+    try:
+        with torch.no_grad():
+            for i, seq in enumerate(sequences):
+                model(input_ids=torch.tensor([seq]))
+                skip = counted_from[i] if counted_from else 0
+                for k in rows:
+                    rows[k][-1] = rows[k][-1][skip:]
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: torch.cat(v) for k, v in rows.items()}
+
+
+def _deltas(model) -> dict[str, torch.Tensor]:
+    """ΔW = scaling · B·A of each adapted module, by module key."""
+    out = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            out[module_key(name)] = (module.scaling["default"] * b @ a).detach()
+    return out
+
+
+def _relative_change(deltas, inputs, weights) -> dict[str, float]:
+    """Per module, median over inputs of |ΔW k| / |W k|."""
+    return {k: float(((inputs[k] @ deltas[k].T).norm(dim=-1)
+                      / (inputs[k] @ weights[k].T).norm(dim=-1)).median()) for k in deltas}
+
+
+def _train(model_dir, projected: bool):
+    cfg = LearnerConfig(lora_targets="down_proj", lora_layers=LAYERS, lr=2e-3, min_steps=12,
+                        passes=1, warmup_ratio=0.0, anchor_weight=0.0,
+                        projection="null_space" if projected else "none")
+    model, tokenizer = load_student(model_dir, cfg)
+    modules = target_modules(model, parse_layers(LAYERS), "mlp.down_proj")
+    preserved = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in _pool()]
+    question = prompt_ids(tokenizer, QUESTION)
+    answer = tokenizer(CORRECTION, add_special_tokens=False)["input_ids"]
+    constraint = None
+    if projected:
+        space = NullSpace.of(input_moments(model, tokenizer, modules, preserved), ENERGY)
+        constraint = Projection(model, space)
+    teacher = load_template("sdft_example").teacher_messages(QUESTION, "correction", CORRECTION)
+    trainer = SelfDistillationTrainer(model, tokenizer, cfg, resolve(cfg), constraint)
+    # Inputs of the modules before training: the first adapted layer's are what its update
+    # sees at every step (nothing before it changes).
+    kept = _inputs(model, modules, preserved)
+    taught = _inputs(model, modules, [question + answer], [len(question)])
+    trainer.train([TrainItem(QUESTION, teacher, answer, "correction", "c1")], progress=False)
+    weights = {k: m.base_layer.weight.detach() for k, m in modules.items()}
+    deltas = _deltas(model)
+    return _relative_change(deltas, kept, weights), _relative_change(deltas, taught, weights)
+
+
+def test_a_projected_update_leaves_the_preserved_inputs_and_moves_the_taught_answer(model_dir):
+    kept, taught = _train(model_dir, projected=True)
+    free_kept, free_taught = _train(model_dir, projected=False)
+    first = f"layers.{parse_layers(LAYERS)[0]}.mlp.down_proj"
+    # Measured (12 steps at lr 2e-3, energy 1e-2, median over inputs of |ΔW k| / |W k|, layers
+    # 3-5): preserved inputs 1.7e-5 to 2.2e-5 with the projection; the taught answer's 0.008 to
+    # 0.018 (~500x); the same training without the projection moves the preserved inputs by
+    # 0.008 to 0.014 (~400x). The bounds leave a factor of 10 to each.
+    assert kept[first] < 2e-4, kept
+    assert taught[first] > 10 * kept[first], (kept, taught)
+    assert free_kept[first] > 10 * kept[first], (kept, free_kept)
