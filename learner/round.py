@@ -181,7 +181,12 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
                     "episodes": [(e.completion_id, e.signal_at) for e in episodes]})
     phases = PhaseClock()
     if lcfg.projection != "none" and parent_path is not None:
-        raise NotImplementedError("a projected round on top of a learned version")
+        # Stacking a projected update onto its parent (concatenated factors, the parent's
+        # taught keys preserved) is not built yet: training the parent's own factors under the
+        # projector would rewrite what earlier rounds taught.
+        raise ValueError(f"learner.projection = {lcfg.projection} learns on the base model only "
+                         f"for now, and `default` serves {parent}: roll it back to base, or set "
+                         "learner.projection = none")
     model, tokenizer = load_student(model_dir, lcfg, parent_path)
     judge = SelfDistillationTrainer(model, tokenizer, lcfg, judge_knobs(knobs))
     phases.done("load")
