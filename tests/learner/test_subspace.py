@@ -1,6 +1,7 @@
 """The projected update on the real embedded model: after training, each adapted module's output
-on the preserved inputs is unchanged (within a measured tolerance) while its output on the taught
-fact's answer moves — and the same training without the projection moves both."""
+on the preserved inputs barely moves (within a measured tolerance) while its output on the taught
+fact's answer moves an order of magnitude more — and the same training without the projection
+moves the preserved inputs an order of magnitude more too."""
 
 from __future__ import annotations
 
@@ -34,9 +35,12 @@ def model_dir() -> Path:
 
 
 def _pool() -> list[str]:
+    """Every anchor prompt and every third near-miss prompt (162): enough inputs to span what
+    the modules see, few enough to keep the test short."""
     data = resources.files("learner").joinpath("data")
-    return [p for name in ("anchor_prompts.json", "near_miss_prompts.json")
-            for p in json.loads(data.joinpath(name).read_text())["prompts"]]
+    anchors, near = (json.loads(data.joinpath(name).read_text())["prompts"]
+                     for name in ("anchor_prompts.json", "near_miss_prompts.json"))
+    return anchors + near[::3]
 
 
 def _inputs(model, modules, sequences, counted_from=None) -> dict[str, torch.Tensor]:
@@ -78,6 +82,7 @@ def _train(model_dir, projected: bool):
     cfg = LearnerConfig(lora_targets="down_proj", lora_layers=LAYERS, lr=2e-3, min_steps=12,
                         passes=1, warmup_ratio=0.0, anchor_weight=0.0,
                         projection="null_space" if projected else "none")
+    torch.manual_seed(0)  # the same initial LoRA for both runs
     model, tokenizer = load_student(model_dir, cfg)
     modules = target_modules(model, parse_layers(LAYERS), "mlp.down_proj")
     preserved = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in _pool()]
@@ -90,8 +95,10 @@ def _train(model_dir, projected: bool):
     teacher = load_template("sdft_example").teacher_messages(QUESTION, "correction", CORRECTION)
     trainer = SelfDistillationTrainer(model, tokenizer, cfg, resolve(cfg), constraint)
     # Inputs of the modules before training: the first adapted layer's are what its update
-    # sees at every step (nothing before it changes).
-    kept = _inputs(model, modules, preserved)
+    # sees at every step (nothing before it changes). Judged on each prompt's own tokens: the
+    # chat template's opening, the same in every prompt, would otherwise be most of them.
+    shared = len(os.path.commonprefix(preserved))
+    kept = _inputs(model, modules, preserved, [shared] * len(preserved))
     taught = _inputs(model, modules, [question + answer], [len(question)])
     trainer.train([TrainItem(QUESTION, teacher, answer, "correction", "c1")], progress=False)
     weights = {k: m.base_layer.weight.detach() for k, m in modules.items()}
@@ -104,9 +111,9 @@ def test_a_projected_update_leaves_the_preserved_inputs_and_moves_the_taught_ans
     free_kept, free_taught = _train(model_dir, projected=False)
     first = f"layers.{parse_layers(LAYERS)[0]}.mlp.down_proj"
     # Measured (12 steps at lr 2e-3, energy 1e-2, median over inputs of |ΔW k| / |W k|, layers
-    # 3-5): preserved inputs 1.7e-5 to 2.2e-5 with the projection; the taught answer's 0.008 to
-    # 0.018 (~500x); the same training without the projection moves the preserved inputs by
-    # 0.008 to 0.014 (~400x). The bounds leave a factor of 10 to each.
-    assert kept[first] < 2e-4, kept
-    assert taught[first] > 10 * kept[first], (kept, taught)
-    assert free_kept[first] > 10 * kept[first], (kept, free_kept)
+    # 3-5): the preserved prompts' own tokens 1.0e-3 to 1.2e-3 with the projection; the taught
+    # answer's 0.014 to 0.023 (13-20x more); the same training without the projection moves
+    # the preserved prompts by 0.010 to 0.012 (8-10x more). Each bound leaves a factor of ~2.
+    assert kept[first] < 3e-3, kept
+    assert taught[first] > 5 * kept[first], (kept, taught)
+    assert free_kept[first] > 4 * kept[first], (kept, free_kept)
