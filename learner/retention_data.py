@@ -46,3 +46,9 @@ def _check(data: Any, path: str) -> None:
             isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError(f"{KEY}: {path} needs a non-empty \"drift_prompts\" list of texts, "
                          f"like {shape}")
+
+
+def shipped_prompts(name: str) -> list[str]:
+    """The prompts of one of the shipped pools (`learner/data/<name>`): the anchor and
+    near-miss pools the round and the preserved subspace both read."""
+    return json.loads(resources.files("learner").joinpath("data", name).read_text())["prompts"]

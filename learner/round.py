@@ -13,14 +13,12 @@ published.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ from learner.episodes import Episode, as_json, collect
 from learner.gate import evaluate
 from learner.inference import generate_greedy, prompt_ids, sample
 from learner.responses import EnginePolicy, draw, teacher_regenerations
-from learner.retention_data import retention_set
+from learner.retention_data import retention_set, shipped_prompts
 from learner.spec import Divergence, Support, TokenLossConfig
 from learner.subspace import (
     NullSpace,
@@ -358,13 +356,13 @@ def _anchors(model: Any, tokenizer: Any, query: Any, lcfg: LearnerConfig,
     rows = query(_PAST_PROMPTS_SQL, [lcfg.anchor_prompts]).rows
     conversations = [as_json(r[0]) for r in rows]
     if len(conversations) < lcfg.anchor_prompts:
-        shipped = _shipped("anchor_prompts.json")
+        shipped = shipped_prompts("anchor_prompts.json")
         conversations += [[{"role": "user", "content": p}]
                           for p in shipped[: lcfg.anchor_prompts - len(conversations)]]
     if lcfg.near_miss_anchors:
         questions = [content_text(m.get("content")) for ep in episodes for m in ep.messages[-1:]]
         conversations = [[{"role": "user", "content": p}]
-                         for p in near_misses(questions, _shipped("near_miss_prompts.json"),
+                         for p in near_misses(questions, shipped_prompts("near_miss_prompts.json"),
                                               lcfg.near_miss_anchors)] + conversations
     conversations = taught_prompts(query, parent, episodes, lcfg.replay_prompts) + conversations
     answers = generate_greedy(model, tokenizer, conversations,
@@ -407,10 +405,6 @@ def gate_base_file(model_dir: str, retention: str = "") -> str:
     for each."""
     key = model_dir if not retention else f"{model_dir}\0{retention}"
     return f"gate-base-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-
-
-def _shipped(name: str) -> list[str]:
-    return json.loads(resources.files("learner").joinpath("data", name).read_text())["prompts"]
 
 
 _FORM_WORD = re.compile(r"[a-z']+")

@@ -31,13 +31,13 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from learner.inference import generate_greedy, pad_id, prompt_ids
+from learner.retention_data import shipped_prompts
 
 log = logging.getLogger(__name__)
 
@@ -151,16 +151,12 @@ def conversation_sequences(tokenizer: Any, conversations: Sequence[list[dict[str
     return [prompt_ids(tokenizer, c) + list(a) for c, a in zip(conversations, answers, strict=True)]
 
 
-def _shipped(name: str) -> list[str]:
-    return json.loads(resources.files("learner").joinpath("data", name).read_text())["prompts"]
-
-
 @torch.no_grad()
 def general_sequences(model: Any, tokenizer: Any, seed: int = 0) -> list[list[int]]:
     """The general sample: the shipped anchor and near-miss pools with the model's own greedy
     answers, and text the model writes from `OPENERS` (sampled, temperature 1)."""
     pools = [[{"role": "user", "content": p}]
-             for p in _shipped("anchor_prompts.json") + _shipped("near_miss_prompts.json")]
+             for p in shipped_prompts("anchor_prompts.json") + shipped_prompts("near_miss_prompts.json")]
     answers = generate_greedy(model, tokenizer, pools, GENERAL_ANSWER_TOKENS)
     texts = []
     device = next(model.parameters()).device
