@@ -64,9 +64,10 @@ def test_the_retention_set_has_power_and_is_disjoint_from_the_benchmarks():
 
 
 def test_near_miss_prompts_share_the_question_form_and_never_the_gate_set():
-    from learner.round import _shipped, near_misses
+    from learner.retention_data import shipped_prompts
+    from learner.round import near_misses
 
-    pool = _shipped("near_miss_prompts.json")
+    pool = shipped_prompts("near_miss_prompts.json")
     capitals = near_misses(["What is the capital of Quessany?"], pool, 4)
     assert len(capitals) == 4 and all(p.startswith("What is the capital of ") for p in capitals)
     founders = near_misses(["Who founded the company Lumenvale Systems?"], pool, 3)
@@ -84,9 +85,9 @@ def test_near_miss_prompts_share_the_question_form_and_never_the_gate_set():
 
 
 def test_shipped_anchor_prompts_never_hold_the_gate_questions():
-    from learner.round import _shipped
+    from learner.retention_data import shipped_prompts
 
     gate = {_norm(q["q"]) for q in retention_set()["questions"]}
-    anchors = {_norm(p) for p in _shipped("anchor_prompts.json")}
+    anchors = {_norm(p) for p in shipped_prompts("anchor_prompts.json")}
     assert not anchors & gate  # the anchor would hold exactly what the gate measures
     assert not anchors & _bench_questions()
