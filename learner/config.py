@@ -109,6 +109,9 @@ class LearnerConfig:
     regen_temperature: float = 0.7
     max_new_tokens: int = 64
     template: str = "sdft_example"
+    # Other phrasings of each taught question the model is asked for (learner.phrasings), each
+    # trained on with the same feedback in the teacher's context (0: the question as asked only).
+    phrasings: int = 0
     # Optimisation.
     lora_r: int = 16
     lora_alpha: int = 32
@@ -126,6 +129,17 @@ class LearnerConfig:
     # directions are free up to it (an update there acts on a preserved input with at most
     # about this share of its squared norm).
     null_space_energy: float = 1e-3
+    # How a round writes what it learns: "distill" trains the LoRA by self-distillation (the
+    # trainer); "edit" writes each stated fact in closed form into `down_proj` of `lora_layers`
+    # (learner.edit: keys at the question's subject, values fitted to the teacher), confined to
+    # the null space when `projection` is "null_space". Signals that state no answer (a
+    # critique, a rating, an environment error) teach nothing under "edit".
+    method: str = "distill"
+    edit_steps: int = 25  # Adam steps fitting each fact's value vector
+    edit_lr: float = 0.5
+    edit_clamp: float = 0.75  # the value's shift, at most this share of the hidden state's norm
+    edit_weight_decay: float = 0.5  # on the shift's squared norm relative to the hidden state's
+    edit_ridge: float = 0.01  # the solve's ridge, relative to the mean squared key norm
     lr: float = 5e-4
     warmup_ratio: float = 0.1
     passes: int = 6
@@ -196,6 +210,17 @@ class LearnerConfig:
         if self.retention_set:
             retention_set(self.retention_set)
         parse_layers(self.lora_layers)
+        if self.method not in METHODS:
+            raise ValueError(f"learner.method: '{self.method}' is not one of {', '.join(METHODS)}")
+        if self.method == "edit" and (self.lora_target_names() != ["down_proj"]
+                                      or not parse_layers(self.lora_layers)):
+            raise ValueError("learner.method = edit writes into down_proj of chosen layers: set "
+                             "learner.lora_targets = down_proj and learner.lora_layers")
+        for name in ("edit_steps", "edit_lr", "edit_clamp", "edit_ridge"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"learner.{name}: must be > 0, got {getattr(self, name)}")
+        if self.edit_weight_decay < 0:
+            raise ValueError(f"learner.edit_weight_decay: must be >= 0, got {self.edit_weight_decay}")
         if self.projection not in PROJECTIONS:
             raise ValueError(f"learner.projection: '{self.projection}' is not one of "
                              f"{', '.join(PROJECTIONS)}")
@@ -216,6 +241,7 @@ class LearnerConfig:
 
 
 PROJECTIONS = ("none", "null_space")
+METHODS = ("distill", "edit")
 
 
 def parse_layers(spec: str) -> list[int]:
@@ -301,7 +327,7 @@ def resolve(cfg: LearnerConfig) -> Knobs:
         if knobs[name] < 0:
             raise ValueError(f"learner.{name}: must be >= 0, got {knobs[name]}")
     for name in ("anchor_prompts", "near_miss_anchors", "replay_prompts", "threads",
-                 "anchor_tokens", "min_steps"):
+                 "anchor_tokens", "min_steps", "phrasings"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"learner.{name}: must be >= 0, got {getattr(cfg, name)}")
     if cfg.anchors_per_step < 1:

@@ -28,9 +28,11 @@ from feedback import content_text
 from learner.checkpoint import RoundWorkspace, plan_key
 from learner.config import ANSWER_SOURCES, Knobs, LearnerConfig, TeacherMode, parse_layers, resolve
 from learner.contexts import Template, load_template
+from learner.edit import EditKnobs, apply_edit, build_facts
 from learner.episodes import Episode, as_json, collect
 from learner.gate import evaluate
 from learner.inference import generate_greedy, prompt_ids, sample
+from learner.phrasings import rephrasings
 from learner.responses import EnginePolicy, draw, teacher_regenerations
 from learner.retention_data import retention_set, shipped_prompts
 from learner.spec import Divergence, Support, TokenLossConfig
@@ -42,7 +44,13 @@ from learner.subspace import (
     input_moments,
     target_modules,
 )
-from learner.trainer import AnchorItem, SelfDistillationTrainer, TrainItem, load_student
+from learner.trainer import (
+    AnchorItem,
+    SelfDistillationTrainer,
+    TrainItem,
+    TrainResult,
+    load_student,
+)
 from learner.versions import write_version
 from store import BASE_VERSION, DEFAULT_ALIAS, Query
 
@@ -178,13 +186,15 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
                     "max_steps": max_steps, "model": model_dir,
                     "episodes": [(e.completion_id, e.signal_at) for e in episodes]})
     phases = PhaseClock()
-    if lcfg.projection != "none" and parent_path is not None:
-        # Stacking a projected update onto its parent (concatenated factors, the parent's
-        # taught keys preserved) is not built yet: training the parent's own factors under the
-        # projector would rewrite what earlier rounds taught.
-        raise ValueError(f"learner.projection = {lcfg.projection} learns on the base model only "
-                         f"for now, and `default` serves {parent}: roll it back to base, or set "
-                         "learner.projection = none")
+    if (lcfg.projection != "none" or lcfg.method == "edit") and parent_path is not None:
+        # Stacking a projected update or an edit onto its parent (concatenated factors, the
+        # parent's taught keys preserved) is not built yet: training the parent's own factors
+        # under the projector, or writing an edit into them, would rewrite what earlier rounds
+        # taught.
+        raise ValueError(f"learner.projection = {lcfg.projection} and learner.method = "
+                         f"{lcfg.method} learn on the base model only for now, and `default` "
+                         f"serves {parent}: roll it back to base, or set learner.projection = "
+                         "none and learner.method = distill")
     model, tokenizer = load_student(model_dir, lcfg, parent_path)
     judge = SelfDistillationTrainer(model, tokenizer, lcfg, judge_knobs(knobs))
     phases.done("load")
@@ -211,17 +221,20 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
         items, gate_items, anchors, before = (plan["items"], plan["gate_items"], plan["anchors"],
                                               plan["before"])
     phases.done("heldout_before")
-    constraint = None
+    null_space = None
     if lcfg.projection != "none":
         null_space = preserved_null_space(model, tokenizer, lcfg, anchors, model_cache, model_dir)
-        constraint = Projection(model, null_space)
         summary["null_space"] = {k: {"null_dim": v["null_dim"], "dim": v["dim"]}
                                  for k, v in null_space.report.items()}
         phases.done("null_space")
-    trainer = SelfDistillationTrainer(model, tokenizer, lcfg, knobs, constraint)
-    result = trainer.train(items, anchors, max_steps=max_steps, progress=progress,
-                           resume=work.load_checkpoint() if plan else None,
-                           save=work.save_checkpoint)
+    if lcfg.method == "edit":
+        result, summary["edit"] = _edit(model, tokenizer, lcfg, episodes, items, null_space)
+    else:
+        trainer = SelfDistillationTrainer(model, tokenizer, lcfg, knobs,
+                                          Projection(model, null_space) if null_space else None)
+        result = trainer.train(items, anchors, max_steps=max_steps, progress=progress,
+                               resume=work.load_checkpoint() if plan else None,
+                               save=work.save_checkpoint)
     phases.done("train")
     after = judge.divergence(gate_items)
     gate = evaluate(model, tokenizer, retention, before, after, lcfg.retention_max_drop,
@@ -246,6 +259,26 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
     work.clear()
     return {**summary, "status": status, "version": version, "parent": parent,
             "path": str(folder), **train, "gate": verdict, "phases": phases.seconds}, newest
+
+
+def _edit(model: Any, tokenizer: Any, lcfg: LearnerConfig, episodes: list[Episode],
+          items: list[TrainItem],
+          null_space: NullSpace | None) -> tuple[TrainResult, dict[str, Any]]:
+    """The closed-form edit of the round's stated facts (learner.edit), as a training result
+    (a step per value-fitting step; losses: the values' mean teacher-KL before and after) and
+    its report."""
+    stated = {ep.completion_id: s.text for ep in episodes for s in ep.signals[::-1]
+              if s.source in (*ANSWER_SOURCES, "followup")}
+    facts = build_facts(model, tokenizer, items, stated)
+    modules = target_modules(model, parse_layers(lcfg.lora_layers), "mlp.down_proj")
+    knobs = EditKnobs(lcfg.edit_steps, lcfg.edit_lr, lcfg.edit_weight_decay, lcfg.edit_clamp,
+                      lcfg.edit_ridge)
+    done = apply_edit(model, tokenizer, facts, modules,
+                      null_space.projectors if null_space else None, knobs)
+    losses = [sum(done.losses_first) / done.facts, sum(done.losses_last) / done.facts]
+    return TrainResult(lcfg.edit_steps * done.facts, losses, []), {
+        "facts": done.facts, "value_kl_before": done.losses_first,
+        "value_kl_after": done.losses_last, "modules": done.report}
 
 
 class PhaseClock:
@@ -308,6 +341,42 @@ def _train_items(model: Any, tokenizer: Any, episodes: list[Episode], knobs: Kno
                                 engine_logprobs=logprobs)
                       for ids, logprobs in _responses(model, tokenizer, ep, signal, teacher,
                                                       knobs, lcfg, policy)]
+        items += _rephrased_items(model, tokenizer, ep, template, lcfg, policy)
+    return items
+
+
+def _last_user(messages: list[dict[str, Any]]) -> int | None:
+    return max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+
+
+def rephrased(messages: list[dict[str, Any]], phrasing: str) -> list[dict[str, Any]]:
+    """The conversation with its last user turn asked in other words."""
+    out = [dict(m) for m in messages]
+    out[_last_user(out)]["content"] = phrasing
+    return out
+
+
+def _rephrased_items(model: Any, tokenizer: Any, ep: Episode, template: Template,
+                     lcfg: LearnerConfig, policy: EnginePolicy | None) -> list[TrainItem]:
+    """Training pairs on other phrasings of the episode's question (learner.phrasings), for the
+    signals that state an answer: the teacher, the same feedback in its context, answers each
+    phrasing; kept when it agrees with the feedback. Not for constrained answers (an agent's
+    JSON prompt is not a question to reword)."""
+    stated = [s for s in ep.signals if s.source in (*ANSWER_SOURCES, "followup")]
+    last = _last_user(ep.messages)
+    if lcfg.phrasings <= 0 or not stated or ep.constraint or last is None:
+        return []
+    question = content_text(ep.messages[last].get("content"))
+    items = []
+    for phrasing in rephrasings(model, tokenizer, question, stated[0].text, lcfg.phrasings,
+                                lcfg.seed):
+        student = rephrased(ep.messages, phrasing)
+        for signal in stated:
+            teacher = template.teacher_messages(student, signal.source, signal.text)
+            items += [TrainItem(student, teacher, ids, signal.source, ep.completion_id)
+                      for ids in teacher_regenerations(
+                          model, tokenizer, student, teacher, signal.text, lcfg.regen_samples,
+                          lcfg.regen_temperature, lcfg.max_new_tokens, lcfg.seed, policy)]
     return items
 
 

@@ -61,6 +61,11 @@ def test_module_keys_are_the_same_under_any_wrapper():
     ({"projection": "null_space", "lora_layers": "3-8", "lora_targets": "down_proj",
       "null_space_energy": 1.5}, "learner.null_space_energy"),
     ({"lora_layers": "8-3"}, "runs backwards"),
+    ({"method": "rewrite"}, "learner.method"),
+    ({"method": "edit"}, "learner.lora_targets = down_proj"),
+    ({"method": "edit", "lora_targets": "down_proj", "lora_layers": "3-8", "edit_ridge": 0},
+     "learner.edit_ridge"),
+    ({"phrasings": -1}, "learner.phrasings"),
     ({"lora_layers": "three"}, "not a layer index"),
 ])
 def test_a_bad_projection_setting_names_the_key_to_fix(knobs, words):
