@@ -20,6 +20,11 @@ from feedback import content_text
 from learner.config import CONTEXT_SOURCES
 
 
+def last_user_index(messages: list[dict[str, Any]]) -> int | None:
+    """The index of the conversation's last user turn (None: it has none)."""
+    return max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+
+
 @dataclass(frozen=True)
 class Template:
     name: str
@@ -32,7 +37,7 @@ class Template:
         if source not in self.suffixes:
             raise ValueError(f"template '{self.name}' has no placement for source '{source}'")
         out = copy.deepcopy(messages)
-        last_user = max((i for i, m in enumerate(out) if m.get("role") == "user"), default=None)
+        last_user = last_user_index(out)
         if last_user is None:
             raise ValueError("a teacher context needs a user message to attach to")
         # Plain replacement, not str.format: feedback text may contain braces.

@@ -30,6 +30,7 @@ it like any version and the gate judges it like any candidate.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 
 from feedback import content_text
+from learner.contexts import last_user_index
 from learner.inference import pad_id, prompt_ids, response_log_probs
 from learner.phrasings import subject_words
 from learner.responses import content_words
@@ -85,7 +87,7 @@ class EditResult:
 def subject_position(tokenizer: Any, messages: list[dict[str, Any]], signal: str) -> int:
     """The index, in `prompt_ids(messages)`, of the last token of the question's subject: the
     last word of the last user turn that the feedback repeats, else its last word."""
-    last = max(i for i, m in enumerate(messages) if m.get("role") == "user")
+    last = last_user_index(messages)
     question = content_text(messages[last].get("content"))
     shared = subject_words(question, signal) or content_words(question)
     spans = [m.span() for m in re.finditer(r"[A-Za-z0-9][A-Za-z0-9'-]*", question)
@@ -102,17 +104,8 @@ def subject_position(tokenizer: Any, messages: list[dict[str, Any]], signal: str
     full = prompt_ids(tokenizer, messages)
     position = len(ids) - 1
     if full[: len(ids)] != ids:  # the tokenizer merged across the cut: find the word's end
-        position = _common_prefix(full, ids) - 1
+        position = len(os.path.commonprefix([full, ids])) - 1
     return max(0, min(position, len(full) - 1))
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def build_facts(model: Any, tokenizer: Any, items: Sequence[Any], signals: dict[str, str],

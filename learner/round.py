@@ -27,7 +27,7 @@ from tqdm import tqdm
 from feedback import content_text
 from learner.checkpoint import RoundWorkspace, plan_key
 from learner.config import ANSWER_SOURCES, Knobs, LearnerConfig, TeacherMode, parse_layers, resolve
-from learner.contexts import Template, load_template
+from learner.contexts import Template, last_user_index, load_template
 from learner.edit import EditKnobs, apply_edit, build_facts
 from learner.episodes import Episode, as_json, collect
 from learner.gate import evaluate
@@ -55,6 +55,10 @@ from learner.versions import write_version
 from store import BASE_VERSION, DEFAULT_ALIAS, Query
 
 log = logging.getLogger(__name__)
+
+# Signals whose text states the answer to the question (a correction, a demonstration, the
+# user's follow-up): what is reworded and edited.
+STATED_SOURCES = (*ANSWER_SOURCES, "followup")
 
 
 @dataclass(frozen=True)
@@ -268,11 +272,11 @@ def _edit(model: Any, tokenizer: Any, lcfg: LearnerConfig, episodes: list[Episod
     (a step per value-fitting step; losses: the values' mean teacher-KL before and after) and
     its report."""
     stated = {ep.completion_id: s.text for ep in episodes for s in ep.signals[::-1]
-              if s.source in (*ANSWER_SOURCES, "followup")}
+              if s.source in STATED_SOURCES}
     facts = build_facts(model, tokenizer, items, stated)
     modules = target_modules(model, parse_layers(lcfg.lora_layers), "mlp.down_proj")
-    knobs = EditKnobs(lcfg.edit_steps, lcfg.edit_lr, lcfg.edit_weight_decay, lcfg.edit_clamp,
-                      lcfg.edit_ridge)
+    knobs = EditKnobs(steps=lcfg.edit_steps, lr=lcfg.edit_lr, weight_decay=lcfg.edit_weight_decay,
+                      clamp=lcfg.edit_clamp, ridge=lcfg.edit_ridge)
     done = apply_edit(model, tokenizer, facts, modules,
                       null_space.projectors if null_space else None, knobs)
     losses = [sum(done.losses_first) / done.facts, sum(done.losses_last) / done.facts]
@@ -345,14 +349,10 @@ def _train_items(model: Any, tokenizer: Any, episodes: list[Episode], knobs: Kno
     return items
 
 
-def _last_user(messages: list[dict[str, Any]]) -> int | None:
-    return max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
-
-
 def rephrased(messages: list[dict[str, Any]], phrasing: str) -> list[dict[str, Any]]:
     """The conversation with its last user turn asked in other words."""
     out = [dict(m) for m in messages]
-    out[_last_user(out)]["content"] = phrasing
+    out[last_user_index(out)]["content"] = phrasing
     return out
 
 
@@ -362,8 +362,8 @@ def _rephrased_items(model: Any, tokenizer: Any, ep: Episode, template: Template
     signals that state an answer: the teacher, the same feedback in its context, answers each
     phrasing; kept when it agrees with the feedback. Not for constrained answers (an agent's
     JSON prompt is not a question to reword)."""
-    stated = [s for s in ep.signals if s.source in (*ANSWER_SOURCES, "followup")]
-    last = _last_user(ep.messages)
+    stated = [s for s in ep.signals if s.source in STATED_SOURCES]
+    last = last_user_index(ep.messages)
     if lcfg.phrasings <= 0 or not stated or ep.constraint or last is None:
         return []
     question = content_text(ep.messages[last].get("content"))
