@@ -116,6 +116,10 @@ class LearnerConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
+    # The rank of the adapter a version is served as, at most (engine.max_lora_rank or less). A
+    # projected update or an edit on top of a learned version keeps the parent's update in the
+    # first max_rank - lora_r factors, frozen, and learns in lora_r new ones (learner.stacking).
+    max_rank: int = 16
     # Modules the LoRA adapts: "all-linear", or module names ("gate_proj,up_proj,down_proj").
     lora_targets: str = "all-linear"
     # Layers whose modules the LoRA adapts: "" every layer, or indices and ranges ("3-8,10").
@@ -129,6 +133,9 @@ class LearnerConfig:
     # directions are free up to it (an update there acts on a preserved input with at most
     # about this share of its squared norm).
     null_space_energy: float = 1e-3
+    # Shipped pool prompts (anchor and near-miss, 390) the one-time general sample answers; 0:
+    # all. Fewer make the once-per-model statistics faster and keep less out of the update's way.
+    null_space_prompts: int = 0
     # How a round writes what it learns: "distill" trains the LoRA by self-distillation (the
     # trainer); "edit" writes each stated fact in closed form into `down_proj` of `lora_layers`
     # (learner.edit: keys at the question's subject, values fitted to the teacher), confined to
@@ -210,6 +217,13 @@ class LearnerConfig:
         if self.retention_set:
             retention_set(self.retention_set)
         parse_layers(self.lora_layers)
+        if not 1 <= self.lora_r <= self.max_rank:
+            raise ValueError(f"learner.lora_r: must be between 1 and learner.max_rank "
+                             f"({self.max_rank}), got {self.lora_r}")
+        served = getattr(getattr(cfg, "engine", None), "max_lora_rank", None)
+        if served is not None and self.max_rank > served:
+            raise ValueError(f"learner.max_rank = {self.max_rank}: vLLM serves adapters up to "
+                             f"engine.max_lora_rank = {served}; lower it or raise that")
         if self.method not in METHODS:
             raise ValueError(f"learner.method: '{self.method}' is not one of {', '.join(METHODS)}")
         if self.method == "edit" and (self.lora_target_names() != ["down_proj"]
@@ -327,7 +341,7 @@ def resolve(cfg: LearnerConfig) -> Knobs:
         if knobs[name] < 0:
             raise ValueError(f"learner.{name}: must be >= 0, got {knobs[name]}")
     for name in ("anchor_prompts", "near_miss_anchors", "replay_prompts", "threads",
-                 "anchor_tokens", "min_steps", "phrasings"):
+                 "anchor_tokens", "min_steps", "phrasings", "null_space_prompts"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"learner.{name}: must be >= 0, got {getattr(cfg, name)}")
     if cfg.anchors_per_step < 1:

@@ -270,23 +270,25 @@ def lora_pair(model: Any, key: str) -> tuple[torch.nn.Parameter, torch.nn.Parame
 
 
 def apply_edit(model: Any, tokenizer: Any, facts: Sequence[Fact], modules: dict[str, torch.nn.Module],
-               projectors: dict[str, torch.Tensor] | None, knobs: EditKnobs) -> EditResult:
+               projectors: dict[str, torch.Tensor] | None, knobs: EditKnobs,
+               first: int = 0) -> EditResult:
     """Fit each fact's value at the last of `modules`' layers, then write the edit into the
-    adapter's factors of each module, layer by layer (see the module's docstring)."""
+    adapter's factors of each module from factor `first` on (those before it are a parent's,
+    learner.stacking), layer by layer (see the module's docstring)."""
     if not facts:
         raise ValueError("nothing to edit: no fact has a teacher answer")
     order = sorted(modules, key=lambda k: int(k.split(".")[1]))
     z_layer = int(order[-1].split(".")[1])
     block = decoder_layer(model, z_layer)
     pairs = {k: lora_pair(model, k) for k in order}
-    rank = min(a.shape[0] for a, _, _ in pairs.values())
+    rank = min(a.shape[0] for a, _, _ in pairs.values()) - first
     if len(facts) > rank:
-        raise ValueError(f"{len(facts)} facts in one edit, and the adapter's rank is {rank}: "
-                         "raise learner.lora_r (vLLM serves up to engine.max_lora_rank)")
+        raise ValueError(f"{len(facts)} facts in one edit, and the round's rank is {rank}: "
+                         "raise learner.lora_r (within learner.max_rank)")
     with torch.no_grad():
         for a, b, _ in pairs.values():
-            a.zero_()
-            b.zero_()
+            a[first:].zero_()
+            b[:, first:].zero_()
     model.eval()
     deltas, first, last = [], [], []
     for fact in facts:
@@ -309,8 +311,8 @@ def apply_edit(model: Any, tokenizer: Any, facts: Sequence[Fact], modules: dict[
         a, b, scaling = pairs[key]
         n = len(facts)
         with torch.no_grad():
-            a[:n] = q.T.to(a.dtype)
-            b[:, :n] = (resid / scaling).to(b.dtype)
+            a[first:first + n] = q.T.to(a.dtype)
+            b[:, first:first + n] = (resid / scaling).to(b.dtype)
         # What the layer now adds at the facts' keys, against what it was asked to add.
         written = resid @ (q.T @ keys)
         report[key] = {"update_norm": float((resid @ q.T).norm()),

@@ -10,7 +10,9 @@ answer window):
     one-sided binomial test of "the candidate forgets at most that share" rejects at
     `gate_confidence`. One unlucky question does not decide a round; a real regression does —
     and bleed of a taught fact into neighbouring questions (other capitals, other animals) is
-    exactly such a regression;
+    exactly such a regression. A round's attempts (a rejected round is retried) share one
+    false-pass budget, so each is held to a lower limit (`forgetting_limit`): retrying cannot
+    buy a pass;
   - likelihood, with far more resolution than exact match: the mean per-token increase of the
     negative log-likelihood of the base model's own right answers under the candidate;
   - drift, KL(base ‖ candidate) over the base model's own answers to neutral prompts.
@@ -64,6 +66,8 @@ class GateResult:
     retention_p_value: float  # P(forgetting >= observed | the candidate forgets the bound's share)
     retention_nll_increase: float  # mean per-token NLL increase of the base's right answers
     drift: float
+    retention_limit: int = 0  # the most questions this attempt could forget and pass
+    attempts: int = 1  # the round's attempts sharing the false-pass budget (forgetting_limit)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,6 +96,52 @@ def forgetting_p_value(forgotten: int, questions: int, max_drop_points: float) -
                  for j in range(forgotten, questions + 1)]
     top = max(log_terms)
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
+
+
+# A "bad" candidate, for sharing the false-pass budget among a round's attempts: one that
+# forgets this many times the allowed share.
+BAD_FACTOR = 2.0
+
+
+def _binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p)."""
+    if k < 0:
+        return 0.0
+    if k >= n or p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    log_terms = [math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1)
+                 + j * math.log(p) + (n - j) * math.log1p(-p) for j in range(k + 1)]
+    top = max(log_terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
+
+
+def forgetting_limit(questions: int, max_drop_points: float, confidence: float,
+                     attempts: int = 1) -> int:
+    """The most questions one of a round's `attempts` candidates may forget of `questions`.
+
+    One attempt: the most that is not significantly more than `max_drop_points` allow (the
+    one-sided binomial test at `confidence`). A rejected round is tried again on the same
+    questions, and every try is another chance for a candidate that forgets too much to pass
+    by luck: a retry that passes is partly selected by the gate's own set. So the attempts
+    share one false-pass budget: each is held to the largest limit at which `attempts` of them
+    together pass a candidate that forgets `BAD_FACTOR` times the allowed share no more often
+    than one attempt under the single limit would (the union bound; for a candidate forgetting
+    more still, the limits' pass probabilities fall apart faster, so it holds there too)."""
+    single = questions
+    for k in range(questions + 1):
+        if forgetting_p_value(k, questions, max_drop_points) < 1.0 - confidence:
+            single = k - 1
+            break
+    if attempts <= 1 or single < 0:
+        return single
+    bad = min(BAD_FACTOR * max_drop_points / 100.0, 1.0)
+    budget = _binomial_cdf(single, questions, bad) / attempts
+    limit = single
+    while limit >= 0 and _binomial_cdf(limit, questions, bad) > budget:
+        limit -= 1
+    return limit
 
 
 @dataclass
@@ -199,9 +249,10 @@ def retention(model: Any, tokenizer: Any, data: dict[str, Any], ref: BaseReferen
 def evaluate(model: Any, tokenizer: Any, data: dict[str, Any], before: float, after: float,
              retention_max_drop: float, drift_max: float, retention_nll_max: float,
              confidence: float = 0.95, cache: Path | None = None,
-             cache_key: str = "") -> GateResult:
+             cache_key: str = "", attempts: int = 1) -> GateResult:
     """The verdict on the candidate (adapter enabled) against the base model (disabled), on the
-    retention set `data` (`learner.retention_data.retention_set`)."""
+    retention set `data` (`learner.retention_data.retention_set`), for one of a round's
+    `attempts` (`forgetting_limit`)."""
     ref = base_reference(model, tokenizer, data, cache, cache_key)
     kept = retention(model, tokenizer, data, ref)
     total = len(data["questions"])
@@ -212,18 +263,22 @@ def evaluate(model: Any, tokenizer: Any, data: dict[str, Any], before: float, af
     drift_convs = [[{"role": "user", "content": p}] for p in data["drift_prompts"]]
     measured_drift = drift(model, tokenizer, drift_convs, ref.drift_answers)
 
+    limit = forgetting_limit(kept.questions, retention_max_drop, confidence, attempts)
+
     reasons = []
     if not after < before:
         reasons.append(f"held-out divergence did not drop ({before:.4f} -> {after:.4f})")
-    if p_value < 1.0 - confidence:
+    if forgotten > limit:
+        shared = (f"; {attempts} attempts share the false-pass budget, so each may forget "
+                  f"{limit}" if attempts > 1 else "")
         reasons.append(
             f"retention: forgot {forgotten} of the {kept.questions} questions the base model answers "
             f"right ({100.0 * forgotten / max(kept.questions, 1):.1f} %), significantly more than "
-            f"{retention_max_drop:g} points (p = {p_value:.3g} < {1.0 - confidence:.2g})")
+            f"{retention_max_drop:g} points allow (p = {p_value:.3g}{shared})")
     if kept.nll_increase > retention_nll_max:
         reasons.append(f"retention: the base model's right answers became {kept.nll_increase:.3f} "
                        f"nats/token less likely (bound {retention_nll_max:g})")
     if measured_drift > drift_max:
         reasons.append(f"drift {measured_drift:.4f} over the bound {drift_max:g}")
     return GateResult(not reasons, reasons, before, after, base_acc, cand_acc, forgotten,
-                      kept.questions, p_value, kept.nll_increase, measured_drift)
+                      kept.questions, p_value, kept.nll_increase, measured_drift, limit, attempts)

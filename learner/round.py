@@ -13,6 +13,7 @@ published.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import time
@@ -36,6 +37,7 @@ from learner.phrasings import rephrasings
 from learner.responses import EnginePolicy, draw, teacher_regenerations
 from learner.retention_data import retention_set, shipped_prompts
 from learner.spec import Divergence, Support, TokenLossConfig
+from learner.stacking import stacked_student
 from learner.subspace import (
     NullSpace,
     Projection,
@@ -160,7 +162,8 @@ def retry_config(lcfg: LearnerConfig, attempt: int) -> LearnerConfig:
     step order and gate answers: at this model size retention moves by a few questions from
     seed to seed) and the rehearsal anchor held twice as hard: what rejects a round is nearly
     always what it forgot, and the anchor's weight is the lever that moved that most
-    (README, "Levers against bleed")."""
+    (README, "Levers against bleed"). Every attempt is judged to the limit the attempts share
+    (learner.gate.forgetting_limit), so retrying cannot buy a pass."""
     if attempt <= 0:
         return lcfg
     weight = resolve(lcfg).anchor_weight
@@ -190,16 +193,15 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
                     "max_steps": max_steps, "model": model_dir,
                     "episodes": [(e.completion_id, e.signal_at) for e in episodes]})
     phases = PhaseClock()
+    stack = None
     if (lcfg.projection != "none" or lcfg.method == "edit") and parent_path is not None:
-        # Stacking a projected update or an edit onto its parent (concatenated factors, the
-        # parent's taught keys preserved) is not built yet: training the parent's own factors
-        # under the projector, or writing an edit into them, would rewrite what earlier rounds
-        # taught.
-        raise ValueError(f"learner.projection = {lcfg.projection} and learner.method = "
-                         f"{lcfg.method} learn on the base model only for now, and `default` "
-                         f"serves {parent}: roll it back to base, or set learner.projection = "
-                         "none and learner.method = distill")
-    model, tokenizer = load_student(model_dir, lcfg, parent_path)
+        # Training the parent's own factors under the projector, or writing an edit into them,
+        # would rewrite what earlier rounds taught: the round learns in factors of its own
+        # beside the parent's, frozen (learner.stacking).
+        model, tokenizer, stack = stacked_student(model_dir, lcfg, parent_path)
+        summary["stack"] = stack.report
+    else:
+        model, tokenizer = load_student(model_dir, lcfg, parent_path)
     judge = SelfDistillationTrainer(model, tokenizer, lcfg, judge_knobs(knobs))
     phases.done("load")
     plan = work.load_plan(key)
@@ -232,10 +234,12 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
                                  for k, v in null_space.report.items()}
         phases.done("null_space")
     if lcfg.method == "edit":
-        result, summary["edit"] = _edit(model, tokenizer, lcfg, episodes, items, null_space)
+        result, summary["edit"] = _edit(model, tokenizer, lcfg, episodes, items, null_space,
+                                        stack.frozen if stack else 0)
     else:
-        trainer = SelfDistillationTrainer(model, tokenizer, lcfg, knobs,
-                                          Projection(model, null_space) if null_space else None)
+        projection = (Projection(model, null_space, stack.frozen if stack else 0)
+                      if null_space else None)
+        trainer = SelfDistillationTrainer(model, tokenizer, lcfg, knobs, projection)
         result = trainer.train(items, anchors, max_steps=max_steps, progress=progress,
                                resume=work.load_checkpoint() if plan else None,
                                save=work.save_checkpoint)
@@ -244,7 +248,7 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
     gate = evaluate(model, tokenizer, retention, before, after, lcfg.retention_max_drop,
                     lcfg.drift_max, lcfg.retention_nll_max, lcfg.gate_confidence,
                     cache=model_cache / gate_base_file(model_dir, lcfg.retention_set),
-                    cache_key=model_dir)
+                    cache_key=model_dir, attempts=lcfg.retries + 1)
     phases.done("gate")
     train = {"steps": result.steps, "resumed_at_step": result.resumed_at,
              "responses_from": _responses_from(knobs, items), "items": len(items),
@@ -266,11 +270,11 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
 
 
 def _edit(model: Any, tokenizer: Any, lcfg: LearnerConfig, episodes: list[Episode],
-          items: list[TrainItem],
-          null_space: NullSpace | None) -> tuple[TrainResult, dict[str, Any]]:
-    """The closed-form edit of the round's stated facts (learner.edit), as a training result
-    (a step per value-fitting step; losses: the values' mean teacher-KL before and after) and
-    its report."""
+          items: list[TrainItem], null_space: NullSpace | None,
+          first: int) -> tuple[TrainResult, dict[str, Any]]:
+    """The closed-form edit of the round's stated facts (learner.edit) into the adapter's
+    factors from `first` on, as a training result (a step per value-fitting step; losses: the
+    values' mean teacher-KL before and after) and its report."""
     stated = {ep.completion_id: s.text for ep in episodes for s in ep.signals[::-1]
               if s.source in STATED_SOURCES}
     facts = build_facts(model, tokenizer, items, stated)
@@ -278,7 +282,7 @@ def _edit(model: Any, tokenizer: Any, lcfg: LearnerConfig, episodes: list[Episod
     knobs = EditKnobs(steps=lcfg.edit_steps, lr=lcfg.edit_lr, weight_decay=lcfg.edit_weight_decay,
                       clamp=lcfg.edit_clamp, ridge=lcfg.edit_ridge)
     done = apply_edit(model, tokenizer, facts, modules,
-                      null_space.projectors if null_space else None, knobs)
+                      null_space.projectors if null_space else None, knobs, first)
     losses = [sum(done.losses_first) / done.facts, sum(done.losses_last) / done.facts]
     return TrainResult(lcfg.edit_steps * done.facts, losses, []), {
         "facts": done.facts, "value_kl_before": done.losses_first,
@@ -458,8 +462,12 @@ def preserved_null_space(model: Any, tokenizer: Any, lcfg: LearnerConfig,
     answers. The gate's retention questions are never among them."""
     modules = target_modules(model, parse_layers(lcfg.lora_layers),
                              f"mlp.{lcfg.lora_target_names()[0]}")
-    cache = model_cache / f"subspace-{hashlib.sha256(model_dir.encode()).hexdigest()[:16]}.pt"
-    general = general_moments(model, tokenizer, modules, cache, model_dir)
+    # One file per model and module set: deployments (and tests) adapting other layers of the
+    # same model do not overwrite each other's.
+    key = json.dumps([model_dir, sorted(modules), lcfg.null_space_prompts])
+    cache = model_cache / f"subspace-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    general = general_moments(model, tokenizer, modules, cache, model_dir,
+                              lcfg.null_space_prompts)
     gated = {q["q"] for q in retention_set(lcfg.retention_set)["questions"]}
     kept = [a for a in anchors if not any(content_text(m.get("content")) in gated
                                           for m in a.messages)]

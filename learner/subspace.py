@@ -55,6 +55,7 @@ OPENERS = (
 )
 GENERAL_ANSWER_TOKENS = 48
 GENERAL_TEXT_TOKENS = 96
+GENERAL_SAMPLE = 2  # how the general sample is drawn; a new value recomputes cached moments
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 
 
@@ -152,29 +153,40 @@ def conversation_sequences(tokenizer: Any, conversations: Sequence[list[dict[str
 
 
 @torch.no_grad()
-def general_sequences(model: Any, tokenizer: Any, seed: int = 0) -> list[list[int]]:
-    """The general sample: the shipped anchor and near-miss pools with the model's own greedy
-    answers, and text the model writes from `OPENERS` (sampled, temperature 1)."""
-    pools = [[{"role": "user", "content": p}]
-             for p in shipped_prompts("anchor_prompts.json") + shipped_prompts("near_miss_prompts.json")]
-    answers = generate_greedy(model, tokenizer, pools, GENERAL_ANSWER_TOKENS)
-    texts = []
+def general_sequences(model: Any, tokenizer: Any, seed: int = 0,
+                      prompts: int = 0) -> list[list[int]]:
+    """The general sample: the shipped anchor and near-miss pools (their first `prompts`; 0:
+    all) with the model's own greedy answers, and text the model writes from `OPENERS`
+    (sampled, temperature 1)."""
+    pool = shipped_prompts("anchor_prompts.json") + shipped_prompts("near_miss_prompts.json")
+    pools = [[{"role": "user", "content": p}] for p in pool[:prompts or len(pool)]]
+    answers = generate_greedy(model, tokenizer, pools, GENERAL_ANSWER_TOKENS, batch_size=32)
+    # All openers in one batch, left-padded (one at a time took minutes on 2 cores).
+    pad = pad_id(tokenizer)
+    starts = [tokenizer(o)["input_ids"] for o in OPENERS]
+    width = max(len(s) for s in starts)
     device = next(model.parameters()).device
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in starts], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in starts], device=device)
     torch.manual_seed(seed)
-    for opener in OPENERS:
-        ids = tokenizer(opener, return_tensors="pt").input_ids.to(device)
-        out = model.generate(ids, do_sample=True, temperature=1.0, top_p=None, top_k=None,
-                             max_new_tokens=GENERAL_TEXT_TOKENS, pad_token_id=pad_id(tokenizer))
-        texts.append(out[0].tolist())
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
+                         top_p=None, top_k=None, max_new_tokens=GENERAL_TEXT_TOKENS,
+                         pad_token_id=pad)
+    texts = [s + row[width:] for s, row in zip(starts, out.tolist(), strict=True)]
+    # Text past an end-of-text the model wrote is padding.
+    eos = tokenizer.eos_token_id
+    texts = [t[: t.index(eos, len(s)) + 1] if eos in t[len(s):] else t
+             for s, t in zip(starts, texts, strict=True)]
     return conversation_sequences(tokenizer, pools, answers) + texts
 
 
 def general_moments(model: Any, tokenizer: Any, modules: dict[str, torch.nn.Module],
-                    cache: Path | None, cache_key: str) -> Moments:
-    """`input_moments` over `general_sequences` with the adapter off (the base model's), from `cache`
-    when it was made for the same model and modules."""
-    digest = hashlib.sha256(json.dumps([cache_key, sorted(modules), OPENERS,
-                                        GENERAL_ANSWER_TOKENS, GENERAL_TEXT_TOKENS]).encode()
+                    cache: Path | None, cache_key: str, prompts: int = 0) -> Moments:
+    """`input_moments` over `general_sequences` (of `prompts` pool prompts; 0: all) with the
+    adapter off (the base model's), from `cache` when it was made for the same model, modules
+    and sample."""
+    digest = hashlib.sha256(json.dumps([cache_key, sorted(modules), OPENERS, GENERAL_SAMPLE,
+                                        GENERAL_ANSWER_TOKENS, GENERAL_TEXT_TOKENS, prompts]).encode()
                             ).hexdigest()
     if cache is not None and cache.is_file():
         try:
@@ -184,7 +196,8 @@ def general_moments(model: Any, tokenizer: Any, modules: dict[str, torch.nn.Modu
         except (OSError, RuntimeError, KeyError, ValueError):
             pass
     with _base_weights(model):
-        moments = input_moments(model, tokenizer, modules, general_sequences(model, tokenizer))
+        moments = input_moments(model, tokenizer, modules,
+                                general_sequences(model, tokenizer, prompts=prompts))
     if cache is not None:  # replaced whole: rounds of other data dirs may read it meanwhile
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
@@ -249,9 +262,11 @@ def _layer_order(key: str) -> tuple[int, str]:
 class Projection:
     """Keeps a LoRA's input side in the null space: A ← A·P for each adapted module that has a
     projector, at the start and after every optimizer step. Projecting the gradient would not
-    do: Adam rescales it element-wise, out of range(P)."""
+    do: Adam rescales it element-wise, out of range(P). The first `frozen` factors (a parent's,
+    learner.stacking) are left as they are."""
 
-    def __init__(self, model: Any, null_space: NullSpace) -> None:
+    def __init__(self, model: Any, null_space: NullSpace, frozen: int = 0) -> None:
+        self.frozen = frozen
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for name, param in model.named_parameters():
             if ".lora_A." not in name or not param.requires_grad:
@@ -268,4 +283,5 @@ class Projection:
     @torch.no_grad()
     def __call__(self) -> None:
         for a, projector in self.pairs:
-            a.copy_(a @ projector)
+            own = a[self.frozen:]
+            own.copy_(own @ projector)

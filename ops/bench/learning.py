@@ -1,7 +1,8 @@
 """Learning benchmark: what users get when they correct the endpoint — does it answer the
 corrected facts afterwards, in other words, and does it still answer what it knew?
 
-A run is one learner setup (a preset, with the gate enforced or not) and one seed. It starts a
+A run is one learner setup (an arm: a preset and its knobs, with the gate enforced or not) and
+one seed. It starts a
 fresh `sdloop serve`, teaches fictional facts through ordinary chat (the user asks, the model
 answers, the user replies "No, ... is Y.") in waves, and after each wave does what the daemon
 does on its next intervals: `sdloop learn --once`, again while the round's summary says
@@ -24,12 +25,16 @@ benchmark would be teaching its own test. Base figures are asked the same way of
 once, before anything is taught (greedy: the same for every seed).
 
 The headline is the shipped defaults with the gate enforced: `sdloop` alone, all seeds. By
-default the comparison rows come after it, same seeds and facts: the `sft` preset (gate on) and
-`sdloop` with the gate off (safety off, not what users get). Each figure is printed per seed,
-then as median [min–max] over seeds, followed by the acceptance lines of the headline.
+default the comparison arms come after it, same seeds and facts, gate enforced: the update
+mechanisms (`dense`: the LoRA trained everywhere; `projected`: its input side confined to the
+null space of what must not change; `edit`: the closed-form edit, confined the same way) and
+the `sft` preset; `--gate-off sdloop` adds the defaults with the gate off (safety off, not what
+users get). Each figure is printed per seed, then as median [min–max] over seeds, followed by
+the acceptance lines of the headline and the gate's false passes (promoted rounds that lose
+more than the bound on the disjoint retention set).
 
-    python ops/bench/learning.py                       # 3 seeds x 2 waves of 6 facts, + comparison
-    python ops/bench/learning.py --no-compare          # the headline only (a third of the time)
+    python ops/bench/learning.py                       # 3 seeds x 2 waves of 6 facts, every arm
+    python ops/bench/learning.py --no-compare          # the headline only
     python ops/bench/learning.py --single              # one correction alone, one round, per seed
     python ops/bench/learning.py --arms sdloop --gate-off none --set lr=2e-4
     python ops/bench/learning.py --facts ../shared/learning/dev_facts.json ops/bench/data/facts.json
@@ -76,20 +81,40 @@ TARGET_SECONDS, TARGET_SECONDS_FACTS = 300.0, 6  # learner seconds per round of 
 Fact = dict[str, Any]
 
 
+# The update mechanisms (issue 31), as [learner] knobs over the shipped defaults: the LoRA
+# trained everywhere (the trainer as it was), trained with its input side confined to the null
+# space of what must not change, and the closed-form edit confined the same way.
+DENSE = {"projection": "none", "method": "distill", "lora_targets": "all-linear",
+         "lora_layers": "", "lora_r": "16", "lr": "5e-4", "phrasings": "0"}
+PROJECTED = {"projection": "null_space", "method": "distill", "lora_targets": "down_proj",
+             "lora_layers": "1-6", "lora_r": "8", "null_space_energy": "1e-2", "lr": "5e-3",
+             "phrasings": "3"}
+# An arm: a preset and the knobs it sets. A preset's name is an arm of that preset alone.
+ARMS: dict[str, tuple[str, dict[str, str]]] = {
+    "dense": ("sdloop", DENSE),
+    "projected": ("sdloop", PROJECTED),
+    "edit": ("sdloop", {**PROJECTED, "method": "edit"}),
+}
+
+
 @dataclass(frozen=True)
 class Setup:
     """One learner configuration the benchmark runs for every seed."""
 
-    preset: str
+    arm: str
     gate: bool  # learner.enforce_gate
 
     @property
+    def preset(self) -> str:
+        return ARMS.get(self.arm, (self.arm, {}))[0]
+
+    @property
     def label(self) -> str:
-        return self.preset if self.gate else f"{self.preset}, gate off"
+        return self.arm if self.gate else f"{self.arm}, gate off"
 
     def env(self, seed: int, knobs: dict[str, dict[str, str]]) -> dict[str, str]:
         """SDLOOP_* overrides for the server and the learner: everything else stays shipped."""
-        chosen = {**knobs.get("", {}), **knobs.get(self.preset, {})}
+        chosen = {**ARMS.get(self.arm, ("", {}))[1], **knobs.get("", {}), **knobs.get(self.arm, {})}
         return {**{f"SDLOOP_LEARNER__{k.upper()}": v for k, v in chosen.items()},
                 "SDLOOP_LEARNER__PRESET": self.preset,
                 "SDLOOP_LEARNER__ENFORCE_GATE": str(self.gate).lower(),
@@ -273,7 +298,7 @@ def run(bench: Bench, setup: Setup, seed: int, waves: list[list[Fact]]) -> dict[
     tag = f"{setup.label} seed {seed}"
     env = setup.env(seed, bench.knobs)
     rounds, evals = [], []
-    with bench_server(tag, f"sdloop-learnbench-{setup.preset}-{seed}-", env,
+    with bench_server(tag, f"sdloop-learnbench-{setup.arm}-{seed}-", env,
                       bench.keep) as (data_dir, state):
         engine = state["engine_url"]
         KEYS[engine] = state.get("engine_api_key", "")
@@ -291,7 +316,8 @@ def run(bench: Bench, setup: Setup, seed: int, waves: list[list[Fact]]) -> dict[
             print(f"[{tag}] after wave {n}: serving {version}, facts "
                   f"{facts_pct(evals[-1], taught):.1f}%, retention "
                   f"{retention_pct(evals[-1]):.1f}%", flush=True)
-    return {"setup": setup.label, "preset": setup.preset, "gate": setup.gate, "seed": seed,
+    return {"setup": setup.label, "arm": setup.arm, "preset": setup.preset, "gate": setup.gate,
+            "seed": seed,
             "waves": [[f["ask"] for f in w] for w in waves],
             "sets": [[f["set"] for f in w] for w in waves], "rounds": rounds, "evals": evals,
             "figures": figures(waves, rounds, evals, bench.base or {})}
@@ -312,8 +338,23 @@ def figures(waves: list[list[Fact]], rounds: list[dict[str, Any]], evals: list[d
     out["retention"] = retention_pct(evals[-1])
     out["vs base"] = out["retention"] - retention_pct(base)
     out["1st promoted %"] = 100.0 * sum(r["first"] == "promoted" for r in rounds) / len(rounds)
+    out["false passes"] = float(len(false_passes(rounds, evals, base)))
     out["learn s/round"] = statistics.mean(r["seconds"] for r in rounds)
     return out
+
+
+def round_vs_base(ev: dict[str, Any], base: dict[str, Any]) -> float:
+    """Points of the disjoint retention set a round's served version answers, against base."""
+    return retention_pct(ev) - retention_pct(base)
+
+
+def false_passes(rounds: list[dict[str, Any]], evals: list[dict[str, Any]],
+                 base: dict[str, Any]) -> list[int]:
+    """The waves whose round the gate promoted although its version loses more than the gate's
+    bound (TARGET_RETENTION) on the disjoint retention set: the gate's false passes, judged on
+    questions it never saw."""
+    return [rd["wave"] for rd, ev in zip(rounds, evals, strict=True)
+            if rd["promoted"] and round_vs_base(ev, base) < TARGET_RETENTION]
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -327,17 +368,19 @@ def spread(values: list[float | None], fmt: str = "{:.1f}") -> str:
     return mid if len(got) == 1 else f"{mid} [{fmt.format(min(got))}–{fmt.format(max(got))}]"
 
 
-def print_rounds(runs: list[dict[str, Any]]) -> None:
-    """Every round: its first attempt's verdict, attempts, outcome, seconds and phases."""
+def print_rounds(runs: list[dict[str, Any]], base: dict[str, Any]) -> None:
+    """Every round: its first attempt's verdict, attempts, outcome, the served version's
+    retention against base on the disjoint set, seconds and phases."""
     phases = list(dict.fromkeys(p for r in runs for rd in r["rounds"] for p in rd["phases"]))
     print(f"\n{'setup':<18}{'seed':>5}{'wave':>5}  {'1st attempt':<12}{'tries':>6}{'promoted':>9}  "
-          f"{'gate':<10}{'served after':<14}{'learn s':>8}" + "".join(f"{p[:8]:>9}" for p in phases))
+          f"{'gate':<10}{'served after':<14}{'vs base':>8}{'learn s':>8}"
+          + "".join(f"{p[:8]:>9}" for p in phases))
     for r in runs:
         for rd, ev in zip(r["rounds"], r["evals"], strict=True):
             gate = "/".join({True: "pass", False: "fail"}.get(g, "-") for g in rd["gate_passed"])
             print(f"{r['setup']:<18}{r['seed']:>5}{rd['wave']:>5}  {str(rd['first']):<12}"
                   f"{rd['tries']:>6}{'yes' if rd['promoted'] else 'no':>9}  {gate:<10}"
-                  f"{ev['version']:<14}{rd['seconds']:>8.0f}"
+                  f"{ev['version']:<14}{round_vs_base(ev, base):>+8.1f}{rd['seconds']:>8.0f}"
                   + "".join(f"{rd['phases'].get(p, 0.0):>9.0f}" for p in phases))
 
 
@@ -366,7 +409,7 @@ def print_figures(runs: list[dict[str, Any]], columns: list[str]) -> None:
 
 def cell_format(column: str) -> str:
     return {"w1 kept": "{:.2f}", "vs base": "{:+.1f}", "learn s/round": "{:.0f}",
-            "1st promoted %": "{:.0f}"}.get(column, "{:.1f}")
+            "1st promoted %": "{:.0f}", "false passes": "{:.0f}"}.get(column, "{:.1f}")
 
 
 def check(name: str, ok: bool | None, got: str) -> dict[str, Any]:
@@ -406,6 +449,16 @@ def acceptance_waves(runs: list[dict[str, Any]], n: int, per_wave: int) -> list[
     ]
 
 
+def gate_false_passes(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The gate's false-pass rate against the disjoint set, rounds of every seed pooled: of the
+    promoted rounds, those whose version loses more than the bound there."""
+    promoted = sum(rd["promoted"] for r in runs for rd in r["rounds"])
+    false = sum(int(r["figures"]["false passes"] or 0) for r in runs)
+    return check(f"no promoted round loses more than {-TARGET_RETENTION:.0f} points on the "
+                 "disjoint set (the gate's false passes)", false == 0,
+                 f"{false} of {promoted} promoted rounds")
+
+
 def acceptance_single(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One correction alone: promoted on the first attempt in ≥2 of 3 seeds, ≥2 of 3
     paraphrases answered (median over seeds)."""
@@ -426,8 +479,9 @@ def report(runs: list[dict[str, Any]], base: dict[str, Any], n: int, per_wave: i
     columns = [f"w{k}@{k}" for k in range(1, n + 1)]
     if n > 1:
         columns += [f"w1@{n}", f"all@{n}", "w1 kept"]
-    columns += ["base facts", "retention", "vs base", "1st promoted %", "learn s/round"]
-    print_rounds(runs)
+    columns += ["base facts", "retention", "vs base", "1st promoted %", "false passes",
+                "learn s/round"]
+    print_rounds(runs, base)
     print_figures(runs, columns)
     print(f"\nbase model: retention {retention_pct(base):.1f} %; taught facts before teaching: "
           "the base facts column")
@@ -441,13 +495,14 @@ def report(runs: list[dict[str, Any]], base: dict[str, Any], n: int, per_wave: i
     print(f"\nAcceptance, {runs[0]['setup']} (shipped defaults, gate enforced), "
           f"{len(headline)} seed(s)" + (" — SMOKE TEST (--max-steps): not a measurement" if smoke
                                          else "") + ":")
-    return acceptance_single(headline) if single else acceptance_waves(headline, n, per_wave)
+    return ((acceptance_single(headline) if single else acceptance_waves(headline, n, per_wave))
+            + [gate_false_passes(headline)])
 
 
 # -- command line --------------------------------------------------------------------------------
 
 def parse_knobs(pairs: list[str], error: Callable[[str], None]) -> dict[str, dict[str, str]]:
-    """--set [PRESET.]KEY=VALUE → {preset or "": {key: value}}."""
+    """--set [ARM.]KEY=VALUE → {arm or "": {key: value}}."""
     knobs: dict[str, dict[str, str]] = {}
     for kv in pairs:
         key, sep, value = kv.partition("=")
@@ -472,10 +527,11 @@ def setups(args: argparse.Namespace) -> list[Setup]:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", default="sdloop,sft",
-                        help="presets run with the gate enforced; the first is the headline")
-    parser.add_argument("--gate-off", default="sdloop", metavar="ARMS",
-                        help="presets also run with the gate off, for comparison ('none': no such "
+    parser.add_argument("--arms", default="sdloop,dense,projected,edit,sft",
+                        help="arms run with the gate enforced, the first is the headline: a "
+                             f"preset, or one of {', '.join(ARMS)} (the update mechanisms)")
+    parser.add_argument("--gate-off", default="none", metavar="ARMS",
+                        help="arms also run with the gate off, for comparison ('none': no such "
                              "row)")
     parser.add_argument("--no-compare", action="store_true",
                         help="only the headline: the first of --arms, gate enforced")

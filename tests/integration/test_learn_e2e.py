@@ -7,8 +7,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
 
 from learner.round import taught_prompts
+from learner.stacking import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from store import QueryResult
 from tests.integration.conftest import MODEL_CACHE, SDLOOP, Server, back_to_base, clients_chatting
 
@@ -122,3 +127,68 @@ def test_a_rejected_round_is_tried_once_more_with_another_seed(server: Server,
     assert seeds[0] != seeds[1]
     assert _learn(server, small_retention_set, **impossible)["status"] == "skipped"  # tried twice: moved on
     assert _current(server) == before  # nothing rejected was ever served
+
+
+SECOND_QUESTION = [{"role": "user", "content": "What is the capital of Quessany?"}]
+SECOND_CORRECTION = "No, that's wrong. The capital of Quessany is Dalvorne."
+# The update confined to the null space of what must not change, in few factors so that a
+# second round has room to stack (learner.stacking): the parent kept in max_rank - lora_r.
+PROJECTED = {"projection": "null_space", "lora_targets": "down_proj", "lora_layers": "2-3",
+             "null_space_energy": "1e-2", "lora_r": "4", "max_rank": "8", "lr": "5e-3",
+             # the once-per-model statistics on a part of the shipped pools: minutes less
+             "null_space_prompts": "48"}
+
+
+def _correct(server: Server, question: list[dict[str, str]], correction: str) -> None:
+    status, _, body = server.request("POST", "/v1/chat/completions", {
+        "model": "default", "messages": question, "max_tokens": 24, "temperature": 0})
+    assert status == 200
+    status, _, _ = server.request("POST", "/v1/feedback", {
+        "completion_id": json.loads(body)["id"], "type": "correction", "text": correction})
+    assert status == 201
+
+
+def _update(folder: str, first: int | None = None):
+    """ΔW = scaling·B·A per module of a version folder's adapter, of its first `first` factors."""
+    config = json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
+    weights = load_file(str(Path(folder) / ADAPTER_WEIGHTS))
+    scaling = config["lora_alpha"] / config["r"]
+    return config["r"], {name.split(".lora_A.")[0]: scaling * (
+        weights[name.replace(".lora_A.", ".lora_B.")].double()[:, :first] @ a.double()[:first])
+        for name, a in weights.items() if ".lora_A." in name}
+
+
+def test_a_projected_round_stacks_onto_the_learned_version_while_clients_chat(
+        server: Server, small_retention_set: str):
+    back_to_base(server)
+    _correct(server, QUESTION, CORRECTION)
+    first = _learn(server, small_retention_set, "--max-steps", "3", **PROJECTED)
+    assert first["status"] == "promoted" and first["parent"] == "base", first
+    assert "stack" not in first and first["null_space"], first
+
+    _correct(server, SECOND_QUESTION, SECOND_CORRECTION)
+    with clients_chatting(server, 1, pause_s=5.0) as answers:
+        second = _learn(server, small_retention_set, "--max-steps", "3", **PROJECTED)
+    failed = [a for a in answers if a[0] != 200]
+    assert answers and not failed, f"{len(failed)} of {len(answers)} failed: {failed[:3]}"
+    assert second["status"] == "promoted" and second["parent"] == first["version"], second
+    assert second["stack"]["parent_rank"] == 4 and second["stack"]["rank"] == 8, second["stack"]
+    # vLLM serves the stacked version under the alias.
+    status, headers, _ = _chat(server)
+    assert status == 200 and headers["x-sdloop-adapter-version"] == second["version"]
+
+    # What the first round wrote is in the second version whole: its first factors.
+    rank, parent = _update(first["path"])
+    stacked_rank, kept = _update(second["path"], first=rank)
+    assert (rank, stacked_rank) == (4, 8)
+    for name, update in parent.items():
+        assert torch.allclose(kept[name], update, atol=1e-5 * float(update.abs().max())), name
+    # The first round's question is among what the second kept out of its way (replay).
+    assert QUESTION in taught_prompts(_query(server), second["version"], [], 8)
+
+    # Rolled back, the alias serves the first round's version again, then base.
+    out = subprocess.run([*SDLOOP, "adapters", "rollback", "--data-dir", str(server.data_dir)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert _chat(server)[1]["x-sdloop-adapter-version"] == first["version"]
+    back_to_base(server)

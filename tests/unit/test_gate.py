@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from learner.gate import forgetting_p_value, says_key
+from learner.gate import BAD_FACTOR, _binomial_cdf, forgetting_limit, forgetting_p_value, says_key
 from learner.retention_data import retention_set
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +33,30 @@ def test_one_forgotten_question_is_not_significant_but_a_real_regression_is():
     assert forgetting_p_value(6, 300, 2.0) > 0.05  # at the bound: as likely as not
     assert forgetting_p_value(15, 300, 2.0) < 0.01  # 5 % of them: a regression
     assert forgetting_p_value(1, 300, 0.0) == 0.0  # no forgetting allowed: any is significant
+
+
+def test_one_attempts_limit_is_the_most_forgetting_that_is_not_significant():
+    for n in (120, 240, 269, 300):
+        limit = forgetting_limit(n, 2.0, 0.95)
+        assert forgetting_p_value(limit, n, 2.0) >= 0.05 > forgetting_p_value(limit + 1, n, 2.0)
+    assert forgetting_limit(300, 0.0, 0.95) == 0  # no forgetting allowed
+
+
+@pytest.mark.parametrize("attempts", [2, 3])
+@pytest.mark.parametrize("n", [120, 240, 269])
+def test_retries_do_not_raise_the_chance_that_a_forgetful_candidate_passes(n, attempts):
+    """A round's attempts together promote a candidate that forgets twice the allowed share or
+    more no more often than one attempt under the single limit would; the attempts' limit is
+    as high as that allows."""
+    single = forgetting_limit(n, 2.0, 0.95)
+    shared = forgetting_limit(n, 2.0, 0.95, attempts)
+    assert shared < single
+    for share in (BAD_FACTOR * 0.02, 0.05, 0.08):
+        one = _binomial_cdf(single, n, share)
+        any_of = 1.0 - (1.0 - _binomial_cdf(shared, n, share)) ** attempts
+        assert any_of <= one, (share, any_of, one)
+    bad = BAD_FACTOR * 0.02
+    assert attempts * _binomial_cdf(shared + 1, n, bad) > _binomial_cdf(single, n, bad)
 
 
 def test_p_value_is_the_binomial_upper_tail():

@@ -67,10 +67,20 @@ def test_module_keys_are_the_same_under_any_wrapper():
      "learner.edit_ridge"),
     ({"phrasings": -1}, "learner.phrasings"),
     ({"lora_layers": "three"}, "not a layer index"),
+    ({"lora_r": 32}, "learner.lora_r: must be between 1 and learner.max_rank"),
 ])
 def test_a_bad_projection_setting_names_the_key_to_fix(knobs, words):
     with pytest.raises(ValueError, match=words):
         LearnerConfig(**knobs).check(None)
+
+
+def test_a_max_rank_over_what_vllm_serves_names_both_keys():
+    from types import SimpleNamespace
+
+    served = SimpleNamespace(engine=SimpleNamespace(max_lora_rank=16))
+    with pytest.raises(ValueError, match="learner.max_rank = 32.*engine.max_lora_rank = 16"):
+        LearnerConfig(max_rank=32).check(served)
+    LearnerConfig(max_rank=16).check(served)
 
 
 def test_layer_ranges_parse():
