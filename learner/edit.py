@@ -271,9 +271,9 @@ def lora_pair(model: Any, key: str) -> tuple[torch.nn.Parameter, torch.nn.Parame
 
 def apply_edit(model: Any, tokenizer: Any, facts: Sequence[Fact], modules: dict[str, torch.nn.Module],
                projectors: dict[str, torch.Tensor] | None, knobs: EditKnobs,
-               first: int = 0) -> EditResult:
+               from_factor: int = 0) -> EditResult:
     """Fit each fact's value at the last of `modules`' layers, then write the edit into the
-    adapter's factors of each module from factor `first` on (those before it are a parent's,
+    adapter's factors of each module from factor `from_factor` on (those before it are a parent's,
     learner.stacking), layer by layer (see the module's docstring)."""
     if not facts:
         raise ValueError("nothing to edit: no fact has a teacher answer")
@@ -281,14 +281,14 @@ def apply_edit(model: Any, tokenizer: Any, facts: Sequence[Fact], modules: dict[
     z_layer = int(order[-1].split(".")[1])
     block = decoder_layer(model, z_layer)
     pairs = {k: lora_pair(model, k) for k in order}
-    rank = min(a.shape[0] for a, _, _ in pairs.values()) - first
+    rank = min(a.shape[0] for a, _, _ in pairs.values()) - from_factor
     if len(facts) > rank:
         raise ValueError(f"{len(facts)} facts in one edit, and the round's rank is {rank}: "
                          "raise learner.lora_r (within learner.max_rank)")
     with torch.no_grad():
         for a, b, _ in pairs.values():
-            a[first:].zero_()
-            b[:, first:].zero_()
+            a[from_factor:].zero_()
+            b[:, from_factor:].zero_()
     model.eval()
     deltas, first, last = [], [], []
     for fact in facts:
@@ -311,8 +311,8 @@ def apply_edit(model: Any, tokenizer: Any, facts: Sequence[Fact], modules: dict[
         a, b, scaling = pairs[key]
         n = len(facts)
         with torch.no_grad():
-            a[first:first + n] = q.T.to(a.dtype)
-            b[:, first:first + n] = (resid / scaling).to(b.dtype)
+            a[from_factor:from_factor + n] = q.T.to(a.dtype)
+            b[:, from_factor:from_factor + n] = (resid / scaling).to(b.dtype)
         # What the layer now adds at the facts' keys, against what it was asked to add.
         written = resid @ (q.T @ keys)
         report[key] = {"update_norm": float((resid @ q.T).norm()),

@@ -113,3 +113,29 @@ def test_a_stack_without_room_for_the_parent_is_refused(model_dir, tmp_path):  #
     cfg = LearnerConfig(lora_targets="down_proj", lora_layers="3", lora_r=8, max_rank=8)
     with pytest.raises(ValueError, match="no room for the parent's update"):
         stacked_student(model_dir, cfg, tmp_path / "parent")
+
+
+def test_an_edit_on_a_stacked_adapter_writes_only_the_rounds_own_factors(model_dir, tmp_path):  # noqa: F811
+    from learner.edit import EditKnobs, apply_edit, build_facts
+
+    torch.manual_seed(0)
+    parent, tokenizer = load_student(model_dir, LearnerConfig(lora_targets="down_proj",
+                                                              lora_layers="3-5", lora_r=2))
+    with torch.no_grad():
+        for name, p in parent.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0.0, 0.02)
+    parent.save_pretrained(tmp_path / "parent")
+    cfg = LearnerConfig(lora_targets="down_proj", lora_layers="3-5", lora_r=4, max_rank=6)
+    model, tokenizer, stack = stacked_student(model_dir, cfg, tmp_path / "parent")
+    before = _factors(model)
+    teacher = load_template("sdft_example").teacher_messages(QUESTION, "correction", CORRECTION)
+    answer = tokenizer(CORRECTION, add_special_tokens=False)["input_ids"]
+    facts = build_facts(model, tokenizer, [TrainItem(QUESTION, teacher, answer, "correction", "c1")],
+                        {"c1": CORRECTION})
+    modules = target_modules(model, parse_layers(cfg.lora_layers), "mlp.down_proj")
+    apply_edit(model, tokenizer, facts, modules, None, EditKnobs(steps=4), stack.frozen)
+    for key, (a, b) in _factors(model).items():
+        a0, b0 = before[key]
+        assert torch.equal(a[:2], a0[:2]) and torch.equal(b[:, :2], b0[:, :2]), key
+        assert b[:, 2].abs().max() > 0 and not b[:, 3:].any(), key  # one fact: one factor
