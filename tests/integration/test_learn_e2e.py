@@ -15,7 +15,15 @@ from safetensors.torch import load_file
 from learner.round import taught_prompts
 from learner.stacking import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from store import QueryResult
-from tests.integration.conftest import MODEL_CACHE, SDLOOP, Server, back_to_base, clients_chatting
+from tests.integration.conftest import (
+    MODEL_CACHE,
+    SDLOOP,
+    Server,
+    back_to_base,
+    clients_chatting,
+    start_server,
+    stop_server,
+)
 
 QUESTION = [{"role": "user", "content": "Who founded the company Lumenvale Systems?"}]
 CORRECTION = "That's wrong. Lumenvale Systems was founded by Priya Castellanos."
@@ -159,8 +167,17 @@ def _update(folder: str, first: int | None = None):
 
 
 def test_a_projected_round_stacks_onto_the_learned_version_while_clients_chat(
-        server: Server, small_retention_set: str):
-    back_to_base(server)
+        tmp_path, small_retention_set: str):
+    # A server of its own: two promoted rounds leave `default` where one rollback cannot bring
+    # it back to base, which the session's server must be for the tests after this one.
+    server = start_server(tmp_path / "stacking", env={"SDLOOP_ENGINE__MERGED_ALIAS": ""})
+    try:
+        _stacked_rounds(server, small_retention_set)
+    finally:
+        stop_server(server)
+
+
+def _stacked_rounds(server: Server, small_retention_set: str) -> None:
     _correct(server, QUESTION, CORRECTION)
     first = _learn(server, small_retention_set, "--max-steps", "3", **PROJECTED)
     assert first["status"] == "promoted" and first["parent"] == "base", first
@@ -186,9 +203,8 @@ def test_a_projected_round_stacks_onto_the_learned_version_while_clients_chat(
     # The first round's question is among what the second kept out of its way (replay).
     assert QUESTION in taught_prompts(_query(server), second["version"], [], 8)
 
-    # Rolled back, the alias serves the first round's version again, then base.
+    # Rolled back, the alias serves the first round's version again.
     out = subprocess.run([*SDLOOP, "adapters", "rollback", "--data-dir", str(server.data_dir)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert _chat(server)[1]["x-sdloop-adapter-version"] == first["version"]
-    back_to_base(server)
