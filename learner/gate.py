@@ -81,6 +81,16 @@ def says_key(text: str, keys: list[str]) -> bool:
                          low) for k in keys)
 
 
+def _binomial_mass(n: int, p: float, js: range) -> float:
+    """P(X in js) for X ~ Binomial(n, p), 0 < p < 1, summed in log space."""
+    log_terms = [math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1)
+                 + j * math.log(p) + (n - j) * math.log1p(-p) for j in js]
+    if not log_terms:
+        return 0.0
+    top = max(log_terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
+
+
 def forgetting_p_value(forgotten: int, questions: int, max_drop_points: float) -> float:
     """P(X >= forgotten) for X ~ Binomial(questions, max_drop_points / 100): how likely this much
     forgetting is from a candidate that forgets exactly the allowed share. Small: significant."""
@@ -91,11 +101,7 @@ def forgetting_p_value(forgotten: int, questions: int, max_drop_points: float) -
         return 0.0
     if p == 1.0:
         return 1.0
-    log_terms = [math.lgamma(questions + 1) - math.lgamma(j + 1) - math.lgamma(questions - j + 1)
-                 + j * math.log(p) + (questions - j) * math.log1p(-p)
-                 for j in range(forgotten, questions + 1)]
-    top = max(log_terms)
-    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
+    return _binomial_mass(questions, p, range(forgotten, questions + 1))
 
 
 # A "bad" candidate, for sharing the false-pass budget among a round's attempts: one that
@@ -111,10 +117,7 @@ def _binomial_cdf(k: int, n: int, p: float) -> float:
         return 1.0
     if p >= 1.0:
         return 0.0
-    log_terms = [math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1)
-                 + j * math.log(p) + (n - j) * math.log1p(-p) for j in range(k + 1)]
-    top = max(log_terms)
-    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
+    return _binomial_mass(n, p, range(k + 1))
 
 
 def forgetting_limit(questions: int, max_drop_points: float, confidence: float,

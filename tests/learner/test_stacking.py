@@ -48,19 +48,26 @@ def _factors(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
 
 
+def _parent(model_dir, folder, rank: int):  # noqa: F811
+    """A parent version written to `folder`: a rank-`rank` LoRA on down_proj of layers 3-5 with
+    a real (random) update in it; the model and tokenizer."""
+    torch.manual_seed(0)
+    parent, tokenizer = load_student(model_dir, LearnerConfig(lora_targets="down_proj",
+                                                              lora_layers="3-5", lora_r=rank))
+    with torch.no_grad():
+        for name, p in parent.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0.0, 0.02)
+    parent.save_pretrained(folder)
+    return parent, tokenizer
+
+
 def test_a_stacked_round_keeps_the_parent_frozen_and_writes_a_plain_adapter(model_dir, tmp_path):  # noqa: F811
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     # A parent version: a rank-4 LoRA on down_proj of layers 3-5 with a real update in it.
-    torch.manual_seed(0)
-    parent, tokenizer = load_student(model_dir, LearnerConfig(lora_targets="down_proj",
-                                                              lora_layers="3-5", lora_r=4))
-    with torch.no_grad():
-        for name, p in parent.named_parameters():
-            if ".lora_B." in name:
-                p.normal_(0.0, 0.02)
-    parent.save_pretrained(tmp_path / "parent")
+    parent, tokenizer = _parent(model_dir, tmp_path / "parent", 4)
     ids = prompt_ids(tokenizer, QUESTION)
     parent_logits = _logits(parent, ids)
 
@@ -118,14 +125,7 @@ def test_a_stack_without_room_for_the_parent_is_refused(model_dir, tmp_path):  #
 def test_an_edit_on_a_stacked_adapter_writes_only_the_rounds_own_factors(model_dir, tmp_path):  # noqa: F811
     from learner.edit import EditKnobs, apply_edit, build_facts
 
-    torch.manual_seed(0)
-    parent, tokenizer = load_student(model_dir, LearnerConfig(lora_targets="down_proj",
-                                                              lora_layers="3-5", lora_r=2))
-    with torch.no_grad():
-        for name, p in parent.named_parameters():
-            if ".lora_B." in name:
-                p.normal_(0.0, 0.02)
-    parent.save_pretrained(tmp_path / "parent")
+    _parent(model_dir, tmp_path / "parent", 2)
     cfg = LearnerConfig(lora_targets="down_proj", lora_layers="3-5", lora_r=4, max_rank=6)
     model, tokenizer, stack = stacked_student(model_dir, cfg, tmp_path / "parent")
     before = _factors(model)
