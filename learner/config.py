@@ -1,14 +1,20 @@
 """The learner's knobs: one config section, named presets, explicit overrides.
 
-A preset fills every distillation knob with a published method's defaults; any knob set in
-`[learner]` (or `SDLOOP_LEARNER__<KNOB>`) wins over the preset. `resolve()` turns the section
-into `Knobs`: fully specified, parsed and checked, so the trainer never sees a bare string or an
-unset value.
+A preset fills every distillation knob with a published method's defaults, and the mechanism
+knobs (how the update is written: `method`, `projection`, `lora_targets`, `lora_layers`,
+`lora_r`, `lr`, `phrasings`, `null_space_energy`); any knob set in `[learner]` (or
+`SDLOOP_LEARNER__<KNOB>`) wins over the preset. `resolve()` turns the section into `Knobs`:
+fully specified, parsed and checked, so the trainer never sees a bare string or an unset value;
+`settle()` fills the mechanism knobs the section leaves unset, once, where a round starts.
 
-`sdloop` (the default) is the arm that measured best on the embedded model: teacher
-regenerations, forward KL on the full vocabulary, frozen teacher, cross-entropy 0.5 on the
-teacher's answers, rehearsal anchor. The published presets keep their papers' defaults (no
-anchor); `anchor_weight` turns it on for any of them.
+`sdloop` (the default) is the arm that measured best on the embedded model with the gate
+enforced: teacher regenerations, forward KL on the full vocabulary, frozen teacher,
+cross-entropy 0.5 on the teacher's answers, rehearsal anchor — written by a LoRA confined to the
+null space of what must not change (learner.subspace). `dense` is the same losses on a LoRA that
+may write anywhere (what `sdloop` was before), `edit` writes stated facts in closed form
+(learner.edit). The published presets keep their papers' defaults (no anchor, a LoRA on every
+linear module); `anchor_weight` turns the anchor on and the mechanism knobs the null space on
+for any of them.
 
 Published defaults (see each paper; divergence named as *run*, not as described):
 - `sdft`      demonstration/correction context, on-policy responses, forward KL, full vocab,
@@ -25,7 +31,7 @@ Published defaults (see each paper; divergence named as *run*, not as described)
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from feedback import FEEDBACK_KINDS
@@ -41,43 +47,65 @@ CONTEXT_SOURCES = (*TEXT_FEEDBACK, "followup", "sibling_success")
 ANSWER_SOURCES = (*(k.name for k in FEEDBACK_KINDS if k.is_answer), "sibling_success")
 RESPONSE_SOURCES = ("on_policy", "teacher", "logged", "mix", "signal")
 
+# How a round writes what it learns (the mechanism knobs; README, "Learning without
+# forgetting"). Projected: a LoRA on `down_proj` of early-middle layers whose input side is kept
+# in the null space of what must not change, trained on the question asked three other ways — the
+# arm that measured best with the gate enforced (ops/bench/learning.py). Dense: a LoRA on every
+# linear module of every layer (the trainer as it was before the null space; the published
+# presets ran so).
+PROJECTED = dict(method="distill", projection="null_space", lora_targets="down_proj",
+                 lora_layers="1-6", lora_r=8, lr=5e-3, phrasings=3, null_space_energy=1e-2)
+DENSE = dict(method="distill", projection="none", lora_targets="all-linear", lora_layers="all",
+             lora_r=16, lr=5e-4, phrasings=0, null_space_energy=1e-3)
+MECHANISM = tuple(PROJECTED)
+
+# The losses that measured best on the embedded model (measured stand-alone, then through the
+# live loop by ops/bench/learning.py; README, "What the defaults rest on"): the frozen teacher
+# regenerates the answer with the feedback in context, forward KL over the full vocabulary on
+# those answers, a light cross-entropy on them, and the rehearsal anchor that kept retention at
+# base level.
+SDLOOP_LOSSES = dict(context=list(CONTEXT_SOURCES), responses="teacher", divergence="forward_kl",
+                     support="full_vocab", teacher="frozen", is_cap=0.0, token_clip=0.0,
+                     skip_first_tokens=0, distill_weight=1.0, ce_weight=0.5, anchor_weight=16.0)
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # The best arm on the embedded model (measured stand-alone, then through the live loop by
-    # ops/bench/learning.py; README, "What the defaults rest on"): the frozen teacher regenerates
-    # the answer with the feedback in context, forward KL over the full vocabulary on those
-    # answers, a light cross-entropy on them, and the rehearsal anchor that kept retention at
-    # base level.
-    "sdloop": dict(context=list(CONTEXT_SOURCES), responses="teacher", divergence="forward_kl",
-                   support="full_vocab", teacher="frozen", is_cap=0.0, token_clip=0.0,
-                   skip_first_tokens=0, distill_weight=1.0, ce_weight=0.5, anchor_weight=16.0),
+    "sdloop": {**SDLOOP_LOSSES, **PROJECTED},
+    # The same losses with the update anywhere, and with each stated fact written in closed form
+    # instead of trained (learner.edit).
+    "dense": {**SDLOOP_LOSSES, **DENSE},
+    "edit": {**SDLOOP_LOSSES, **PROJECTED, "method": "edit"},
     "sdft": dict(context=["demonstration", "correction"], responses="on_policy",
                  divergence="forward_kl", support="full_vocab", teacher="ema(0.01)",
                  is_cap=0.0, token_clip=0.0, skip_first_tokens=0, distill_weight=1.0,
-                 ce_weight=0.0, anchor_weight=0.0),
+                 ce_weight=0.0, anchor_weight=0.0, **DENSE),
     "sdpo": dict(context=["correction", "critique", "env_error", "sibling_success"],
                  responses="on_policy", divergence="jsd(0.5)", support="topk(100)",
                  teacher="ema(0.05)", is_cap=2.0, token_clip=0.0, skip_first_tokens=0,
-                 distill_weight=1.0, ce_weight=0.0, anchor_weight=0.0),
+                 distill_weight=1.0, ce_weight=0.0, anchor_weight=0.0, **DENSE),
     "opsd": dict(context=["demonstration", "correction"], responses="on_policy",
                  divergence="forward_kl", support="full_vocab", teacher="frozen",
                  is_cap=0.0, token_clip=0.05, skip_first_tokens=0, distill_weight=1.0,
-                 ce_weight=0.0, anchor_weight=0.0),
+                 ce_weight=0.0, anchor_weight=0.0, **DENSE),
     "hindsight": dict(context=["followup"], responses="logged", divergence="reverse_kl",
                       support="sampled_token", teacher="live", is_cap=0.0, token_clip=0.0,
-                      skip_first_tokens=0, distill_weight=1.0, ce_weight=0.0, anchor_weight=0.0),
+                      skip_first_tokens=0, distill_weight=1.0, ce_weight=0.0, anchor_weight=0.0,
+                      **DENSE),
     # The control arm: plain cross-entropy on the user's correction/demonstration text, no
     # teacher, no anchor.
     "sft": dict(context=[s for s in ANSWER_SOURCES if s != "sibling_success"], responses="signal",
                 divergence="forward_kl", support="full_vocab", teacher="frozen", is_cap=0.0,
                 token_clip=0.0, skip_first_tokens=0, distill_weight=0.0, ce_weight=1.0,
-                anchor_weight=0.0),
+                anchor_weight=0.0, **DENSE),
 }
+# A knob left at one of these takes its preset's value.
+UNSET = ("", [], -1, -1.0)
 
 
 @dataclass
 class LearnerConfig:
     preset: str = "sdloop"
-    # Distillation knobs. Empty / negative: the preset's value.
+    # Distillation knobs. Empty / negative: the preset's value (so are the mechanism knobs below:
+    # method, projection, lora_targets, lora_layers, lora_r, lr, phrasings, null_space_energy).
     context: list[str] = field(default_factory=list)
     responses: str = ""
     divergence: str = ""
@@ -111,9 +139,9 @@ class LearnerConfig:
     template: str = "sdft_example"
     # Other phrasings of each taught question the model is asked for (learner.phrasings), each
     # trained on with the same feedback in the teacher's context (0: the question as asked only).
-    phrasings: int = 0
+    phrasings: int = -1
     # Optimisation.
-    lora_r: int = 16
+    lora_r: int = -1
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     # The rank of the adapter a version is served as, at most (engine.max_lora_rank or less). A
@@ -121,18 +149,18 @@ class LearnerConfig:
     # first max_rank - lora_r factors, frozen, and learns in lora_r new ones (learner.stacking).
     max_rank: int = 16
     # Modules the LoRA adapts: "all-linear", or module names ("gate_proj,up_proj,down_proj").
-    lora_targets: str = "all-linear"
-    # Layers whose modules the LoRA adapts: "" every layer, or indices and ranges ("3-8,10").
+    lora_targets: str = ""
+    # Layers whose modules the LoRA adapts: "all", or indices and ranges ("3-8,10").
     lora_layers: str = ""
     # Where the update may write (learner.subspace): "none" anywhere; "null_space" only along
     # input directions that what must not change barely uses — the LoRA's input side is kept
     # in the null space of the preserved inputs' second moment. Needs `lora_targets` of one
     # module (e.g. "down_proj") and `lora_layers`.
-    projection: str = "none"
+    projection: str = ""
     # The share of the preserved inputs' energy the null space may hold: the smallest-eigenvalue
     # directions are free up to it (an update there acts on a preserved input with at most
     # about this share of its squared norm).
-    null_space_energy: float = 1e-3
+    null_space_energy: float = -1.0
     # Shipped pool prompts (anchor and near-miss, 390) the one-time general sample answers; 0:
     # all. Fewer make the once-per-model statistics faster and keep less out of the update's way.
     null_space_prompts: int = 0
@@ -141,13 +169,13 @@ class LearnerConfig:
     # (learner.edit: keys at the question's subject, values fitted to the teacher), confined to
     # the null space when `projection` is "null_space". Signals that state no answer (a
     # critique, a rating, an environment error) teach nothing under "edit".
-    method: str = "distill"
+    method: str = ""
     edit_steps: int = 25  # Adam steps fitting each fact's value vector
     edit_lr: float = 0.5
     edit_clamp: float = 0.75  # the value's shift, at most this share of the hidden state's norm
     edit_weight_decay: float = 0.5  # on the shift's squared norm relative to the hidden state's
     edit_ridge: float = 0.01  # the solve's ridge, relative to the mean squared key norm
-    lr: float = 5e-4
+    lr: float = -1.0
     warmup_ratio: float = 0.1
     passes: int = 6
     # Steps a round takes at least (whole passes are added until it does): a small round is
@@ -216,25 +244,33 @@ class LearnerConfig:
                              f"{self.max_principal_share}")
         if self.retention_set:
             retention_set(self.retention_set)
-        parse_layers(self.lora_layers)
-        if not 1 <= self.lora_r <= self.max_rank:
-            raise ValueError(f"learner.lora_r: must be between 1 and learner.max_rank "
-                             f"({self.max_rank}), got {self.lora_r}")
         served = getattr(getattr(cfg, "engine", None), "max_lora_rank", None)
         if served is not None and self.max_rank > served:
             raise ValueError(f"learner.max_rank = {self.max_rank}: vLLM serves adapters up to "
                              f"engine.max_lora_rank = {served}; lower it or raise that")
+        for name in ("edit_steps", "edit_lr", "edit_clamp", "edit_ridge"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"learner.{name}: must be > 0, got {getattr(self, name)}")
+        if self.edit_weight_decay < 0:
+            raise ValueError(f"learner.edit_weight_decay: must be >= 0, got {self.edit_weight_decay}")
+        settle(self).check_mechanism()
+
+    def check_mechanism(self) -> None:
+        """The mechanism knobs, as settled (`settle()`): errors name the key."""
+        parse_layers(self.lora_layers)
+        if not 1 <= self.lora_r <= self.max_rank:
+            raise ValueError(f"learner.lora_r: must be between 1 and learner.max_rank "
+                             f"({self.max_rank}), got {self.lora_r}")
+        if self.lr <= 0:
+            raise ValueError(f"learner.lr: must be > 0, got {self.lr}")
+        if self.phrasings < 0:
+            raise ValueError(f"learner.phrasings: must be >= 0, got {self.phrasings}")
         if self.method not in METHODS:
             raise ValueError(f"learner.method: '{self.method}' is not one of {', '.join(METHODS)}")
         if self.method == "edit" and (self.lora_target_names() != ["down_proj"]
                                       or not parse_layers(self.lora_layers)):
             raise ValueError("learner.method = edit writes into down_proj of chosen layers: set "
                              "learner.lora_targets = down_proj and learner.lora_layers")
-        for name in ("edit_steps", "edit_lr", "edit_clamp", "edit_ridge"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"learner.{name}: must be > 0, got {getattr(self, name)}")
-        if self.edit_weight_decay < 0:
-            raise ValueError(f"learner.edit_weight_decay: must be >= 0, got {self.edit_weight_decay}")
         if self.projection not in PROJECTIONS:
             raise ValueError(f"learner.projection: '{self.projection}' is not one of "
                              f"{', '.join(PROJECTIONS)}")
@@ -259,8 +295,10 @@ METHODS = ("distill", "edit")
 
 
 def parse_layers(spec: str) -> list[int]:
-    """"3-8,10" → [3, 4, 5, 6, 7, 8, 10]; "" → [] (every layer)."""
+    """"3-8,10" → [3, 4, 5, 6, 7, 8, 10]; "all" (or "") → [] (every layer)."""
     layers: set[int] = set()
+    if spec.strip() == "all":
+        return []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
         if not match:
@@ -316,6 +354,20 @@ class Knobs:
         }
 
 
+def settle(cfg: LearnerConfig) -> LearnerConfig:
+    """`cfg` with each mechanism knob it leaves unset taken from its preset: what a round runs
+    with, so the trainer, the projector and the edit read plain values."""
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"learner.preset: unknown preset '{cfg.preset}'; one of {', '.join(PRESETS)}")
+    preset = PRESETS[cfg.preset]
+    return replace(cfg, **{k: preset[k] for k in MECHANISM if getattr(cfg, k) in UNSET})
+
+
+def mechanism(cfg: LearnerConfig) -> dict[str, Any]:
+    """The mechanism knobs of a settled config: what a round's summary and manifest record."""
+    return {k: getattr(cfg, k) for k in MECHANISM}
+
+
 def resolve(cfg: LearnerConfig) -> Knobs:
     """Preset values, overridden by every knob the config sets; errors name the key."""
     if cfg.preset not in PRESETS:
@@ -323,7 +375,7 @@ def resolve(cfg: LearnerConfig) -> Knobs:
     knobs = dict(PRESETS[cfg.preset])
     for f in fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name in knobs and value not in ("", [], -1, -1.0):
+        if f.name in knobs and value not in UNSET:
             knobs[f.name] = value
     bad = [c for c in knobs["context"] if c not in CONTEXT_SOURCES]
     if bad:
@@ -341,7 +393,7 @@ def resolve(cfg: LearnerConfig) -> Knobs:
         if knobs[name] < 0:
             raise ValueError(f"learner.{name}: must be >= 0, got {knobs[name]}")
     for name in ("anchor_prompts", "near_miss_anchors", "replay_prompts", "threads",
-                 "anchor_tokens", "min_steps", "phrasings", "null_space_prompts"):
+                 "anchor_tokens", "min_steps", "null_space_prompts"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"learner.{name}: must be >= 0, got {getattr(cfg, name)}")
     if cfg.anchors_per_step < 1:

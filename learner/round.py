@@ -27,7 +27,16 @@ from tqdm import tqdm
 
 from feedback import content_text
 from learner.checkpoint import RoundWorkspace, plan_key
-from learner.config import ANSWER_SOURCES, Knobs, LearnerConfig, TeacherMode, parse_layers, resolve
+from learner.config import (
+    ANSWER_SOURCES,
+    Knobs,
+    LearnerConfig,
+    TeacherMode,
+    mechanism,
+    parse_layers,
+    resolve,
+    settle,
+)
 from learner.contexts import Template, last_user_index, load_template
 from learner.edit import EditKnobs, apply_edit, build_facts
 from learner.episodes import Episode, as_json, collect
@@ -118,6 +127,7 @@ def run_round(lcfg: LearnerConfig, io: RoundIO, workspace: Path, adapters: Path,
     written, or skipped). The base model's retention answers for the gate are kept in
     `model_cache` (shared by every data dir using it; default: the workspace)."""
     started = time.monotonic()
+    lcfg = settle(lcfg)
     with RoundWorkspace(workspace) as work:
         mark = work.progress()
         if mark["failed_starts"] >= lcfg.quarantine_after:
@@ -178,7 +188,8 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
     template = load_template(lcfg.template)
     query = io.query
     episodes = collect(query, since, knobs.context, lcfg.teaching())
-    summary: dict[str, Any] = {"preset": lcfg.preset, "episodes": len(episodes)}
+    summary: dict[str, Any] = {"preset": lcfg.preset, "mechanism": mechanism(lcfg),
+                               "episodes": len(episodes)}
     if len(episodes) < lcfg.min_episodes:
         return {**summary, "status": "skipped",
                 "reason": f"{len(episodes)} new episodes with a usable signal; "
@@ -257,7 +268,8 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
              "loss_last": result.losses[-1] if result.losses else None}
     version = _next_version(query, adapters, DEFAULT_ALIAS)
     verdict = {**gate.as_dict(), "enforced": lcfg.enforce_gate}
-    record = {"preset": lcfg.preset, "knobs": knobs.as_dict(), "seed": lcfg.seed,
+    record = {"preset": lcfg.preset, "knobs": knobs.as_dict(), "mechanism": mechanism(lcfg),
+              "seed": lcfg.seed,
               "episodes": [e.completion_id for e in episodes], "train": train, "gate": verdict}
     folder = write_version(model, tokenizer, adapters, version, model_dir, parent,
                            [(it.student_messages, it.response) for it in items], record)

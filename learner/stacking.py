@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from learner.config import LearnerConfig, parse_layers
+from learner.config import LearnerConfig, parse_layers, settle
 from learner.subspace import module_key
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -87,6 +87,7 @@ def stacked_student(model_dir: str | Path, cfg: LearnerConfig,
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    cfg = settle(cfg)
     budget = cfg.max_rank - cfg.lora_r
     if budget < 1:
         raise ValueError(f"learner.lora_r = {cfg.lora_r} leaves no room for the parent's update "

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from learner.config import Knobs, LearnerConfig, parse_layers
+from learner.config import Knobs, LearnerConfig, parse_layers, settle
 from learner.inference import answer_hidden, pad_id, prompt_ids
 from learner.losses import (
     TokenLossConfig,
@@ -72,6 +72,8 @@ def load_student(model_dir: str | Path, cfg: LearnerConfig, parent_adapter: str 
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    cfg = settle(cfg)
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if parent_adapter is not None:
@@ -93,7 +95,7 @@ class SelfDistillationTrainer:
         self.model = model
         self.constraint = constraint
         self.tokenizer = tokenizer
-        self.cfg = cfg
+        self.cfg = settle(cfg)
         self.knobs = knobs
         self.device = next(model.parameters()).device
         self._pad = pad_id(tokenizer)

@@ -1,8 +1,7 @@
 """Learning benchmark: what users get when they correct the endpoint — does it answer the
 corrected facts afterwards, in other words, and does it still answer what it knew?
 
-A run is one learner setup (an arm: a preset and its knobs, with the gate enforced or not) and
-one seed. It starts a
+A run is one learner setup (an arm: a preset, with the gate enforced or not) and one seed. It starts a
 fresh `sdloop serve`, teaches fictional facts through ordinary chat (the user asks, the model
 answers, the user replies "No, ... is Y.") in waves, and after each wave does what the daemon
 does on its next intervals: `sdloop learn --once`, again while the round's summary says
@@ -24,10 +23,10 @@ retention questions as its rehearsal anchors (the 48 newest unsignalled prompts)
 benchmark would be teaching its own test. Base figures are asked the same way of the base model
 once, before anything is taught (greedy: the same for every seed).
 
-The headline is the shipped defaults with the gate enforced: `sdloop` alone, all seeds. By
-default the comparison arms come after it, same seeds and facts, gate enforced: the update
-mechanisms (`dense`: the LoRA trained everywhere; `projected`: its input side confined to the
-null space of what must not change; `edit`: the closed-form edit, confined the same way) and
+The headline is the shipped defaults with the gate enforced: `sdloop` alone (the LoRA confined
+to the null space of what must not change), all seeds. By default the comparison arms come
+after it, same seeds and facts, gate enforced: the other update mechanisms (`dense`: the same
+losses on a LoRA trained everywhere; `edit`: the closed-form edit, confined like `sdloop`) and
 the `sft` preset; `--gate-off sdloop` adds the defaults with the gate off (safety off, not what
 users get). Each figure is printed per seed, then as median [min–max] over seeds, followed by
 the acceptance lines of the headline and the gate's false passes (promoted rounds that lose
@@ -81,22 +80,6 @@ TARGET_SECONDS, TARGET_SECONDS_FACTS = 300.0, 6  # learner seconds per round of 
 Fact = dict[str, Any]
 
 
-# The update mechanisms (issue 31), as [learner] knobs over the shipped defaults: the LoRA
-# trained everywhere (the trainer as it was), trained with its input side confined to the null
-# space of what must not change, and the closed-form edit confined the same way.
-DENSE = {"projection": "none", "method": "distill", "lora_targets": "all-linear",
-         "lora_layers": "", "lora_r": "16", "lr": "5e-4", "phrasings": "0"}
-PROJECTED = {"projection": "null_space", "method": "distill", "lora_targets": "down_proj",
-             "lora_layers": "1-6", "lora_r": "8", "null_space_energy": "1e-2", "lr": "5e-3",
-             "phrasings": "3"}
-# An arm: a preset and the knobs it sets. A preset's name is an arm of that preset alone.
-ARMS: dict[str, tuple[str, dict[str, str]]] = {
-    "dense": ("sdloop", DENSE),
-    "projected": ("sdloop", PROJECTED),
-    "edit": ("sdloop", {**PROJECTED, "method": "edit"}),
-}
-
-
 @dataclass(frozen=True)
 class Setup:
     """One learner configuration the benchmark runs for every seed."""
@@ -106,7 +89,7 @@ class Setup:
 
     @property
     def preset(self) -> str:
-        return ARMS.get(self.arm, (self.arm, {}))[0]
+        return self.arm
 
     @property
     def label(self) -> str:
@@ -114,7 +97,7 @@ class Setup:
 
     def env(self, seed: int, knobs: dict[str, dict[str, str]]) -> dict[str, str]:
         """SDLOOP_* overrides for the server and the learner: everything else stays shipped."""
-        chosen = {**ARMS.get(self.arm, ("", {}))[1], **knobs.get("", {}), **knobs.get(self.arm, {})}
+        chosen = {**knobs.get("", {}), **knobs.get(self.arm, {})}
         return {**{f"SDLOOP_LEARNER__{k.upper()}": v for k, v in chosen.items()},
                 "SDLOOP_LEARNER__PRESET": self.preset,
                 "SDLOOP_LEARNER__ENFORCE_GATE": str(self.gate).lower(),
@@ -527,9 +510,8 @@ def setups(args: argparse.Namespace) -> list[Setup]:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", default="sdloop,dense,projected,edit,sft",
-                        help="arms run with the gate enforced, the first is the headline: a "
-                             f"preset, or one of {', '.join(ARMS)} (the update mechanisms)")
+    parser.add_argument("--arms", default="sdloop,dense,edit,sft",
+                        help="presets run with the gate enforced, the first is the headline")
     parser.add_argument("--gate-off", default="none", metavar="ARMS",
                         help="arms also run with the gate off, for comparison ('none': no such "
                              "row)")

@@ -25,6 +25,7 @@ from tests.integration.conftest import (
     stop_server,
 )
 
+NULL_SPACE_PROMPTS = "48"
 QUESTION = [{"role": "user", "content": "Who founded the company Lumenvale Systems?"}]
 CORRECTION = "That's wrong. Lumenvale Systems was founded by Priya Castellanos."
 
@@ -38,11 +39,13 @@ def _chat(server: Server) -> tuple[int, dict[str, str], dict]:
 def _learn(server: Server, retention: str, *args: str, **knobs: str) -> dict:
     env = {**os.environ, "SDLOOP_MODEL__CACHE_DIR": str(MODEL_CACHE),
            "SDLOOP_LEARNER__RETENTION_SET": retention,
-           # a small, real round: teacher regenerations, a few anchors, a low learning rate
-           "SDLOOP_LEARNER__RESPONSES": "teacher", "SDLOOP_LEARNER__TEACHER": "frozen",
+           # a small, real round of the shipped mechanism (the LoRA confined to the null space):
+           # teacher regenerations, a few anchors, the once-per-model statistics on a part of
+           # the shipped pools (minutes less; cached in MODEL_CACHE for every test's round)
            "SDLOOP_LEARNER__REGEN_SAMPLES": "2", "SDLOOP_LEARNER__ANCHOR_PROMPTS": "4",
+           "SDLOOP_LEARNER__NULL_SPACE_PROMPTS": NULL_SPACE_PROMPTS,
            # the loop, not the gate's bound, is under test here (tests/learner/test_gate_model.py)
-           "SDLOOP_LEARNER__LR": "1e-4", "SDLOOP_LEARNER__RETENTION_MAX_DROP": "10",
+           "SDLOOP_LEARNER__RETENTION_MAX_DROP": "10",
            **{f"SDLOOP_LEARNER__{k.upper()}": v for k, v in knobs.items()}}
     out = subprocess.run([*SDLOOP, "learn", "--once", *args, "--data-dir", str(server.data_dir)],
                          capture_output=True, text=True, timeout=900, env=env)
@@ -99,6 +102,8 @@ def test_correction_to_served_version_and_back_under_a_loosened_retention_bound(
     # the next round on top of it replays what it was taught
     assert QUESTION in taught_prompts(_query(server), version, [], 8)
     assert manifest["knobs"]["responses"] == "teacher"
+    # the shipped mechanism: a LoRA on down_proj confined to the null space of what must not change
+    assert manifest["mechanism"]["projection"] == "null_space" and "null_space" in summary["phases"]
 
     again = _learn(server, small_retention_set)  # the same episodes are not learned twice
     assert (again["status"], again["retry_next_round"]) == ("skipped", False) and "seconds" in again
@@ -139,12 +144,9 @@ def test_a_rejected_round_is_tried_once_more_with_another_seed(server: Server,
 
 SECOND_QUESTION = [{"role": "user", "content": "What is the capital of Quessany?"}]
 SECOND_CORRECTION = "No, that's wrong. The capital of Quessany is Dalvorne."
-# The update confined to the null space of what must not change, in few factors so that a
-# second round has room to stack (learner.stacking): the parent kept in max_rank - lora_r.
-PROJECTED = {"projection": "null_space", "lora_targets": "down_proj", "lora_layers": "2-3",
-             "null_space_energy": "1e-2", "lora_r": "4", "max_rank": "8", "lr": "5e-3",
-             # the once-per-model statistics on a part of the shipped pools: minutes less
-             "null_space_prompts": "48"}
+# The shipped mechanism in few factors, so that a second round has room to stack
+# (learner.stacking): the parent kept in max_rank - lora_r.
+STACKING = {"lora_r": "4", "max_rank": "8"}
 
 
 def _correct(server: Server, question: list[dict[str, str]], correction: str) -> None:
@@ -179,13 +181,13 @@ def test_a_projected_round_stacks_onto_the_learned_version_while_clients_chat(
 
 def _stacked_rounds(server: Server, small_retention_set: str) -> None:
     _correct(server, QUESTION, CORRECTION)
-    first = _learn(server, small_retention_set, "--max-steps", "3", **PROJECTED)
+    first = _learn(server, small_retention_set, "--max-steps", "3", **STACKING)
     assert first["status"] == "promoted" and first["parent"] == "base", first
     assert "stack" not in first and first["null_space"], first
 
     _correct(server, SECOND_QUESTION, SECOND_CORRECTION)
     with clients_chatting(server, 1, pause_s=5.0) as answers:
-        second = _learn(server, small_retention_set, "--max-steps", "3", **PROJECTED)
+        second = _learn(server, small_retention_set, "--max-steps", "3", **STACKING)
     failed = [a for a in answers if a[0] != 200]
     assert answers and not failed, f"{len(failed)} of {len(answers)} failed: {failed[:3]}"
     assert second["status"] == "promoted" and second["parent"] == first["version"], second

@@ -3,7 +3,7 @@ loses more than the bound on the disjoint retention set is counted as the gate's
 
 from __future__ import annotations
 
-from ops.bench.learning import ARMS, Setup, false_passes
+from ops.bench.learning import Setup, false_passes
 
 
 def _eval(right: int, of: int = 10) -> dict:
@@ -18,12 +18,12 @@ def test_a_promoted_round_that_loses_more_than_the_bound_is_a_false_pass():
     assert false_passes(rounds, evals, base) == [2]  # wave 3 was rejected: not the gate's pass
 
 
-def test_an_arm_runs_its_preset_with_its_knobs_and_the_command_lines_on_top():
-    env = Setup("projected", True).env(2, {"": {"lr": "1e-3"}, "projected": {"phrasings": "1"}})
-    assert env["SDLOOP_LEARNER__PRESET"] == ARMS["projected"][0] == "sdloop"
-    assert env["SDLOOP_LEARNER__PROJECTION"] == "null_space"
+def test_an_arm_runs_its_preset_with_the_command_lines_knobs_on_top():
+    env = Setup("sdloop", True).env(2, {"": {"lr": "1e-3"}, "sdloop": {"phrasings": "1"},
+                                        "dense": {"lr": "9"}})
+    assert env["SDLOOP_LEARNER__PRESET"] == "sdloop"
+    assert "SDLOOP_LEARNER__PROJECTION" not in env  # the preset's own mechanism
     assert (env["SDLOOP_LEARNER__LR"], env["SDLOOP_LEARNER__PHRASINGS"]) == ("1e-3", "1")
     assert env["SDLOOP_LEARNER__SEED"] == "2" and env["SDLOOP_LEARNER__ENFORCE_GATE"] == "true"
     sft = Setup("sft", False).env(0, {})
     assert sft["SDLOOP_LEARNER__PRESET"] == "sft" and sft["SDLOOP_LEARNER__ENFORCE_GATE"] == "false"
-    assert Setup("edit", True).env(0, {})["SDLOOP_LEARNER__METHOD"] == "edit"

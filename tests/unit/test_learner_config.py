@@ -2,7 +2,16 @@ import json
 
 import pytest
 
-from learner.config import PRESETS, LearnerConfig, TeacherMode, resolve
+from learner.config import (
+    DENSE,
+    PRESETS,
+    PROJECTED,
+    LearnerConfig,
+    TeacherMode,
+    mechanism,
+    resolve,
+    settle,
+)
 from learner.losses import Divergence, Support
 from learner.retention_data import retention_set
 from serving.config import ConfigError, load_config
@@ -26,6 +35,25 @@ def test_presets_resolve_to_their_published_defaults():
     default = resolve(LearnerConfig())
     assert (default.preset, default.responses, default.teacher, default.ce_weight,
             default.anchor_weight) == ("sdloop", "teacher", TeacherMode("frozen"), 0.5, 16.0)
+
+
+def test_sdloop_writes_through_the_null_space_and_the_published_presets_anywhere():
+    sdloop = settle(LearnerConfig())
+    assert mechanism(sdloop) == PROJECTED and sdloop.projection == "null_space"
+    for name in ("sdft", "sdpo", "opsd", "hindsight", "sft", "dense"):
+        assert mechanism(settle(LearnerConfig(preset=name))) == DENSE, name
+    assert settle(LearnerConfig(preset="edit")).method == "edit"
+    assert settle(sdloop) == sdloop  # a round's summary records what it ran
+
+
+def test_explicit_mechanism_knobs_win_over_the_preset():
+    cfg = settle(LearnerConfig(preset="sft", projection="null_space", lora_targets="down_proj",
+                               lora_layers="2-4", lr=1e-3))
+    assert (cfg.projection, cfg.lora_targets, cfg.lora_layers, cfg.lr) == (
+        "null_space", "down_proj", "2-4", 1e-3)
+    assert (cfg.lora_r, cfg.phrasings) == (DENSE["lora_r"], DENSE["phrasings"])  # the preset's
+    env = load_config(env={"SDLOOP_LEARNER__PRESET": "dense", "SDLOOP_LEARNER__LORA_R": "8"})
+    assert mechanism(settle(env.learner)) == {**DENSE, "lora_r": 8}
 
 
 def test_explicit_knobs_win_over_the_preset():

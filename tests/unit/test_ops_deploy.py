@@ -58,7 +58,7 @@ def test_replica_config_sends_events_to_kafka():
     assert cfg.engine.served_model_name == "base"
     learn = load_config(OPS / "config" / "learn.toml", env={})
     assert learn.engine.model == cfg.engine.model, "the learner must train on the served model"
-    assert learn.learner.lora_r <= cfg.engine.max_lora_rank
+    assert learn.learner.max_rank <= cfg.engine.max_lora_rank  # what a stacked version needs
 
 
 def test_env_example_names_real_keys_and_no_secrets():
