@@ -129,7 +129,7 @@ def test_a_rejected_round_is_tried_once_more_with_another_seed(server: Server,
     assert status == 201
     before = _current(server)
     # A bound no candidate can meet: every round is rejected.
-    impossible = {"drift_max": "-1", "regen_samples": "1", "anchor_prompts": "2"}
+    impossible = {"drift_max": "-1", "regen_samples": "1", "anchor_prompts": "2", "phrasings": "0"}
     first = _learn(server, small_retention_set, "--max-steps", "1", **impossible)
     assert (first["status"], first["attempt"], first["retry_next_round"]) == ("rejected", 0, True)
     second = _learn(server, small_retention_set, "--max-steps", "1", **impossible)
@@ -145,8 +145,9 @@ def test_a_rejected_round_is_tried_once_more_with_another_seed(server: Server,
 SECOND_QUESTION = [{"role": "user", "content": "What is the capital of Quessany?"}]
 SECOND_CORRECTION = "No, that's wrong. The capital of Quessany is Dalvorne."
 # The shipped mechanism in few factors, so that a second round has room to stack
-# (learner.stacking): the parent kept in max_rank - lora_r.
-STACKING = {"lora_r": "4", "max_rank": "8"}
+# (learner.stacking): the parent kept in max_rank - lora_r. The stacking, not the rephrasings
+# (the first test's round has them).
+STACKING = {"lora_r": "4", "max_rank": "8", "phrasings": "0"}
 
 
 def _correct(server: Server, question: list[dict[str, str]], correction: str) -> None:
