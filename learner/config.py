@@ -354,12 +354,16 @@ class Knobs:
         }
 
 
+def _preset(cfg: LearnerConfig) -> dict[str, Any]:
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"learner.preset: unknown preset '{cfg.preset}'; one of {', '.join(PRESETS)}")
+    return PRESETS[cfg.preset]
+
+
 def settle(cfg: LearnerConfig) -> LearnerConfig:
     """`cfg` with each mechanism knob it leaves unset taken from its preset: what a round runs
     with, so the trainer, the projector and the edit read plain values."""
-    if cfg.preset not in PRESETS:
-        raise ValueError(f"learner.preset: unknown preset '{cfg.preset}'; one of {', '.join(PRESETS)}")
-    preset = PRESETS[cfg.preset]
+    preset = _preset(cfg)
     return replace(cfg, **{k: preset[k] for k in MECHANISM if getattr(cfg, k) in UNSET})
 
 
@@ -370,9 +374,7 @@ def mechanism(cfg: LearnerConfig) -> dict[str, Any]:
 
 def resolve(cfg: LearnerConfig) -> Knobs:
     """Preset values, overridden by every knob the config sets; errors name the key."""
-    if cfg.preset not in PRESETS:
-        raise ValueError(f"learner.preset: unknown preset '{cfg.preset}'; one of {', '.join(PRESETS)}")
-    knobs = dict(PRESETS[cfg.preset])
+    knobs = dict(_preset(cfg))
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if f.name in knobs and value not in UNSET:
