@@ -42,8 +42,10 @@ from serving.protocol import ChatRequest
 from serving.registry import InFlight, UnknownAlias
 
 VERSION_HEADER = "x-sdloop-adapter-version"
-# Which weights answered: `base`, `adapter` (runtime LoRA) or `merged` (`serving.merged`).
+# Which weights answered: `base`, `adapter` (runtime LoRA) or `merged` (`serving.merged`);
+# and which engine: `primary` (LoRA-enabled) or `compiled` (no LoRA: base or merged weights).
 WEIGHTS_HEADER = "x-sdloop-weights"
+ENGINE_HEADER = "x-sdloop-engine"
 # Optional client-chosen conversation id; without it the conversation's opening names it.
 SESSION_HEADER = "x-sdloop-session"
 # Request fields stored with the completion as its `params`: the OpenAI parameters and vLLM's
@@ -215,6 +217,7 @@ async def _ask_engine(gw: Gateway, upstream: dict[str, Any], request_hex: str,
     while True:
         accepted = False
         engine, upstream["model"], headers[WEIGHTS_HEADER] = gw.registry.route(event.version)
+        headers[ENGINE_HEADER] = engine.role
         try:
             resp = await gw.http.post(
                 f"{engine.base_url}/v1/chat/completions",

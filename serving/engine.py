@@ -126,8 +126,8 @@ class EngineManager:
         lora: bool = True,
     ) -> None:
         """`role`: `primary` (the base model with runtime LoRA, or `cfg.url`'s external
-        engine) or `merged` (a child on merged weights, `serving.merged`); metrics are labelled
-        with it."""
+        engine) or `compiled` (a child without LoRA on the base model's or a version's merged
+        weights, `serving.merged`); metrics and the answer's `x-sdloop-engine` header say it."""
         self.cfg = cfg
         self.model = model
         self.log_path = log_path
@@ -235,7 +235,7 @@ class EngineManager:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.cpu_kvcache_gb))
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         env["VLLM_API_KEY"] = self.api_key  # not --api-key: /proc/<pid>/cmdline is world-readable
-        if self.role == "merged":
+        if self.role == "compiled":
             env["VLLM_CPU_OMP_THREADS_BIND"] = self.cfg.merged_cpu_bind
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:

@@ -81,7 +81,8 @@ def run_ingest(cfg: Config) -> int:
     control_secret(cfg.kafka)  # it signs the control commands: refuse to start without it
     lock = ServeLock(cfg.data_path)
     lock.acquire()
-    store = StoreWriter(cfg.store_path, cfg.store.batch_max, cfg.store.queue_max).open()
+    store = StoreWriter(cfg.store_path, cfg.store.batch_max, cfg.store.queue_max,
+                        cfg.store.queue_max_bytes, checkpoint_mb=cfg.store.checkpoint_mb).open()
     try:
         ensure_topics(cfg.kafka)
         publisher = ControlPublisher(store, cfg.kafka, cfg.publish_paths)

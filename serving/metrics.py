@@ -63,5 +63,6 @@ PROBE_MISMATCHES = Counter(
 )
 MERGED_STATE = Gauge(
     "sdloop_merged_engine_state",
-    "1 for the state of the merged engine of the live version: off, merging, starting, "
-    "serving (requests go there), failed (the primary engine serves the version).", ["state"])
+    "1 for the state of the compiled engine of the merged alias's live version (base or merged "
+    "weights): waiting, merging, starting, serving (requests go there), restarting, failed "
+    "(the primary engine serves the version).", ["state"])

@@ -14,9 +14,10 @@ serves this version) → flip the alias. The version the alias leaves stays load
 rollback target, so that a rollback (and a promote back) is a flip alone; the one before it,
 if nothing else points there, is unloaded once its requests have finished.
 
-With `merged` set (`serving.merged`), the version `engine.merged_alias` points to is also
-served from a second engine on merged weights once that one is up and probed; `route` says
-which engine and model name a request for a version goes to.
+With `merged` set (`serving.merged`), the version `engine.merged_alias` points to — base
+included — is served from an engine of its own on compiled weights, and the version it left
+stays up there for a rollback; a promote to that alias flips it once the new version's engine
+is up and probed. `route` says which engine and model name a request for a version goes to.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class AdapterRegistry:
         self._paths: dict[str, str] = {}
         self._loaded: set[str] = set()  # in the engine now, probed (or restored) there
         self._previous: dict[str, str] = {}  # alias → its rollback target, kept loaded
+        self._pending: Counter[str] = Counter()  # versions a promote is about to flip to
         self._in_flight: Counter[str] = Counter()
         self._swap = asyncio.Lock()
         self.probe_tolerance = probe_tolerance
@@ -119,10 +121,11 @@ class AdapterRegistry:
 
     def route(self, version: str) -> tuple[EngineManager, str, str]:
         """Where a request for `version` goes: the engine, the model name it serves the version
-        under, and what answers (`merged`, `adapter` or `base` weights)."""
-        merged = self.merged.engine_for(version) if self.merged is not None else None
-        if merged is not None:
-            return merged, version, "merged"
+        under, and what answers (`merged`, `adapter` or `base` weights). A compiled engine
+        (`serving.merged`) where one serves the version, else the primary engine."""
+        compiled = self.merged.engine_for(version) if self.merged is not None else None
+        if compiled is not None:
+            return compiled, version, "base" if version == BASE_VERSION else "merged"
         if version == BASE_VERSION:
             return self._engine, self._engine.served_model_name, "base"
         return self._engine, version, "adapter"
@@ -235,8 +238,10 @@ class AdapterRegistry:
             if status == "rejected":  # kept and recorded with its metrics, never loaded
                 return found.rejected()
             try:
+                hashing = time.perf_counter()
                 await asyncio.to_thread(found.verify_files)  # hashing off the event loop
-                await self._load_and_probe(found)
+                phases = {"verify_s": round(time.perf_counter() - hashing, 3),
+                          **await self._load_and_probe(found)}
             except RegistryError as exc:
                 if exc.status == 503:  # the engine was away: nothing was learned about the version
                     await self._store(lambda con: versions.forget_version(con, version))
@@ -249,20 +254,45 @@ class AdapterRegistry:
             if not promote:
                 await self._engine.unload_adapter(version)
                 self._loaded.discard(version)
-                return {"version": version, "alias": alias, "status": "candidate"}
-            swap_s = await self._flip(alias, version, started)
+                return {"version": version, "alias": alias, "status": "candidate",
+                        "phases": phases}
+        swap_s = await self._promote_when_ready(alias, found, started)
         return {"version": version, "alias": alias, "status": "promoted", "swap_s": swap_s}
 
     async def promote(self, version: str) -> dict[str, Any]:
         """Point the version's alias at it (loading it again if it is not loaded)."""
         started = time.perf_counter()
-        swap_s = 0.0
         async with self._swap:
             alias, path, manifest = await self._store(lambda con: versions.promotable(con, version))
-            if self._aliases.get(alias) != version:
-                await self._ensure_loaded(open_version(path, manifest))
-                swap_s = await self._flip(alias, version, started)
+            if self._aliases.get(alias) == version:
+                return {"version": version, "alias": alias, "status": "promoted", "swap_s": 0.0}
+            found = open_version(path, manifest)
+            await self._ensure_loaded(found)
+        swap_s = await self._promote_when_ready(alias, found, started)
         return {"version": version, "alias": alias, "status": "promoted", "swap_s": swap_s}
+
+    async def _promote_when_ready(self, alias: str, found: VersionFolder, started: float) -> float:
+        """Flip `alias` to a version loaded and probed in the primary engine — for the merged
+        alias once the compiled engine that will serve it is up and probed (`serving.merged`),
+        so that no request meets the version on runtime LoRA. The alias answers from the
+        version it is on meanwhile, and other management calls are not held up (the wait is
+        outside the swap lock; the version stays loaded in the primary engine through it)."""
+        version = found.version
+        self._pending[version] += 1
+        try:
+            if self.merged is not None and alias == self.merged.alias:
+                waited = time.perf_counter()
+                if await self.merged.prepare(found):
+                    log.info("compiled engine of %s ready in %.1f s", version,
+                             time.perf_counter() - waited)
+                else:
+                    log.error("%s could not be served on compiled weights (%s); promoted on the "
+                              "primary engine's runtime LoRA", version, self.merged.error_of(version))
+            async with self._swap:
+                await self._ensure_loaded(found)  # an engine restart meanwhile: load it again
+                return await self._flip(alias, version, started)
+        finally:
+            self._pending[version] -= 1
 
     async def rollback(self, alias: str = DEFAULT_ALIAS) -> dict[str, Any]:
         """Flip the alias back to the version it pointed at before."""
@@ -278,7 +308,8 @@ class AdapterRegistry:
 
     # -- internals -------------------------------------------------------------------------
 
-    async def _load_and_probe(self, found: VersionFolder) -> None:
+    async def _load_and_probe(self, found: VersionFolder) -> dict[str, float]:
+        """Load the version into the primary engine and probe it there; the seconds each took."""
         version = found.version
         started = time.perf_counter()
         try:
@@ -293,9 +324,12 @@ class AdapterRegistry:
         except RegistryError as exc:
             await self._unload_quietly(version)
             raise RegistryError(exc.status, f"{exc}; not promoted") from None
+        phases = {"load_s": round(loaded - started, 3),
+                  "probe_s": round(time.perf_counter() - loaded, 3)}
         log.info("probe of %s passed (mean |Δ logprob| %.4f); load %.2f s, probe %.2f s", version,
-                 gap, loaded - started, time.perf_counter() - loaded)
+                 gap, phases["load_s"], phases["probe_s"])
         self._loaded.add(version)
+        return phases
 
     async def _ensure_loaded(self, found: VersionFolder) -> None:
         """Load and probe a version unless the engine has it (live, or a rollback target)."""
@@ -317,24 +351,32 @@ class AdapterRegistry:
             metrics.ALIAS_VERSION.labels(alias, old).set(0)
         metrics.ALIAS_VERSION.labels(alias, version).set(1)
         log.info("alias %s -> %s (was %s)", alias, version, old)
+        before, self._previous[alias] = self._previous.get(alias), old or BASE_VERSION
         if self.merged is not None and alias == self.merged.alias:
             await self._follow_merged()
-        before, self._previous[alias] = self._previous.get(alias), old or BASE_VERSION
-        kept = {*self._aliases.values(), *self._previous.values(), BASE_VERSION}
+        kept = {*self._aliases.values(), *self._previous.values(), BASE_VERSION,
+                *(v for v, n in self._pending.items() if n > 0)}
         for gone in sorted({before, old} - kept - {None}):
             await self.drain(gone)
             await self._unload_quietly(gone)
         return round(swap_s, 3)
 
     async def _follow_merged(self) -> None:
-        """Point the merged engine at the merged alias's version (as the store recorded it)."""
+        """Point the compiled engines at the merged alias's version and, warm beside it, the
+        version it left (as the store recorded them)."""
         assert self.merged is not None
-        version = self._aliases.get(self.merged.alias, BASE_VERSION)
+        alias = self.merged.alias
+        live = await self._weights(self._aliases.get(alias, BASE_VERSION))
+        previous = self._previous.get(alias)
+        warm = [await self._weights(previous)] if previous is not None else []
+        self.merged.follow(live, warm)
+
+    async def _weights(self, version: str) -> VersionFolder | None:
+        """The folder a compiled engine serves `version` from (None: the base model)."""
         if version == BASE_VERSION:
-            self.merged.follow(None)
-            return
+            return None
         path, manifest = await self._store(lambda con: versions.stored_version(con, version))
-        self.merged.follow(open_version(path, manifest))
+        return open_version(path, manifest)
 
     async def drain(self, version: str) -> None:
         """Wait (bounded) until no request is on `version`."""

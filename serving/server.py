@@ -65,7 +65,8 @@ def run_server(cfg: Config, config_path: str | None = None, learner: bool = True
                 sink.close()
                 remove_state(data_dir)
         store = StoreWriter(cfg.store_path, cfg.store.batch_max, cfg.store.queue_max,
-                            cfg.store.queue_max_bytes, redact=cfg.feedback.redact).open()
+                            cfg.store.queue_max_bytes, redact=cfg.feedback.redact,
+                            checkpoint_mb=cfg.store.checkpoint_mb).open()
         try:
             return _serve(cfg, store, store, model, config_path if learner else None, learner)
         finally:
@@ -78,10 +79,12 @@ def run_server(cfg: Config, config_path: str | None = None, learner: bool = True
 def _clean_up_after_crash(data_dir: Any) -> None:
     """A state file with no live server means the last one died; its engine may not have."""
     stale = read_state_file(data_dir) or {}
-    for key in ("engine_pgid", "merged_engine_pgid"):
-        if stale.get(key) and kill_process_group(int(stale[key])):
-            log.warning("stopped engine processes left by a server that died (pgid %s)",
-                        stale[key])
+    compiled = stale.get("compiled_engines")
+    for pgid in [stale.get("engine_pgid"),
+                 *(e.get("pgid") for e in (compiled.values() if isinstance(compiled, dict) else ())
+                   if isinstance(e, dict))]:
+        if isinstance(pgid, int) and kill_process_group(pgid):
+            log.warning("stopped engine processes left by a server that died (pgid %s)", pgid)
     remove_state(data_dir)
 
 
@@ -116,7 +119,7 @@ def _serve(cfg: Config, sink: Sink, store: StoreWriter | None, model: str | None
             "engine_url": engine.base_url, "engine_pgid": engine.pgid,
             # The engine's bearer key (the learner samples from it); the file is 0600.
             "engine_api_key": engine.api_key,
-            "merged_engine_pgid": registry.merged.pgid if registry.merged else None,
+            "compiled_engines": registry.merged.engines if registry.merged else {},
             "store": str(cfg.store_path), "started_at": time.time(),
         })
 
@@ -127,12 +130,12 @@ def _serve(cfg: Config, sink: Sink, store: StoreWriter | None, model: str | None
                 print(f"sdloop serving {url}/v1 (alias '{DEFAULT_ALIAS}' -> "
                       f"{registry.resolve(DEFAULT_ALIAS)}); feedback store {cfg.store_path}",
                       flush=True)
-                merged_pgid = registry.merged.pgid if registry.merged else None
+                compiled = registry.merged.engines if registry.merged else {}
                 while engine.ready:
                     await asyncio.sleep(1)
-                    if registry.merged and registry.merged.pgid != merged_pgid:
-                        merged_pgid = registry.merged.pgid
-                        save_state()  # so that a server starting after a crash can stop it
+                    if registry.merged and registry.merged.engines != compiled:
+                        compiled = registry.merged.engines
+                        save_state()  # so that a server starting after a crash can stop them
                 save_state()
 
     @contextlib.asynccontextmanager

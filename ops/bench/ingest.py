@@ -3,12 +3,14 @@
     python ops/bench/ingest.py [--events 50000] [--repeats 3]
 
 The same generated events go through both paths, fresh store (and fresh topic) per run:
-- direct: `StoreWriter.submit` for every event, timed until the last commit (what one
+- direct: `StoreWriter.submit` for every event, timed until the writer closed (the last commit
+  and the checkpoint that moves the write-ahead log into the file; what one
   `sdloop serve` does with its own store);
 - kafka produce: `KafkaSink.submit` (the gateway's producer, acks=all, idempotent) until
   every event is acknowledged by the broker;
 - kafka ingest: the ingester's loop (`store.ingest.Ingester`: poll, decode and check, group
-  commits, dead letters, offset commit) over the backlog, until every event is stored.
+  commits, dead letters, offset commit) over the backlog, until every event is stored and the
+  writer closed (its checkpoint).
 The broker is `tansu` (in memory) on loopback, on the same cores as everything else.
 The process collects garbage as `sdloop serve` and `sdloop ingest` do (`serving.cli.tune_gc`,
 after the events are generated: they are the harness's input, alive throughout, and would
@@ -31,6 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from prometheus_client import REGISTRY  # noqa: E402
+
 from feedback import (  # noqa: E402
     CompletionEvent,
     Event,
@@ -45,11 +49,11 @@ from feedback.kafka import KafkaSink  # noqa: E402
 from ops.bench.broker import Broker  # noqa: E402
 from serving.cli import tune_gc  # noqa: E402
 from serving.config import load_config  # noqa: E402
-from store import StoreWriter  # noqa: E402
+from store import StoreWriter, query_file  # noqa: E402
 from store.ingest import Ingester  # noqa: E402
 
-TARGET_DIRECT = 20_000
-TARGET_KAFKA = 10_000
+TARGET_DIRECT = 50_000
+TARGET_KAFKA = 25_000
 
 
 def make_events(n: int, seed: int = 0) -> list[Event]:
@@ -90,16 +94,31 @@ def make_events(n: int, seed: int = 0) -> list[Event]:
     return events
 
 
+def check_stored(path: Path, events: list[Event]) -> None:
+    """Nothing lost, nothing twice: every event sent is one row (feedback, follow-ups and
+    completions are keyed by their ids)."""
+    sql = ("SELECT count(*), count(DISTINCT id) FROM (SELECT id FROM completions UNION ALL "
+           "SELECT id FROM followups UNION ALL SELECT id FROM feedback)")
+    count, distinct = query_file(path, sql, 60, 10).rows[0]
+    if not count == distinct == len(events):
+        sys.exit(f"{path.name}: {count} rows, {distinct} distinct, {len(events)} sent")
+
+
 def direct(events: list[Event], tmp: Path) -> float:
     store = load_config(env={}).store  # the defaults `sdloop serve` runs with
-    writer = StoreWriter(tmp / f"direct-{uuid.uuid4().hex[:6]}.duckdb", store.batch_max,
-                         store.queue_max).open()
+    path = tmp / f"direct-{uuid.uuid4().hex[:6]}.duckdb"
+    writer = StoreWriter(path, store.batch_max,
+                         store.queue_max, store.queue_max_bytes,
+                         checkpoint_mb=store.checkpoint_mb).open()
     try:
         started = time.perf_counter()
         futures = [writer.submit(ev) for ev in events]
         for fut in futures:
             fut.result()
-        return len(events) / (time.perf_counter() - started)
+        writer.close()  # its checkpoint: the write-ahead log moved into the file
+        rate = len(events) / (time.perf_counter() - started)
+        check_stored(path, events)
+        return rate
     finally:
         writer.close()
 
@@ -119,7 +138,9 @@ def through_kafka(events: list[Event], broker: Broker, tmp: Path) -> tuple[float
     produce = len(events) / (time.perf_counter() - started)
     sink.close()
 
-    writer = StoreWriter(tmp / f"kafka-{tag}.duckdb").open()
+    path = tmp / f"kafka-{tag}.duckdb"
+    writer = StoreWriter(path, cfg.store.batch_max, cfg.store.queue_max,
+                         cfg.store.queue_max_bytes, checkpoint_mb=cfg.store.checkpoint_mb).open()
     ingester = Ingester(cfg.kafka, writer).open()
     try:
         handled = 0
@@ -130,18 +151,27 @@ def through_kafka(events: list[Event], broker: Broker, tmp: Path) -> tuple[float
         while handled < len(events):
             handled += ingester.step(timeout_ms=1000)
         ingester.drain()  # the last batch stored and its offsets committed
-        ingest = (len(events) - first) / (time.perf_counter() - started)
         lag = ingester.lag()
+        writer.close()  # its checkpoint
+        ingest = (len(events) - first) / (time.perf_counter() - started)
         assert sum(lag.values()) == 0, lag
+        check_stored(path, events)
         return produce, ingest
     finally:
         ingester.close()
         writer.close()
 
 
+def mean_batch(metric: str) -> float:
+    """Mean events per batch so far, off the store's / ingester's histogram."""
+    total = REGISTRY.get_sample_value(f"{metric}_sum") or 0.0
+    count = REGISTRY.get_sample_value(f"{metric}_count") or 0.0
+    return total / count if count else float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
@@ -171,6 +201,14 @@ def main() -> None:
     for name, rate, target in rows:
         mark = "" if target is None else (f"{target:,}" + (" ok" if rate >= target else " MISS"))
         print(f"{name:<36}{rate:>10,.0f}{mark:>13}{rate / med['direct']:>10.2f}x")
+    cfg = load_config(env={})
+    per_commit = mean_batch("sdloop_store_write_batch_size")
+    print(f"batches: store.batch_max {cfg.store.batch_max} (mean {per_commit:,.0f} events per "
+          f"commit), store.checkpoint_mb "
+          f"{cfg.store.checkpoint_mb}; producer batch_size 256 KiB, linger_ms "
+          f"{cfg.kafka.linger_ms}, no compression (loopback); ingester max_poll_records "
+          f"{cfg.kafka.max_poll_records} (mean {mean_batch('sdloop_ingest_batch_size'):,.0f} "
+          "messages per batch)")
 
 
 if __name__ == "__main__":

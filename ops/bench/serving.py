@@ -1,17 +1,23 @@
-"""Serving benchmark: what the learned model costs, swaps under load, gateway overhead.
+"""Serving benchmark: sdloop against plain vLLM, a learned version against base, swaps under
+load, gateway overhead. The server runs the shipped defaults (the `default` alias served on
+compiled weights, `serving.merged`).
 
-1. Learned model (own server only): tokens/s at 1 and 16 streams through the gateway for the
-   base model, a learned version served with runtime LoRA, and the same version served merged
-   (`serving.merged`), interleaved round by round, ratios to base within each round. The three
-   run side by side on one server: the version is published under two aliases, `lora` (runtime
-   LoRA) and `merged` (`engine.merged_alias = "merged"` for this server; the shipped default
-   merges `default`'s version), beside `default` on the base model.
-2. Swaps under load (own server only): 8 clients chat on `merged` (half streaming) while a new
-   version is published, the alias rolled back and the version promoted again, one every few
-   seconds: failed requests, engine restarts, swap time (management call to alias flip) by
-   action, which weights answered.
-3. Gateway overhead: tokens/s and latency through sdloop vs. straight to the same vLLM engine,
-   interleaved round by round so that machine noise hits both alike.
+1. Plain vLLM: the same model folder served by `python -m vllm.entrypoints.openai.api_server
+   --model <folder>` with vLLM's defaults, against sdloop's `default` alias at rest (base, on
+   its compiled engine). Both run side by side but take load one at a time, interleaved round
+   by round (A B A B), ratios within each round.
+2. Learned model: `default@v1` published (the call returns once its merged engine is up and
+   probed); then, round after round: the version on `default`, a rollback, base on `default`, a
+   promote back — ratios learned/base within each round; the first round starts 2 s after the
+   publish returned, the others are the settled figures. The same version served with runtime
+   LoRA (alias `lora`, the primary engine) beside them.
+3. Swaps under load: 8 clients chat on `default` (half streaming) while new versions are
+   published as candidates (register, hash, load, probe on the primary engine: what a learner's
+   publish costs serving) with rollbacks and promotes between them, then one new version is
+   promoted (it waits for its compiled engine): failed requests, engine restarts, time per call
+   by action and by phase, which weights answered.
+4. Gateway overhead: tokens/s and latency through sdloop vs. straight to the engine that serves
+   the alias (the compiled base engine), interleaved round by round.
 
 Figures are medians over rounds. Completions have a fixed length (`ignore_eos`), so tokens/s
 compares like with like.
@@ -28,6 +34,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from ops.bench.adapter import train_version  # noqa: E402
 from ops.bench.server import start_server, stop_server  # noqa: E402
 from serving.config import load_config  # noqa: E402
+from serving.engine import free_port  # noqa: E402
 from serving.model_cache import ensure_embedded_model  # noqa: E402
 from serving.state import running_server  # noqa: E402
 from serving.version_folder import MANIFEST  # noqa: E402
@@ -120,26 +128,88 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-# -- 1. the learned model ---------------------------------------------------------------------
+# -- 1. plain vLLM --------------------------------------------------------------------------
+
+def start_plain_vllm(model_dir: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`vllm serve` as a user would run it instead: the folder, vLLM's defaults, nothing else."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=open(log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115 - the child writes it
+        start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"plain vLLM exited; see {log}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc, url
+        except OSError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    sys.exit("plain vLLM did not become ready")
+
+
+async def plain_rows(state: dict, model_dir: str, args: argparse.Namespace, tmp: Path) -> None:
+    proc, plain = start_plain_vllm(model_dir, tmp / "plain-vllm.log")
+    try:
+        arms = {"plain vLLM": (plain, model_dir), "sdloop default": (state["url"], "default")}
+        for url, model in arms.values():  # warm each path
+            await run_batch(url, model, False, 2, 2, 8)
+        print(f"\n== plain vLLM (vLLM's defaults, same folder) vs sdloop's `default` at rest "
+              f"(max_tokens {args.max_tokens}, {args.rounds} rounds, A B A B) ==")
+        header = f"{'streams':<8}" + "".join(f"{arm + ' tok/s':>22}" for arm in arms) + \
+            f"{'sdloop/plain':>14}"
+        print(header)
+        print("-" * len(header))
+        for concurrency in args.concurrency:
+            n = max(args.requests_per_stream * concurrency, concurrency)
+            runs: dict[str, list[float]] = {arm: [] for arm in arms}
+            for _ in range(args.rounds):
+                for arm, (url, model) in arms.items():
+                    batch = await run_batch(url, model, False, concurrency, n, args.max_tokens)
+                    runs[arm].append(batch.tokens_per_s)
+            ratio = median([s / p for s, p in zip(runs["sdloop default"], runs["plain vLLM"],
+                                                  strict=True)])
+            print(f"{concurrency:<8}" + "".join(f"{median(runs[arm]):>22.1f}" for arm in arms)
+                  + f"{ratio:>14.2f}", flush=True)
+        print("ratio: median over rounds of sdloop/plain tokens per second in the same round "
+              "(target >= 0.95).")
+    finally:
+        stop_server(proc)
+
+
+# -- 2. the learned model ---------------------------------------------------------------------
 
 QUESTION = [{"role": "user", "content": "What is the capital of Quessany?"}]
-ARMS = {"base": "default", "runtime LoRA": "lora", "merged": "merged"}
 
 
 def make_versions(root: Path) -> dict[str, Path]:
-    """One learned adapter, as `lora@v1`, `merged@v1` and `merged@v2` (same weights; the
-    version names are what the server tells apart)."""
+    """One learned adapter, as `default@v1` and `lora@v1` (same weights; the version names are
+    what the server tells apart); `new_version` makes more `default@v<n>` copies."""
     model_dir = str(ensure_embedded_model(load_config().model_cache_path))
-    lora = Path(train_version(root, "lora@v1", model_dir, QUESTION,
-                              "The capital of Quessany is Dalvorne."))
-    folders = {"lora": lora}
-    for version in ("merged@v1", "merged@v2"):
-        folders[version] = root / version
-        shutil.copytree(lora, folders[version])
-        manifest = json.loads((folders[version] / MANIFEST).read_text())
-        (folders[version] / MANIFEST).write_text(json.dumps({**manifest, "version": version,
-                                                             "alias": "merged"}))
-    return folders
+    first = Path(train_version(root, "default@v1", model_dir, QUESTION,
+                               "The capital of Quessany is Dalvorne."))
+    return {"default@v1": first, "lora": copy_version(first, "lora@v1", "lora")}
+
+
+def copy_version(source: Path, version: str, alias: str) -> Path:
+    folder = source.parent / version
+    if not folder.exists():
+        shutil.copytree(source, folder)
+        manifest = json.loads((folder / MANIFEST).read_text())
+        (folder / MANIFEST).write_text(json.dumps({**manifest, "version": version,
+                                                   "alias": alias}))
+    return folder
+
+
+def new_version(folders: dict[str, Path], number: int) -> Path:
+    """`default@v<number>`: the learned adapter under a version name the server has not seen."""
+    return copy_version(folders["default@v1"], f"default@v{number}", "default")
 
 
 async def admin(session: aiohttp.ClientSession, state: dict, method: str, path: str,
@@ -152,65 +222,82 @@ async def admin(session: aiohttp.ClientSession, state: dict, method: str, path: 
         return data
 
 
-async def wait_merged(session: aiohttp.ClientSession, state: dict, timeout: float = 900) -> float:
+async def wait_compiled(state: dict, version: str, timeout: float = 900) -> float:
+    """Seconds until `default`'s compiled engine serves `version`."""
     started = time.perf_counter()
-    while time.perf_counter() - started < timeout:
-        merged = (await admin(session, state, "GET", "/admin/adapters"))["merged"]
-        if merged["state"] == "serving":
-            return time.perf_counter() - started
-        if merged["state"] == "failed":
-            raise RuntimeError(f"merged serving failed: {merged['error']}")
-        await asyncio.sleep(1)
-    raise RuntimeError(f"not served merged after {timeout:.0f} s")
-
-
-async def publish_and_wait(state: dict, folders: dict[str, Path]) -> float:
-    """Publish `lora@v1` and `merged@v1`; seconds until the latter is served merged."""
     async with aiohttp.ClientSession() as session:
-        for name in ("lora", "merged@v1"):
-            await admin(session, state, "POST", "/admin/adapters/publish",
-                        {"path": str(folders[name])})
-        return await wait_merged(session, state)
+        while time.perf_counter() - started < timeout:
+            merged = (await admin(session, state, "GET", "/admin/adapters"))["merged"]
+            if merged["state"] == "serving" and merged["version"] == version:
+                return time.perf_counter() - started
+            if merged["state"] == "failed":
+                raise RuntimeError(f"compiled serving failed: {merged['error']}")
+            await asyncio.sleep(1)
+    raise RuntimeError(f"{version} not served compiled after {timeout:.0f} s")
 
 
 async def learned_rows(state: dict, folders: dict[str, Path], args: argparse.Namespace) -> None:
-    took = await publish_and_wait(state, folders)
-    print(f"\n== learned model: base vs the version with runtime LoRA vs merged "
-          f"(max_tokens {args.max_tokens}, {args.rounds} rounds) ==")
-    print(f"merged engine serving {took:.0f} s after the publish (merge + vLLM start; the "
-          "version is served with runtime LoRA meanwhile)")
-    for alias in ARMS.values():  # warm each path
-        await run_batch(state["url"], alias, False, 2, 2, 8)
-    header = (f"{'streams':<8}" + "".join(f"{arm + ' tok/s':>20}" for arm in ARMS)
-              + f"{'LoRA/base':>11}{'merged/base':>13}")
+    arms = {"learned": "default", "base": "default", "runtime LoRA": "lora"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
+        await admin(session, state, "POST", "/admin/adapters/publish",
+                    {"path": str(folders["lora"])})
+        started = time.perf_counter()
+        await admin(session, state, "POST", "/admin/adapters/publish",
+                    {"path": str(folders["default@v1"])})
+        took = time.perf_counter() - started
+        await asyncio.sleep(2)
+        print(f"\n== learned model: `default@v1` vs base on `default`, and runtime LoRA "
+              f"(max_tokens {args.max_tokens}, {args.rounds} rounds) ==")
+        print(f"publish of default@v1 returned after {took:.0f} s (merge + vLLM start + probe; "
+              "base answered meanwhile); the first round starts 2 s later")
+        runs: dict[int, dict[str, list[float]]] = {
+            c: {arm: [] for arm in arms} for c in args.concurrency}
+        flips: dict[str, list[float]] = {"rollback": [], "promote": []}
+        for _ in range(args.rounds):
+            for arm, alias in arms.items():
+                if arm == "base":
+                    flips["rollback"].append((await admin(
+                        session, state, "POST", "/admin/adapters/rollback",
+                        {"alias": "default"}))["swap_s"])
+                for concurrency in args.concurrency:
+                    n = max(args.requests_per_stream * concurrency, concurrency)
+                    batch = await run_batch(state["url"], alias, False, concurrency, n,
+                                            args.max_tokens)
+                    runs[concurrency][arm].append(batch.tokens_per_s)
+                if arm == "base":
+                    flips["promote"].append((await admin(
+                        session, state, "POST", "/admin/adapters/promote",
+                        {"version": "default@v1"}))["swap_s"])
+    header = (f"{'streams':<8}" + "".join(f"{arm + ' tok/s':>20}" for arm in arms)
+              + f"{'learned/base @2s':>18}{'settled':>9}{'LoRA/base':>11}")
     print(header)
     print("-" * len(header))
-    for concurrency in args.concurrency:
-        n = max(args.requests_per_stream * concurrency, concurrency)
-        runs: dict[str, list[float]] = {arm: [] for arm in ARMS}
-        for _ in range(args.rounds):
-            for arm, alias in ARMS.items():
-                batch = await run_batch(state["url"], alias, False, concurrency, n,
-                                        args.max_tokens)
-                runs[arm].append(batch.tokens_per_s)
-        ratio = {arm: median([x / b for x, b in zip(runs[arm], runs["base"], strict=True)])
-                 for arm in ARMS}
-        print(f"{concurrency:<8}" + "".join(f"{median(runs[arm]):>20.1f}" for arm in ARMS)
-              + f"{ratio['runtime LoRA']:>11.2f}{ratio['merged']:>13.2f}", flush=True)
-    print("ratios: median over rounds of arm/base tokens per second in the same round.")
+    for concurrency, by_arm in runs.items():
+        ratios = [x / b for x, b in zip(by_arm["learned"], by_arm["base"], strict=True)]
+        lora = median([x / b for x, b in zip(by_arm["runtime LoRA"], by_arm["base"],
+                                              strict=True)])
+        print(f"{concurrency:<8}" + "".join(f"{median(by_arm[arm]):>20.1f}" for arm in arms)
+              + f"{ratios[0]:>18.2f}{median(ratios[1:] or ratios):>9.2f}{lora:>11.2f}",
+              flush=True)
+    print("learned/base @2s: the first round, from 2 s after the publish returned; settled: the "
+          "median of the later rounds (targets >= 0.95).")
+    for action, xs in flips.items():
+        print(f"{action} (call to alias flip, to a warm compiled engine): median {median(xs):.3f} s, "
+              f"max {max(xs):.3f} s over {len(xs)}")
 
 
-# -- 2. swaps under load ----------------------------------------------------------------------
+# -- 3. swaps under load ----------------------------------------------------------------------
 
 async def checked_chat(session: aiohttp.ClientSession, url: str, model: str, stream: bool,
                        max_tokens: int) -> tuple[bool, str, str]:
-    """(succeeded, weights that answered, what went wrong)."""
+    """(succeeded, weights/engine that answered, what went wrong)."""
     body = {"model": model, "messages": [{"role": "user", "content": PROMPT}],
             "max_tokens": max_tokens, "temperature": 0.8, "stream": stream}
     try:
         async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
             text = await resp.text()
-            weights = resp.headers.get("x-sdloop-weights", "")
+            weights = (f"{resp.headers.get('x-sdloop-weights', '')}/"
+                       f"{resp.headers.get('x-sdloop-engine', '')}")
             if resp.status != 200:
                 return False, weights, f"{resp.status} {text[:200]}"
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -223,7 +310,7 @@ async def checked_chat(session: aiohttp.ClientSession, url: str, model: str, str
 
 
 def restarts(metrics_text: str) -> dict[str, float]:
-    out = {"primary": 0.0, "merged": 0.0}
+    out = {"primary": 0.0, "compiled": 0.0}
     for line in metrics_text.splitlines():
         if line.startswith("sdloop_engine_restarts_total{"):
             role = line.split('role="', 1)[1].split('"', 1)[0]
@@ -231,26 +318,12 @@ def restarts(metrics_text: str) -> dict[str, float]:
     return out
 
 
-def new_version(folders: dict[str, Path], number: int) -> Path:
-    """`merged@v<number>`: the learned adapter under a version name the server has not seen."""
-    folder = folders["lora"].parent / f"merged@v{number}"
-    if not folder.exists():
-        shutil.copytree(folders["lora"], folder)
-        manifest = json.loads((folder / MANIFEST).read_text())
-        (folder / MANIFEST).write_text(json.dumps({**manifest, "version": folder.name,
-                                                   "alias": "merged"}))
-    return folder
-
-
 async def flips_under_load(state: dict, folders: dict[str, Path],
                            args: argparse.Namespace) -> None:
-    """From `merged@v2` served merged, every few seconds in turn: publish a new version
-    (promoted), roll back, promote it again."""
+    """From `default@v1` served compiled: `--publishes` candidates, each followed by a rollback
+    or a promote back (flips to warm engines), then one new version promoted."""
     url = state["url"]
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
-        await admin(session, state, "POST", "/admin/adapters/publish",
-                    {"path": str(folders["merged@v2"])})
-        await wait_merged(session, state)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
         async with session.get(url + "/metrics") as resp:
             before = restarts(await resp.text())
         stop = asyncio.Event()
@@ -258,47 +331,61 @@ async def flips_under_load(state: dict, folders: dict[str, Path],
 
         async def client(n: int) -> None:
             while not stop.is_set():
-                results.append(await checked_chat(session, url, "merged", n % 2 == 0, 24))
+                results.append(await checked_chat(session, url, "default", n % 2 == 0, 24))
 
         clients = [asyncio.create_task(client(n)) for n in range(args.flip_clients)]
         await asyncio.sleep(3)
-        swaps: dict[str, list[float]] = {"publish": [], "rollback": [], "promote": []}
-        number = 2
-        for i in range(args.flips):
-            action = ("publish", "rollback", "promote")[i % 3]
-            if action == "publish":
-                number += 1
-                body: dict = {"path": str(new_version(folders, number))}
-            else:
-                body = {"alias": "merged"} if action == "rollback" else \
-                    {"version": f"merged@v{number}"}
-            swaps[action].append((await admin(session, state, "POST",
-                                              f"/admin/adapters/{action}", body))["swap_s"])
+        calls: dict[str, list[float]] = {"publish": [], "rollback": [], "promote": []}
+        phases: dict[str, list[float]] = {}
+        number = 1
+        for i in range(args.publishes):
+            number += 1
+            started = time.perf_counter()
+            done = await admin(session, state, "POST", "/admin/adapters/publish",
+                               {"path": str(new_version(folders, number)), "promote": False})
+            calls["publish"].append(time.perf_counter() - started)
+            for phase, seconds in done["phases"].items():
+                phases.setdefault(phase, []).append(seconds)
             await asyncio.sleep(args.flip_every)
-        if args.flips % 3 == 2:  # end on the newest version
-            swaps["promote"].append((await admin(session, state, "POST", "/admin/adapters/promote",
-                                                 {"version": f"merged@v{number}"}))["swap_s"])
+            action = ("rollback", "promote")[i % 2]
+            body = {"alias": "default"} if action == "rollback" else {"version": "default@v1"}
+            started = time.perf_counter()
+            await admin(session, state, "POST", f"/admin/adapters/{action}", body)
+            calls[action].append(time.perf_counter() - started)
+            await asyncio.sleep(args.flip_every)
+        if args.publishes % 2:  # end on default@v1
+            await admin(session, state, "POST", "/admin/adapters/promote",
+                        {"version": "default@v1"})
+        started = time.perf_counter()
+        await admin(session, state, "POST", "/admin/adapters/promote",
+                    {"version": f"default@v{number}"})
+        new_weights = time.perf_counter() - started
+        await asyncio.sleep(3)
         stop.set()
         await asyncio.gather(*clients, return_exceptions=True)
-        took = await wait_merged(session, state)
         async with session.get(url + "/metrics") as resp:
             after = restarts(await resp.text())
     failed = [r for r in results if not r[0]]
-    seen = {w: sum(1 for r in results if r[1] == w) for w in ("merged", "adapter", "base")}
-    every = [x for xs in swaps.values() for x in xs]
+    seen: dict[str, int] = {}
+    for r in results:
+        seen[r[1]] = seen.get(r[1], 0) + 1
     print(f"\n== swaps under load: {args.flip_clients} clients (half streaming, 24 tokens) on "
-          f"alias 'merged', from a version served merged: publish a new one / roll back / "
-          f"promote it again, one every {args.flip_every:.0f} s, {len(every)} swaps ==")
+          f"`default`: {args.publishes} candidate publishes with a rollback or a promote back "
+          f"after each, {args.flip_every:.0f} s apart, then one new version promoted ==")
     print(f"requests {len(results)}  failed {len(failed)}  answered by {seen}")
     print(f"engine restarts: primary {after['primary'] - before['primary']:.0f}, "
-          f"merged {after['merged'] - before['merged']:.0f}")
-    for action, xs in swaps.items():
-        print(f"swap time, {action:<8} (call to alias flip): median {median(xs):.3f} s, "
-              f"max {max(xs):.3f} s over {len(xs)}")
-    print(f"served merged again {took:.0f} s after the last promote")
+          f"compiled {after['compiled'] - before['compiled']:.0f}")
+    for action, xs in calls.items():
+        print(f"{action:<9} call: median {median(xs):.3f} s, max {max(xs):.3f} s over {len(xs)}")
+    print("publish by phase (median / max): " + ", ".join(
+        f"{phase} {median(xs):.3f} / {max(xs):.3f}" for phase, xs in phases.items()))
+    print(f"promote of a new version (waits for its merge, engine start and probe): "
+          f"{new_weights:.0f} s")
     for r in failed[:3]:
         print("  failed:", r[2])
 
+
+# -- 4. gateway overhead ----------------------------------------------------------------------
 
 async def bench(gateway: str, engine: str, base_model: str, args: argparse.Namespace) -> None:
     # Warm both paths (first requests compile kernels, fill caches).
@@ -363,41 +450,46 @@ def main() -> None:
                         help="requests per concurrent stream in one batch")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--overhead-requests", type=int, default=100)
-    parser.add_argument("--flips", type=int, default=12)
-    parser.add_argument("--flip-every", type=float, default=3.0, help="seconds between swaps")
+    parser.add_argument("--publishes", type=int, default=10)
+    parser.add_argument("--flip-every", type=float, default=3.0, help="seconds between calls")
     parser.add_argument("--flip-clients", type=int, default=8)
     parser.add_argument("--sections", type=lambda s: set(s.split(",")),
-                        default={"learned", "swaps", "overhead"},
-                        help="which to run: learned,swaps,overhead (the first two need a server "
-                             "of their own)")
+                        default={"plain", "overhead", "learned", "swaps"},
+                        help="which to run: plain,overhead,learned,swaps (all but overhead need "
+                             "a server of their own)")
     args = parser.parse_args()
 
     proc = None
+    model_dir = str(ensure_embedded_model(load_config().model_cache_path))
+    tmp = Path(tempfile.mkdtemp(prefix="sdloop-bench-"))
+    data_dir = Path(args.data_dir).resolve() if args.data_dir else tmp
     if args.data_dir:
-        state = running_server(Path(args.data_dir).resolve())
+        state = running_server(data_dir)
         if state is None:
             sys.exit(f"no sdloop server is running on {args.data_dir}")
     else:
-        tmp = Path(tempfile.mkdtemp(prefix="sdloop-bench-"))
         folders = make_versions(tmp / "versions") if {"learned", "swaps"} & args.sections \
             else None
         print(f"starting sdloop serve on {tmp} ...", flush=True)
-        proc, state = start_server(tmp, env={"SDLOOP_ENGINE__MERGED_ALIAS": "merged"})
-    KEYS[state["engine_url"]] = state.get("engine_api_key", "")
+        proc, state = start_server(tmp)
     try:
-        with urllib.request.urlopen(urllib.request.Request(
-                state["engine_url"] + "/v1/models", headers=auth(state["engine_url"]))) as resp:
-            base_model = next(m["id"] for m in json.loads(resp.read())["data"] if not m.get("parent"))
         print(f"machine: {os.cpu_count()} cpus; {_cpu_model()}")
+        took = asyncio.run(wait_compiled(state, "base"))
+        print(f"`default` served by its compiled base engine {took:.0f} s after /readyz")
+        compiled = (running_server(data_dir) or state).get("compiled_engines", {})["base"]
+        KEYS[compiled["url"]] = compiled["api_key"]
+        if "plain" in args.sections:
+            asyncio.run(plain_rows(state, model_dir, args, tmp))
+        if "overhead" in args.sections:
+            asyncio.run(bench(state["url"], compiled["url"], "base", args))
         if proc is not None and folders is not None:
             if "learned" in args.sections:
                 asyncio.run(learned_rows(state, folders, args))
-            else:
-                asyncio.run(publish_and_wait(state, folders))
             if "swaps" in args.sections:
+                if "learned" not in args.sections:
+                    asyncio.run(learned_rows(state, folders, argparse.Namespace(
+                        **{**vars(args), "rounds": 1, "concurrency": [1]})))
                 asyncio.run(flips_under_load(state, folders, args))
-        if "overhead" in args.sections:
-            asyncio.run(bench(state["url"], state["engine_url"], base_model, args))
     finally:
         if proc is not None:
             stop_server(proc)

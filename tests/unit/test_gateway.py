@@ -163,6 +163,7 @@ class EngineState:
         self.base_url = base_url
         self.auth_headers = {"authorization": f"Bearer {ENGINE_KEY}"}
         self.served_model_name = "base"
+        self.role = "primary"
         self.ready = True
         self.last_error = "the inference engine is starting"
         self.unreachable: list[str] = []

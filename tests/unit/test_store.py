@@ -15,6 +15,7 @@ import pytest
 
 from feedback import (
     CompletionEvent,
+    Event,
     FollowupEvent,
     ReplicaVersionEvent,
     SinkFull,
@@ -151,33 +152,52 @@ def test_redelivered_batch_stores_its_new_events_and_skips_the_rest(writer):
     assert cur.execute("SELECT count(*), count(DISTINCT id) FROM completions").fetchone() == (800, 800)
 
 
-def test_large_batches_store_the_same_rows_as_single_events(writer):
-    # Large batches take the bulk path (numpy columns), lone events the bound-list one.
-    from store.writer import BULK_MIN_ROWS
-
+def test_events_off_the_wire_store_the_same_rows_as_the_gateways(writer):
+    # The gateway's events carry token ids as lists, the ingester's (off the events topic)
+    # as the JSON text they arrived in: both land as the same INTEGER[] rows, in a lone event's
+    # transaction or in a large batch, NULLs and non-ASCII text included.
     def full(cid: str) -> CompletionEvent:
         ev = completion(cid, text="Paris, \u00e9t\u00e9 \U0001f600")
         ev.session_id, ev.latency_ms, ev.ttft_ms, ev.prompt_tokens = "s1", 12.5, 3.0, 2
+        ev.prompt_token_ids, ev.token_ids = [1, 2**31 - 1], [0, 7]
         ev.response_message = {"role": "assistant", "content": ev.response_text,
                                "tool_calls": [{"id": "t", "arguments": "{}"}]}
         return ev
 
+    def off_the_wire(ev: CompletionEvent) -> Event:
+        return Event.from_json(ev.to_json())
+
     writer.submit(full("single")).result(5)
-    batch = [full(f"bulk{i}") for i in range(BULK_MIN_ROWS)]
+    writer.submit(off_the_wire(full("wire"))).result(5)
+    batch = [full(f"bulk{i}") for i in range(300)]
     batch[1].status, batch[1].error, batch[1].token_ids = "engine_error", "boom", None
     assert writer.submit_batch(batch).result(10) == [None] * len(batch)
+    wired = [off_the_wire(full(f"wbulk{i}")) for i in range(300)]
+    assert writer.submit_batch(wired).result(10) == [None] * len(wired)
     cur = writer.cursor()
 
     def row(cid: str) -> tuple:
         return cur.execute("SELECT * EXCLUDE (id, event_id, created_at) FROM completions "
                            "WHERE id = ?", [cid]).fetchone()
 
-    assert row("bulk0") == row("single")
+    assert row("bulk0") == row("single") == row("wire") == row("wbulk7")
+    assert cur.execute("SELECT token_ids FROM completions WHERE id = 'wire'").fetchone() == ([0, 7],)
     assert cur.execute("SELECT status, error, token_ids FROM completions WHERE id = 'bulk1'"
                        ).fetchone() == ("engine_error", "boom", None)
     types = cur.execute("SELECT typeof(created_at), typeof(token_ids), typeof(messages) "
                         "FROM completions WHERE id = 'bulk0'").fetchone()
     assert types == ("TIMESTAMP", "INTEGER[]", "JSON")
+
+
+def test_a_token_id_out_of_range_fails_its_event_only(writer):
+    bad = completion("bad")
+    bad.token_ids = [2**31]
+    futures = [writer.submit(completion("ok1")), writer.submit(bad), writer.submit(completion("ok2"))]
+    assert futures[0].result(5) is None and futures[2].result(5) is None
+    with pytest.raises(Exception, match="(?i)too large|overflow|out of range|cast"):
+        futures[1].result(5)
+    ids = {r[0] for r in writer.cursor().execute("SELECT id FROM completions").fetchall()}
+    assert ids == {"ok1", "ok2"}
 
 
 def test_a_caller_giving_up_on_its_future_fails_nothing(writer):
