@@ -30,7 +30,8 @@ CAPTURE_DROPPED = Counter(
 )
 ENGINE_UP = Gauge(
     "sdloop_engine_up", "1 while the engine answers its health check, by role (primary: base "
-    "model and runtime LoRA; merged: the live version on merged weights).", ["role"])
+    "model and runtime LoRA; compiled: an engine without LoRA on base or merged weights).",
+    ["role"])
 ENGINE_RESTARTS = Counter(
     "sdloop_engine_restarts", "Times an engine process died and was restarted, by role.", ["role"])
 RETRIED_AFTER_RESTART = Counter(

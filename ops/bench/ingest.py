@@ -1,6 +1,6 @@
 """Events/s into the feedback store: the direct writer and Kafka → `sdloop ingest`, side by side.
 
-    python ops/bench/ingest.py [--events 50000] [--repeats 3]
+    python ops/bench/ingest.py [--events 100000] [--repeats 3]
 
 The same generated events go through both paths, fresh store (and fresh topic) per run:
 - direct: `StoreWriter.submit` for every event, timed until the writer closed (the last commit

@@ -4,8 +4,8 @@ compiled weights, `serving.merged`).
 
 1. Plain vLLM: the same model folder served by `python -m vllm.entrypoints.openai.api_server
    --model <folder>` with vLLM's defaults, against sdloop's `default` alias at rest (base, on
-   its compiled engine). Both run side by side but take load one at a time, interleaved round
-   by round (A B A B), ratios within each round.
+   its compiled engine): engines one at a time (vLLM's defaults take most of the memory for
+   the KV cache), A B A B, each start measured after a warm-up, ratios round by round.
 2. Learned model: `default@v1` published (the call returns once its merged engine is up and
    probed); then, round after round: the version on `default`, a rollback, base on `default`, a
    promote back — ratios learned/base within each round; the first round starts 2 s after the
@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -154,33 +156,69 @@ def start_plain_vllm(model_dir: str, log: Path) -> tuple[subprocess.Popen[bytes]
     sys.exit("plain vLLM did not become ready")
 
 
-async def plain_rows(state: dict, model_dir: str, args: argparse.Namespace, tmp: Path) -> None:
-    proc, plain = start_plain_vllm(model_dir, tmp / "plain-vllm.log")
-    try:
-        arms = {"plain vLLM": (plain, model_dir), "sdloop default": (state["url"], "default")}
-        for url, model in arms.values():  # warm each path
-            await run_batch(url, model, False, 2, 2, 8)
-        print(f"\n== plain vLLM (vLLM's defaults, same folder) vs sdloop's `default` at rest "
-              f"(max_tokens {args.max_tokens}, {args.rounds} rounds, A B A B) ==")
-        header = f"{'streams':<8}" + "".join(f"{arm + ' tok/s':>22}" for arm in arms) + \
-            f"{'sdloop/plain':>14}"
-        print(header)
-        print("-" * len(header))
-        for concurrency in args.concurrency:
-            n = max(args.requests_per_stream * concurrency, concurrency)
-            runs: dict[str, list[float]] = {arm: [] for arm in arms}
-            for _ in range(args.rounds):
-                for arm, (url, model) in arms.items():
-                    batch = await run_batch(url, model, False, concurrency, n, args.max_tokens)
-                    runs[arm].append(batch.tokens_per_s)
-            ratio = median([s / p for s, p in zip(runs["sdloop default"], runs["plain vLLM"],
-                                                  strict=True)])
-            print(f"{concurrency:<8}" + "".join(f"{median(runs[arm]):>22.1f}" for arm in arms)
-                  + f"{ratio:>14.2f}", flush=True)
-        print("ratio: median over rounds of sdloop/plain tokens per second in the same round "
-              "(target >= 0.95).")
-    finally:
-        stop_server(proc)
+def stop_plain_vllm(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to its process group (the API server and its engine core), SIGKILL after 60 s:
+    its memory must be free before the next engine starts."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(60)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(2)
+
+
+async def measure(url: str, model: str, args: argparse.Namespace) -> dict[int, float]:
+    """Median tokens/s per concurrency over `--batches` batches, after a warm-up."""
+    await run_batch(url, model, False, 2, 2, 8)
+    out = {}
+    for concurrency in args.concurrency:
+        n = max(args.requests_per_stream * concurrency, concurrency)
+        out[concurrency] = median([(await run_batch(url, model, False, concurrency, n,
+                                                    args.max_tokens)).tokens_per_s
+                                   for _ in range(args.batches)])
+    return out
+
+
+def plain_rows(model_dir: str, args: argparse.Namespace, tmp: Path) -> None:
+    """Engines one at a time (plain vLLM's defaults take 92 % of the memory for its KV cache on
+    the CPU build, so nothing else may run beside it), A B A B: each round starts plain vLLM,
+    measures, stops it, then starts `sdloop serve` (shipped defaults), waits for its `default`
+    to be on the compiled base engine, measures, stops it."""
+    runs: dict[str, list[dict[int, float]]] = {"plain vLLM": [], "sdloop default": []}
+    for round_ in range(args.plain_rounds):
+        proc, plain = start_plain_vllm(model_dir, tmp / "plain-vllm.log")
+        try:
+            runs["plain vLLM"].append(asyncio.run(measure(plain, model_dir, args)))
+        finally:
+            stop_plain_vllm(proc)
+        data_dir = tmp / f"plain-round-{round_}"
+        data_dir.mkdir()
+        server, state = start_server(data_dir)
+        try:
+            asyncio.run(wait_compiled(state, "base"))
+            runs["sdloop default"].append(asyncio.run(measure(state["url"], "default", args)))
+        finally:
+            stop_server(server)
+        print(f"round {round_ + 1}: " + "; ".join(
+            f"{arm} " + ", ".join(f"{c}: {v[-1][c]:.1f}" for c in args.concurrency)
+            for arm, v in runs.items()), flush=True)
+    print(f"\n== plain vLLM (vLLM's defaults, same folder) vs sdloop's `default` at rest "
+          f"(max_tokens {args.max_tokens}, {args.plain_rounds} rounds A B A B, engines one at "
+          f"a time, median of {args.batches} batches per start) ==")
+    header = f"{'streams':<8}" + "".join(f"{arm + ' tok/s':>22}" for arm in runs) + \
+        f"{'sdloop/plain':>14}{'range':>14}"
+    print(header)
+    print("-" * len(header))
+    for c in args.concurrency:
+        ratios = [s[c] / p[c] for s, p in zip(runs["sdloop default"], runs["plain vLLM"],
+                                              strict=True)]
+        print(f"{c:<8}" + "".join(f"{median([r[c] for r in v]):>22.1f}" for v in runs.values())
+              + f"{median(ratios):>14.2f}{f'{min(ratios):.2f}-{max(ratios):.2f}':>14}",
+              flush=True)
+    print("ratio: median over rounds of sdloop/plain tokens per second, each round's pair of "
+          "starts (target >= 0.95).")
 
 
 # -- 2. the learned model ---------------------------------------------------------------------
@@ -450,6 +488,10 @@ def main() -> None:
                         help="requests per concurrent stream in one batch")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--overhead-requests", type=int, default=100)
+    parser.add_argument("--plain-rounds", type=int, default=2,
+                        help="A B A B rounds of plain vLLM and sdloop, one engine at a time")
+    parser.add_argument("--batches", type=int, default=3,
+                        help="batches per concurrency per engine start in the plain rounds")
     parser.add_argument("--publishes", type=int, default=10)
     parser.add_argument("--flip-every", type=float, default=3.0, help="seconds between calls")
     parser.add_argument("--flip-clients", type=int, default=8)
@@ -462,6 +504,11 @@ def main() -> None:
     proc = None
     model_dir = str(ensure_embedded_model(load_config().model_cache_path))
     tmp = Path(tempfile.mkdtemp(prefix="sdloop-bench-"))
+    print(f"machine: {os.cpu_count()} cpus; {_cpu_model()}")
+    if "plain" in args.sections and not args.data_dir:
+        plain_rows(model_dir, args, tmp)
+        if not args.sections - {"plain"}:
+            return
     data_dir = Path(args.data_dir).resolve() if args.data_dir else tmp
     if args.data_dir:
         state = running_server(data_dir)
@@ -473,13 +520,10 @@ def main() -> None:
         print(f"starting sdloop serve on {tmp} ...", flush=True)
         proc, state = start_server(tmp)
     try:
-        print(f"machine: {os.cpu_count()} cpus; {_cpu_model()}")
         took = asyncio.run(wait_compiled(state, "base"))
         print(f"`default` served by its compiled base engine {took:.0f} s after /readyz")
         compiled = (running_server(data_dir) or state).get("compiled_engines", {})["base"]
         KEYS[compiled["url"]] = compiled["api_key"]
-        if "plain" in args.sections:
-            asyncio.run(plain_rows(state, model_dir, args, tmp))
         if "overhead" in args.sections:
             asyncio.run(bench(state["url"], compiled["url"], "base", args))
         if proc is not None and folders is not None:
