@@ -93,7 +93,7 @@ def _is_store_failure(exc: BaseException) -> bool:
     return (isinstance(exc, duckdb.TransactionException) and "failed to commit" in text
             and "constraint" not in text)
 
-# Column, and its SQL type. Rows are inserted a batch at a time, column by column
+# Column, and its SQL type. Rows are inserted a batch at a time, as one Arrow table
 # (`_BulkInsert`), far cheaper than `executemany`. Rows are keyed by event: a redelivered event
 # must be a no-op. A plain INSERT still checks the key (and fails on a duplicate) at a third of
 # the cost of `INSERT OR IGNORE`, so batches are written plainly first and only a batch that
@@ -143,19 +143,18 @@ _ARROW_TYPES = {
 class _BulkInsert:
     """Rows of one table, a batch at a time, handed to DuckDB as one Arrow table.
 
-    DuckDB scans an Arrow table without converting a Python object per value (~2x faster than
-    numpy object columns, ~4x than bound lists, on the bench's traffic), and the batch is never
-    copied into a staging table. JSON values arrive as JSON text and are cast by the INSERT.
-    Token ids arrive as Python lists (the gateway's events, an Arrow list column) or, off the
-    events topic, still as their JSON text (`EncodedIds`, parsed by DuckDB's JSON reader).
+    DuckDB scans an Arrow table without converting a Python object per value, and the batch is
+    never copied into a staging table. JSON values and token-id lists arrive as JSON text (the
+    gateway's encoded here, the ingester's as they came off the topic, `EncodedIds`) and are
+    cast or parsed by the INSERT.
 
     `skip_duplicates` leaves out rows whose key is stored already; without it a duplicate
-    raises `duckdb.ConstraintException` (and aborts the transaction). A value that does not fit
-    its column (an integer out of range) raises before anything is written.
+    raises `duckdb.ConstraintException` (and aborts the transaction). So does a value that does
+    not fit its column (a token id out of range): the caller writes the batch's events one by
+    one then, and only that event fails.
     """
 
     def __init__(self, table: str, columns: tuple[tuple[str, str], ...]) -> None:
-        self.table = table
         self.columns = columns
         self.names = tuple(name for name, _ in columns)
         self._view = f"sdloop_batch_{table}"

@@ -29,19 +29,27 @@ def start_server(data_dir: Path, env: dict[str, str] | None = None,
         [sys.executable, "-m", "serving.cli", "serve", "--data-dir", str(data_dir),
          "--port", str(port), "--no-learner"], stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})})
-    deadline = time.monotonic() + 900
+    wait_until_up(proc, f"http://127.0.0.1:{port}/readyz", "sdloop serve",
+                  data_dir / "serve.out")
+    return proc, running_server(data_dir) or {}
+
+
+def wait_until_up(proc: subprocess.Popen[bytes], probe_url: str, name: str, log: Path,
+                  timeout_s: float = 900) -> None:
+    """Poll `probe_url` until it answers 200; exit the bench if `proc` dies or never gets there."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"sdloop serve exited; see {data_dir / 'serve.out'}")
+            sys.exit(f"{name} exited; see {log}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return proc, running_server(data_dir) or {}
+            with urllib.request.urlopen(probe_url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
         except OSError:
             pass
         time.sleep(1)
     proc.kill()
-    sys.exit("sdloop serve did not become ready")
+    sys.exit(f"{name} did not become ready")
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:

@@ -40,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +48,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ops.bench.adapter import train_version  # noqa: E402
-from ops.bench.server import start_server, stop_server  # noqa: E402
+from ops.bench.server import start_server, stop_server, wait_until_up  # noqa: E402
 from serving.config import load_config  # noqa: E402
 from serving.engine import free_port  # noqa: E402
 from serving.model_cache import ensure_embedded_model  # noqa: E402
@@ -141,19 +140,8 @@ def start_plain_vllm(model_dir: str, log: Path) -> tuple[subprocess.Popen[bytes]
         stdout=open(log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115 - the child writes it
         start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"plain vLLM exited; see {log}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return proc, url
-        except OSError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    sys.exit("plain vLLM did not become ready")
+    wait_until_up(proc, f"{url}/health", "plain vLLM", log)
+    return proc, url
 
 
 def stop_plain_vllm(proc: subprocess.Popen[bytes]) -> None:
