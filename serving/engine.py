@@ -44,6 +44,22 @@ log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 
+# vLLM's server closes a connection idle for VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s by default);
+# aiohttp keeps one for 15 s. A request sent on a connection the engine is closing meets a
+# reset, which reads as a dead engine: the request went to the primary engine and the compiled
+# one was probed again (CI, 2026-12-07, under a publish's load). Reusing a connection only while
+# it has been idle well under the engine's limit leaves the margin to the loop's lag.
+ENGINE_KEEPALIVE_S = 2.0
+
+
+def engine_session(timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+    """An HTTP session for talking to engines: connections reused only while the engine keeps
+    them open (`ENGINE_KEEPALIVE_S`)."""
+    return aiohttp.ClientSession(
+        timeout=timeout,
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=ENGINE_KEEPALIVE_S),
+    )
+
 
 class EngineUnavailable(RuntimeError):
     """The engine is starting, restarting or unreachable."""
@@ -167,7 +183,7 @@ class EngineManager:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        self._session = engine_session(aiohttp.ClientTimeout(total=5))
         if not self.external:
             self._spawn()
         self._monitor = asyncio.create_task(self._watch(), name="engine-monitor")

@@ -20,7 +20,7 @@ from feedback import Event, Sink, SinkFull
 from serving import metrics
 from serving.auth import KeyRing, Principal
 from serving.config import Config
-from serving.engine import EngineManager
+from serving.engine import EngineManager, engine_session
 from serving.http import check_bearer
 from serving.registry import AdapterRegistry
 from store import StoreWriter
@@ -62,10 +62,7 @@ class Gateway:
 
     async def open(self) -> None:
         # No total timeout: a long generation is not an error. Connecting is bounded.
-        self.http = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
-            connector=aiohttp.TCPConnector(limit=0, force_close=False),
-        )
+        self.http = engine_session(aiohttp.ClientTimeout(total=None, sock_connect=5))
 
     async def close(self) -> None:
         if self.http is not None:

@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from starlette.testclient import TestClient
@@ -24,7 +25,7 @@ from serving.app import create_app
 from serving.capture import StreamCapture
 from serving.chat import _relay_stream
 from serving.config import load_config
-from serving.engine import free_port
+from serving.engine import engine_session, free_port
 from serving.gateway import Gateway
 from serving.registry import AdapterRegistry, InFlight
 from store import StoreWriter
@@ -563,3 +564,39 @@ def test_feedback_on_a_bus_sink_answers_what_the_bus_did(tmp_path, fake_engine, 
             assert resp.json()["type"] == "critique"
         else:
             assert words in resp.json()["error"]["message"] and "Kafka broker" in resp.text
+
+
+VLLM_KEEP_ALIVE_S = 5.0  # vLLM's server closes a connection idle this long (VLLM_HTTP_TIMEOUT_KEEP_ALIVE)
+
+
+def test_a_connection_to_an_engine_is_reused_only_well_inside_the_engines_keep_alive():
+    """A request sent on a connection the engine is closing meets a reset that reads as a dead
+    engine (the compiled engine was taken out of routing in CI); such a connection is never
+    reused, a fresh one is still reused at once."""
+    async def check() -> tuple[int, int, int]:
+        async def peer_port(request: web.Request) -> web.Response:
+            return web.Response(text=str(request.transport.get_extra_info("peername")[1]))
+
+        app = web.Application()
+        app.router.add_get("/health", peer_port)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        session = engine_session(aiohttp.ClientTimeout(total=5))
+
+        async def ask() -> int:
+            async with session.get(f"http://127.0.0.1:{port}/health") as resp:
+                return int(await resp.text())
+
+        try:
+            first, again = await ask(), await ask()
+            await asyncio.sleep(VLLM_KEEP_ALIVE_S - 1)  # inside the engine's limit, by a loop's lag
+            return first, again, await ask()
+        finally:
+            await session.close()
+            await runner.cleanup()
+
+    first, again, later = asyncio.run(check())
+    assert again == first  # reused at once
+    assert later != first  # not on a connection the engine may be closing
