@@ -2,6 +2,6 @@
 
 import sys
 
-from serving.cli import main
+from serving.commands import main
 
 sys.exit(main(["learn", *sys.argv[1:]]))

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from serving.cli import Command, private_data
 from serving.client import ClientError, admin_call, server_state, store_query
+from serving.commands import Command, private_data
 from serving.config import Config
 from serving.model_cache import ModelError, ensure_embedded_model
 from store import QueryError

@@ -21,7 +21,7 @@ from typing import Any
 
 from learner import metrics
 from serving.config import Config
-from serving.engine import die_with_parent
+from serving.process import die_with_parent
 
 log = logging.getLogger("sdloop.learn")
 

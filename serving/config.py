@@ -108,7 +108,7 @@ class EngineConfig:
     tool_call_parser: str = "hermes"
     # vLLM-CPU KV cache, GiB (VLLM_CPU_KVCACHE_SPACE).
     cpu_kvcache_gb: int = 2
-    # The alias served by engines without LoRA (`serving.merged`): the base model's folder at
+    # The alias served by engines without LoRA (`serving.engine.merged`): the base model's folder at
     # rest, a version's merged weights once promoted (a promote waits for that engine: a
     # minute or two on 2 cores). vLLM-CPU compiles only without LoRA. Empty: the primary
     # engine serves every alias.

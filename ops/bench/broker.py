@@ -18,8 +18,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from serving.engine import free_port
-from serving.server import stop_child
+from serving.process import free_port, stop_child
 
 
 def tansu_binary() -> Path:

@@ -12,7 +12,7 @@ The same generated events go through both paths, fresh store (and fresh topic) p
   commits, dead letters, offset commit) over the backlog, until every event is stored and the
   writer closed (its checkpoint).
 The broker is `tansu` (in memory) on loopback, on the same cores as everything else.
-The process collects garbage as `sdloop serve` and `sdloop ingest` do (`serving.cli.tune_gc`,
+The process collects garbage as `sdloop serve` and `sdloop ingest` do (`serving.commands.tune_gc`,
 after the events are generated: they are the harness's input, alive throughout, and would
 otherwise be walked by every full collection, which a serving process never holds).
 
@@ -47,7 +47,7 @@ from feedback import (  # noqa: E402
 )
 from feedback.kafka import KafkaSink  # noqa: E402
 from ops.bench.broker import Broker  # noqa: E402
-from serving.cli import tune_gc  # noqa: E402
+from serving.commands import tune_gc  # noqa: E402
 from serving.config import load_config  # noqa: E402
 from store import StoreWriter, query_file  # noqa: E402
 from store.ingest import Ingester  # noqa: E402

@@ -224,7 +224,7 @@ def retention_pct(ev: dict[str, Any]) -> float:
 
 def learn_once(data_dir: Path, env: dict[str, str], max_steps: int | None) -> dict[str, Any]:
     """`sdloop learn --once` as the daemon runs it (a child process); its JSON summary."""
-    cmd = [sys.executable, "-m", "serving.cli", "learn", "--once", "--data-dir", str(data_dir)]
+    cmd = [sys.executable, "-m", "serving.commands", "learn", "--once", "--data-dir", str(data_dir)]
     if max_steps is not None:
         cmd += ["--max-steps", str(max_steps)]
     log = data_dir / "learn.err"

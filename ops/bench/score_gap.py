@@ -1,6 +1,6 @@
 """How far a log-probability read during decoding is from the same one computed by a prefill.
 
-`EngineManager.score` (the probe of a version, `serving.probe`) reads a response's scores from
+`EngineManager.score` (the probe of a version, `serving.engine.probe`) reads a response's scores from
 one greedy generation: step i's log-probability of the response's token i, computed in a decode
 step. The reference a test compares it with is one one-token request per position, whose score
 comes out of a prefill. In bf16 the two differ by rounding, more the less likely the token; a

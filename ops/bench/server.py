@@ -13,8 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from serving.engine import free_port
-from serving.server import stop_child
+from serving.process import free_port, stop_child
 from serving.state import running_server
 
 
@@ -26,7 +25,7 @@ def start_server(data_dir: Path, env: dict[str, str] | None = None,
     port = free_port()
     log = open(data_dir / "serve.out", "ab")  # noqa: SIM115 - the child writes it
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", "serve", "--data-dir", str(data_dir),
+        [sys.executable, "-m", "serving.commands", "serve", "--data-dir", str(data_dir),
          "--port", str(port), "--no-learner"], stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})})
     wait_until_up(proc, f"http://127.0.0.1:{port}/readyz", "sdloop serve",

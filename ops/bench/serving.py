@@ -1,6 +1,6 @@
 """Serving benchmark: sdloop against plain vLLM, a learned version against base, swaps under
 load, gateway overhead. The server runs the shipped defaults (the `default` alias served on
-compiled weights, `serving.merged`).
+compiled weights, `serving.engine.merged`).
 
 1. Plain vLLM: the same model folder served by `python -m vllm.entrypoints.openai.api_server
    --model <folder>` with vLLM's defaults, against sdloop's `default` alias at rest (base, on
@@ -50,8 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from ops.bench.adapter import train_version  # noqa: E402
 from ops.bench.server import start_server, stop_server, wait_until_up  # noqa: E402
 from serving.config import load_config  # noqa: E402
-from serving.engine import free_port  # noqa: E402
 from serving.model_cache import ensure_embedded_model  # noqa: E402
+from serving.process import free_port  # noqa: E402
 from serving.state import running_server  # noqa: E402
 from serving.version_folder import MANIFEST  # noqa: E402
 

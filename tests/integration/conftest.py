@@ -27,10 +27,10 @@ from typing import Any
 import pytest
 
 from ops.bench.adapter import train_version
-from serving.engine import free_port
+from serving.process import free_port
 from serving.state import read_state_file
 
-SDLOOP = [sys.executable, "-m", "serving.cli"]
+SDLOOP = [sys.executable, "-m", "serving.commands"]
 STARTUP_TIMEOUT_S = float(os.environ.get("SDLOOP_TEST_STARTUP_TIMEOUT", "900"))
 # One converted model for every test server (make test sets this; plain pytest gets the same).
 MODEL_CACHE = os.environ.get(

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from serving.config import EngineConfig
-from serving.engine import EngineManager
+from serving.engine.manager import EngineManager
 from serving.version_folder import MANIFEST, file_digest
 from tests.integration.conftest import (
     QUESSANY,
@@ -146,7 +146,7 @@ def _base_model(server: Server) -> str:
 def test_base_requests_beside_adapter_requests_get_the_base_model_with_every_lora_slot_taken(
         server: Server, taught_adapter: str, tmp_path, on_base):
     """vLLM-CPU's LoRA ops give tokens without an adapter the adapter in the last LoRA slot;
-    the sdloop vLLM plugin (serving.vllm_plugin) mends them. Without it, the base requests here
+    the sdloop vLLM plugin (serving.engine.vllm_plugin) mends them. Without it, the base requests here
     answer with the taught adapter's Dalvorne."""
     base = _base_model(server)
     alone = _engine_chat(server, base, 12)

@@ -26,7 +26,7 @@ from feedback.kafka import KafkaSink
 from ops.bench.adapter import train_version
 from ops.bench.broker import Broker
 from serving.config import load_config
-from serving.control import SIGNATURE_HEADER, ControlFollower, ControlPublisher
+from serving.versions.control import SIGNATURE_HEADER, ControlFollower, ControlPublisher
 from store import StoreWriter
 from tests.factories import completion
 from tests.integration.conftest import (

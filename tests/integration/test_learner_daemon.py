@@ -11,7 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from serving.engine import free_port
+from serving.process import free_port
 from tests.integration.conftest import Server, start_server, stop_server
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from starlette.requests import Request
 
-from serving.auth import CONFIG_PRINCIPAL, LOCAL, KeyRing
-from serving.control import CommandGate, RefusedCommand
-from serving.errors import APIError
+from serving.gateway.auth import CONFIG_PRINCIPAL, LOCAL, KeyRing
+from serving.gateway.errors import APIError
+from serving.versions.control import CommandGate, RefusedCommand
 from store.keys import key_digest
 from tests.unit.test_control_signing import SECRET, TOPIC, command, signed
 

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-import serving.control
+import serving.versions.control
 from feedback import ReplicaVersionEvent, new_id
 from feedback.config import KafkaConfig
-from serving.cli import main
+from serving.commands import main
 from serving.config import ConfigError, load_config
-from serving.control import (
+from serving.versions.control import (
     SIGNATURE_HEADER,
     CommandGate,
     ControlFollower,
@@ -171,7 +171,7 @@ def test_ingest_and_a_kafka_replica_refuse_to_start_without_a_secret(
         argv: list[str], tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("SDLOOP_KAFKA__CONTROL_SECRET", raising=False)
     monkeypatch.setenv("SDLOOP_FEEDBACK__SINK", "kafka")
-    monkeypatch.setattr("serving.cli.tune_gc", lambda: None)  # not in the test process
+    monkeypatch.setattr("serving.entrypoints.cli.tune_gc", lambda: None)  # not in the test process
     assert main([*argv, "--data-dir", str(tmp_path)]) == 2
     assert "kafka.control_secret (SDLOOP_KAFKA__CONTROL_SECRET) is not set" in capsys.readouterr().err
 
@@ -188,7 +188,7 @@ def test_what_the_publisher_sends_a_replica_admits_once(monkeypatch):
             sent.append({"topic": topic, **kwargs})
             return Acked()
 
-    monkeypatch.setattr(serving.control, "new_producer", lambda kafka: Producer())
+    monkeypatch.setattr(serving.versions.control, "new_producer", lambda kafka: Producer())
     kafka = KafkaConfig(control_topic=TOPIC, control_secret=SECRET.decode())
     publisher = ControlPublisher(None, kafka)  # type: ignore[arg-type] - no store needed here
     asyncio.run(publisher._command({"action": "rollback", "alias": "default", "version": "base"}))

@@ -21,13 +21,14 @@ from aiohttp import web
 from starlette.testclient import TestClient
 
 from feedback import CompletionEvent, Event, SinkFull, new_id, utcnow
-from serving.app import create_app
-from serving.capture import StreamCapture
-from serving.chat import _relay_stream
 from serving.config import load_config
-from serving.engine import engine_session, free_port
-from serving.gateway import Gateway
-from serving.registry import AdapterRegistry, InFlight
+from serving.engine.manager import engine_session
+from serving.gateway.app import create_app
+from serving.gateway.capture import StreamCapture
+from serving.gateway.chat import _relay_stream
+from serving.gateway.deps import Gateway
+from serving.process import free_port
+from serving.versions.registry import AdapterRegistry, InFlight
 from store import StoreWriter
 
 TOKEN = "admin-secret"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.merge import RECORD, merged_is_complete, prune
+from serving.engine.merge import RECORD, merged_is_complete, prune
 from serving.version_folder import file_digest
 
 ADAPTER_FILES = {"adapter_model.safetensors": "a" * 64, "adapter_config.json": "b" * 64}

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from serving import merged as merged_module
 from serving.config import EngineConfig
-from serving.merged import MERGE_NICENESS, MergedServing, _background_child, _Slot
+from serving.engine import merged as merged_module
+from serving.engine.merged import MERGE_NICENESS, MergedServing, _background_child, _Slot
 from serving.version_folder import VersionFolder
 
 

@@ -1,6 +1,6 @@
 """The data dir holds every conversation (the store and its WAL), the adapters and the learner's
 checkpoints: the commands that write it keep it and what they write readable by their user only
-(`serving.cli.private_data`), whatever the umask they were started with."""
+(`serving.commands.private_data`), whatever the umask they were started with."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.cli import private_data
+from serving.commands import private_data
 from serving.config import load_config
 from store import StoreWriter
 from tests.factories import completion

@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from serving.registry import AdapterRegistry
 from serving.version_folder import VersionFolder
+from serving.versions.registry import AdapterRegistry
 from store import StoreWriter
 from tests.unit.test_registry_restore import StandInEngine, _version
 

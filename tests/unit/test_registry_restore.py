@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from serving.config import EngineConfig
-from serving.engine import EngineManager, EngineUnavailable
-from serving.registry import AdapterRegistry
+from serving.engine.manager import EngineManager, EngineUnavailable
 from serving.version_folder import MANIFEST, file_digest
+from serving.versions.registry import AdapterRegistry
 from store import StoreWriter
 
 PROBE = {"prompt_token_ids": [1, 2], "response_token_ids": [3], "logprobs": [-0.5]}
@@ -94,7 +94,7 @@ def test_an_altered_version_is_not_restored_and_its_alias_goes_back_to_the_previ
         setup, caplog):
     registry, engine, store, _, v2 = setup
     _alter(v2)
-    with caplog.at_level(logging.ERROR, logger="serving.registry"):
+    with caplog.at_level(logging.ERROR, logger="serving.versions.registry"):
         asyncio.run(registry.restore())
     assert registry.resolve("default") == "default@v1" and engine.loaded == {"default@v1"}
     assert _rows(store, "SELECT version, previous FROM aliases") == [("default@v1", "default@v2")]

@@ -16,7 +16,7 @@ import pytest
 from feedback import CompletionEvent, FeedbackEvent, FollowupEvent, context_hash, new_id, reply_hash
 from learner.report import choose_unit, render_report
 from learner.svg import nice_ticks
-from serving.cli import main
+from serving.commands import main
 from store import QueryResult, StoreWriter, query_file
 from tests.factories import completion as make_completion
 

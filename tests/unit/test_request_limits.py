@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from serving.chat import OMITTED, STORED_PARAMS, stored_params
-from serving.http import nests_deeper_than
+from serving.gateway.chat import OMITTED, STORED_PARAMS, stored_params
+from serving.gateway.http import nests_deeper_than
 from tests.unit.test_gateway import CHAT, FEEDBACK, HI, FakeEngine, Harness, gateway
 
 MIB = 1024 * 1024

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from serving.config import load_config
-from serving.registry import AdapterRegistry
 from serving.version_folder import (
     MANIFEST,
     RegistryError,
@@ -21,6 +20,7 @@ from serving.version_folder import (
     file_digest,
     open_version,
 )
+from serving.versions.registry import AdapterRegistry
 
 
 def _version(root: Path, name: str = "default@v1", **manifest: Any) -> Path:
@@ -117,7 +117,7 @@ def test_versions_are_published_from_the_data_dir_unless_publish_dirs_says_other
 
 def test_the_ingester_refuses_a_publish_from_outside_too(tmp_path):
     """At scale the ingester takes the publish and every replica loads what it names."""
-    from serving.control import ControlPublisher
+    from serving.versions.control import ControlPublisher
 
     publisher = object.__new__(ControlPublisher)  # no broker: refused before one is needed
     publisher.publish_dirs = [tmp_path / "sdloop-data"]

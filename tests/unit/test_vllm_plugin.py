@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 
-from serving import vllm_plugin
+from serving.engine import vllm_plugin
 
 lora_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from serving.errors import APIError
-from serving.http import bearer
+from serving.gateway.errors import APIError
+from serving.gateway.http import bearer
 from store.keys import LOCAL_PRINCIPAL, key_digest
 
 CONFIG_PRINCIPAL = "api_key"

@@ -14,7 +14,7 @@ serves this version) → flip the alias. The version the alias leaves stays load
 rollback target, so that a rollback (and a promote back) is a flip alone; the one before it,
 if nothing else points there, is unloaded once its requests have finished.
 
-With `merged` set (`serving.merged`), the version `engine.merged_alias` points to — base
+With `merged` set (`serving.engine.merged`), the version `engine.merged_alias` points to — base
 included — is served from an engine of its own on compiled weights, and the version it left
 stays up there for a rollback; a promote to that alias flips it once the new version's engine
 is up and probed. `route` says which engine and model name a request for a version goes to.
@@ -34,9 +34,9 @@ from typing import Any, Protocol
 import duckdb
 
 from serving import metrics
-from serving.engine import EngineManager, EngineRequestError, EngineUnavailable
-from serving.merged import MergedServing
-from serving.probe import probe_version
+from serving.engine.manager import EngineManager, EngineRequestError, EngineUnavailable
+from serving.engine.merged import MergedServing
+from serving.engine.probe import probe_version
 from serving.version_folder import (
     PROBE_TOLERANCE,
     RegistryError,
@@ -122,7 +122,7 @@ class AdapterRegistry:
     def route(self, version: str) -> tuple[EngineManager, str, str]:
         """Where a request for `version` goes: the engine, the model name it serves the version
         under, and what answers (`merged`, `adapter` or `base` weights). A compiled engine
-        (`serving.merged`) where one serves the version, else the primary engine."""
+        (`serving.engine.merged`) where one serves the version, else the primary engine."""
         compiled = self.merged.engine_for(version) if self.merged is not None else None
         if compiled is not None:
             return compiled, version, "base" if version == BASE_VERSION else "merged"
@@ -273,7 +273,7 @@ class AdapterRegistry:
 
     async def _promote_when_ready(self, alias: str, found: VersionFolder, started: float) -> float:
         """Flip `alias` to a version loaded and probed in the primary engine — for the merged
-        alias once the compiled engine that will serve it is up and probed (`serving.merged`),
+        alias once the compiled engine that will serve it is up and probed (`serving.engine.merged`),
         so that no request meets the version on runtime LoRA. The alias answers from the
         version it is on meanwhile, and other management calls are not held up (the wait is
         outside the swap lock; the version stays loaded in the primary engine through it)."""

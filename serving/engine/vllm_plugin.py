@@ -17,7 +17,7 @@ batched product): memory traffic that grows with the tokens in the step, 8-9 ms 
 token's input, nothing for slot -1 — with one product per slot.
 
 The plugin also widens vLLM's API-key check (`_guard_every_route`). With a key set (sdloop gives
-its engine child one, `serving.engine`), vLLM checks it only on paths under /v1, /v2,
+its engine child one, `serving.engine.manager`), vLLM checks it only on paths under /v1, /v2,
 /inference and /cohere: /invocations (SageMaker's route, which answers chat and completion
 bodies with any adapter), /tokenize, /pooling, /scale_elastic_ep and the rest stay open to
 every local process, a way to chat past the gateway's capture. Every path but the health

@@ -1,8 +1,8 @@
 """What every route of the gateway works with, passed down once through the app's state.
 
-The gateway is a thin layer over the engine (`serving.chat`), the feedback sink
-(`serving.feedback_api`), the registry and the store (`serving.admin`); `serving.app` puts the
-routes together. This module holds the one object they share, and nothing global.
+The gateway is a thin layer over the engine (`chat`), the feedback sink (`feedback`), the
+registry and the store (`admin`); `app` puts the routes together.
+This module holds the one object they share, and nothing global.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from starlette.requests import Request
 
 from feedback import Event, Sink, SinkFull
 from serving import metrics
-from serving.auth import KeyRing, Principal
 from serving.config import Config
-from serving.engine import EngineManager, engine_session
-from serving.http import check_bearer
-from serving.registry import AdapterRegistry
+from serving.engine.manager import EngineManager, engine_session
+from serving.gateway.auth import KeyRing, Principal
+from serving.gateway.http import check_bearer
+from serving.versions.registry import AdapterRegistry
 from store import StoreWriter
 from store.keys import active_keys
 
@@ -71,7 +71,7 @@ class Gateway:
     # -- who may call ----------------------------------------------------------------------
 
     def authenticate(self, request: Request, scope: str) -> Principal:
-        """Who sends this request, if they may use `scope` (`serving.auth`)."""
+        """Who sends this request, if they may use `scope` (`serving.gateway.auth`)."""
         return self.keys.authenticate(request, scope)
 
     def check_admin(self, request: Request) -> str:

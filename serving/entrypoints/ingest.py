@@ -4,7 +4,7 @@ It owns the data dir the way `serve` does on one machine (the lock, the state fi
 file), so `sdloop sql`, `sdloop adapters` and `sdloop learn` pointed at the same data dir work
 unchanged: they reach the store through this process's admin API. Adapter actions sent there
 are recorded in the store and become control-topic commands for every replica
-(`serving.control`). It also answers /healthz, /readyz and /metrics (ingest rate, lag, dead
+(`serving.versions.control`). It also answers /healthz, /readyz and /metrics (ingest rate, lag, dead
 letters, store write latency).
 """
 
@@ -26,11 +26,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from feedback.kafka import ensure_topics
-from serving.app import SHARED_ROUTES, exception_handlers
 from serving.config import Config
-from serving.control import ControlPublisher, control_secret
-from serving.http import check_bearer
+from serving.gateway.app import SHARED_ROUTES, exception_handlers
+from serving.gateway.http import check_bearer
 from serving.state import ServeLock, remove_state, write_state
+from serving.versions.control import ControlPublisher, control_secret
 from store import StoreWriter
 from store.ingest import Ingester
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
 from feedback import describe_validation_error
-from serving.errors import APIError
+from serving.gateway.errors import APIError
 
 M = TypeVar("M", bound=BaseModel)
 # An oversized body is still read (and dropped) up to this, so the client reads the 413.

@@ -8,7 +8,7 @@ for the same reasons, in the same words.
 from __future__ import annotations
 
 from serving import metrics
-from serving.engine import EngineManager, EngineRequestError, EngineUnavailable
+from serving.engine.manager import EngineManager, EngineRequestError, EngineUnavailable
 from serving.version_folder import RegistryError, VersionFolder, probe_distance
 
 

@@ -1,9 +1,9 @@
 """The gateway's Starlette app: routes, request metrics, and OpenAI-style errors for every
 failure (never a stack trace).
 
-Routes live by concern — `serving.chat`, `serving.feedback_api`, `serving.admin` — and this
-module puts them together with the probes and metrics. `SHARED_ROUTES` are served by
-`sdloop ingest` too.
+Routes live by concern — `chat`, `feedback`, `admin` beside this module — and this module
+puts them together with the probes and metrics. `SHARED_ROUTES` are served by `sdloop ingest`
+too.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving import metrics
-from serving.admin import (
+from serving.gateway.admin import (
     admin_adapter_action,
     admin_adapters,
     admin_key_revoke,
@@ -30,10 +30,10 @@ from serving.admin import (
     admin_review_decide,
     admin_sql,
 )
-from serving.chat import chat_completions
-from serving.errors import APIError, error_response
-from serving.feedback_api import feedback
-from serving.gateway import Gateway, gateway_of
+from serving.gateway.chat import chat_completions
+from serving.gateway.deps import Gateway, gateway_of
+from serving.gateway.errors import APIError, error_response
+from serving.gateway.feedback import feedback
 
 log = logging.getLogger(__name__)
 

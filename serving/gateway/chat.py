@@ -33,16 +33,16 @@ from feedback import (
     utcnow,
 )
 from serving import metrics
-from serving.auth import Principal
-from serving.capture import StreamCapture, count_tokens, finish_from_json
-from serving.errors import APIError, error_body
-from serving.gateway import Gateway, gateway_of
-from serving.http import read_model
-from serving.protocol import ChatRequest
-from serving.registry import InFlight, UnknownAlias
+from serving.gateway.auth import Principal
+from serving.gateway.capture import StreamCapture, count_tokens, finish_from_json
+from serving.gateway.deps import Gateway, gateway_of
+from serving.gateway.errors import APIError, error_body
+from serving.gateway.http import read_model
+from serving.gateway.protocol import ChatRequest
+from serving.versions.registry import InFlight, UnknownAlias
 
 VERSION_HEADER = "x-sdloop-adapter-version"
-# Which weights answered: `base`, `adapter` (runtime LoRA) or `merged` (`serving.merged`);
+# Which weights answered: `base`, `adapter` (runtime LoRA) or `merged` (`serving.engine.merged`);
 # and which engine: `primary` (LoRA-enabled) or `compiled` (no LoRA: base or merged weights).
 WEIGHTS_HEADER = "x-sdloop-weights"
 ENGINE_HEADER = "x-sdloop-engine"

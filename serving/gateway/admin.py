@@ -14,10 +14,10 @@ import duckdb
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serving.errors import APIError
-from serving.gateway import Gateway, gateway_of
-from serving.http import read_model
-from serving.protocol import (
+from serving.gateway.deps import Gateway, gateway_of
+from serving.gateway.errors import APIError
+from serving.gateway.http import read_model
+from serving.gateway.protocol import (
     ADAPTER_ACTIONS,
     KeyRequest,
     PromoteRequest,

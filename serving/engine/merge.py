@@ -7,7 +7,7 @@ architecture, same speed as the base. It is derived data — rebuilt from the im
 folder and the base model whenever it is missing or does not match — so it lives in the
 server's data dir, not in the version folder, and only for versions an alias serves.
 
-`python -m serving.merge BASE ADAPTER OUT VERSION ADAPTER_FILES_JSON` does the merge in a
+`python -m serving.engine.merge BASE ADAPTER OUT VERSION ADAPTER_FILES_JSON` does the merge in a
 process of its own (torch and peft load there, not in the gateway, and a cancelled merge is a
 killed process). The folder is written under a temporary name and renamed when complete,
 with `merged.json`: the version, the adapter's manifest hashes it was made from, and a sha256
@@ -91,7 +91,7 @@ def prune(work_dir: Path, keep: set[str]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 5:
-        print("usage: python -m serving.merge BASE_DIR ADAPTER_DIR OUT_DIR VERSION "
+        print("usage: python -m serving.engine.merge BASE_DIR ADAPTER_DIR OUT_DIR VERSION "
               "ADAPTER_FILES_JSON", file=sys.stderr)
         return 2
     base, adapter, out, version, files = argv

@@ -16,9 +16,9 @@ from starlette.responses import JSONResponse, Response
 
 from feedback import FeedbackRequest, SinkFull, UnknownCompletion
 from serving import metrics
-from serving.errors import APIError
-from serving.gateway import Gateway, gateway_of
-from serving.http import read_model
+from serving.gateway.deps import Gateway, gateway_of
+from serving.gateway.errors import APIError
+from serving.gateway.http import read_model
 
 
 async def feedback(request: Request) -> Response:
