@@ -17,7 +17,7 @@ SDLOOP := $(VENV)/bin/sdloop
 STAMP := $(VENV)/.installed-$(ENGINE)
 PROMTOOL := $(VENV)/bin/promtool
 
-.PHONY: setup run test lint bench-serving bench-learning bench-tools bench-ingest clean
+.PHONY: setup run test lint docs bench-serving bench-learning bench-tools bench-ingest clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 
+# The docs site (mkdocs, material theme) into site/; --strict: a broken link or a page left out of
+# the nav fails the build (CI builds it). `$(VENV)/bin/mkdocs serve` previews it.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 bench-serving: $(STAMP)
 	SDLOOP_MODEL__CACHE_DIR=$(TEST_MODEL_CACHE) $(PY) ops/bench/serving.py $(ARGS)
 
@@ -77,4 +82,4 @@ bench-ingest: $(STAMP)
 	$(PY) ops/bench/ingest.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache *.egg-info site
