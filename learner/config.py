@@ -47,12 +47,12 @@ CONTEXT_SOURCES = (*TEXT_FEEDBACK, "followup", "sibling_success")
 ANSWER_SOURCES = (*(k.name for k in FEEDBACK_KINDS if k.is_answer), "sibling_success")
 RESPONSE_SOURCES = ("on_policy", "teacher", "logged", "mix", "signal")
 
-# How a round writes what it learns (the mechanism knobs; README, "Learning without
-# forgetting"). Projected: a LoRA on `down_proj` of early-middle layers whose input side is kept
-# in the null space of what must not change, trained on the question asked three other ways — the
-# arm that measured best with the gate enforced (ops/bench/learning.py). Dense: a LoRA on every
-# linear module of every layer (the trainer as it was before the null space; the published
-# presets ran so).
+# How a round writes what it learns (the mechanism knobs; docs/concepts/learner.md, "Learning
+# without forgetting"). Projected: a LoRA on `down_proj` of early-middle layers whose input side
+# is kept in the null space of what must not change, trained on the question asked three other
+# ways — the arm that measured best with the gate enforced (ops/bench/learning.py). Dense: a LoRA
+# on every linear module of every layer (the trainer as it was before the null space; the
+# published presets ran so).
 PROJECTED = dict(method="distill", projection="null_space", lora_targets="down_proj",
                  lora_layers="1-6", lora_r=8, lr=5e-3, phrasings=3, null_space_energy=1e-2)
 DENSE = dict(method="distill", projection="none", lora_targets="all-linear", lora_layers="all",
@@ -60,10 +60,10 @@ DENSE = dict(method="distill", projection="none", lora_targets="all-linear", lor
 MECHANISM = tuple(PROJECTED)
 
 # The losses that measured best on the embedded model (measured stand-alone, then through the
-# live loop by ops/bench/learning.py; README, "What the defaults rest on"): the frozen teacher
-# regenerates the answer with the feedback in context, forward KL over the full vocabulary on
-# those answers, a light cross-entropy on them, and the rehearsal anchor that kept retention at
-# base level.
+# live loop by ops/bench/learning.py; docs/concepts/learner.md, "What the defaults rest on"): the
+# frozen teacher regenerates the answer with the feedback in context, forward KL over the full
+# vocabulary on those answers, a light cross-entropy on them, and the rehearsal anchor that kept
+# retention at base level.
 SDLOOP_LOSSES = dict(context=list(CONTEXT_SOURCES), responses="teacher", divergence="forward_kl",
                      support="full_vocab", teacher="frozen", is_cap=0.0, token_clip=0.0,
                      skip_first_tokens=0, distill_weight=1.0, ce_weight=0.5, anchor_weight=16.0)
@@ -103,125 +103,217 @@ UNSET = ("", [], -1, -1.0)
 
 @dataclass
 class LearnerConfig:
+    """The learner, `sdloop learn` (a child of `sdloop serve`, or run on its own): how a round
+    learns from feedback, the gate a candidate must pass, which signals may teach, and how often
+    rounds run."""
+
     preset: str = "sdloop"
+    """The named knobs a round starts from: "sdloop" (the default: the arm that measured best
+    with the gate enforced), "dense", "edit", the published "sdft", "sdpo", "opsd" and
+    "hindsight", or "sft" (the control arm). Any knob set in this section wins over it."""
     # Distillation knobs. Empty / negative: the preset's value (so are the mechanism knobs below:
     # method, projection, lora_targets, lora_layers, lora_r, lr, phrasings, null_space_energy).
     context: list[str] = field(default_factory=list)
+    """The signals a round learns from, each put in the teacher's context: "followup",
+    "correction", "critique", "env_error", "demonstration", "sibling_success" (a well-rated
+    answer to the same prompt; for a failed tool call, the later call to that tool that worked).
+    Empty: the preset's."""
     responses: str = ""
+    """The answers a round trains on: "teacher" (the teacher's regenerations), "on_policy"
+    (samples of the version being improved), "logged" (the answer as served), "mix" (logged and
+    teacher), "signal" (the feedback text itself, for signals that state an answer). Empty: the
+    preset's."""
     divergence: str = ""
+    """The teacher–student divergence at each response token: "forward_kl", "reverse_kl" or
+    "jsd(alpha)" (0 < alpha < 1; "jsd" alone: 0.5). Empty: the preset's."""
     support: str = ""
+    """The part of the vocabulary the divergence runs over: "full_vocab", "topk(k)" (the
+    teacher's k likeliest tokens plus one bucket for the rest) or "sampled_token" (the response
+    token only). Empty: the preset's."""
     teacher: str = ""
+    """Which weights answer as the teacher, the signal in context: "frozen" (the version the
+    round improves, as it started), "ema(rate)" (a moving average of the student, 0 < rate <= 1)
+    or "live" (the student as it trains). Empty: the preset's."""
     skip_first_tokens: int = -1
-    is_cap: float = -1.0  # 0: off
-    token_clip: float = -1.0  # 0: off
-    distill_weight: float = -1.0  # the teacher–student divergence term (0: no teacher at all)
-    ce_weight: float = -1.0  # cross-entropy on the response text (teacher's answer or signal)
+    """The first this many tokens of each response are left out of the loss; 0: none. Negative:
+    the preset's (0 in every preset)."""
+    is_cap: float = -1.0
+    """Cap of the truncated importance weight min(S_trainer(y) / S_engine(y), cap), on responses
+    the serving engine sampled; 0: off. Negative: the preset's (2 for sdpo, else 0)."""
+    token_clip: float = -1.0
+    """Per-token point-wise clip (OPSD): each vocabulary entry's term of the divergence is capped
+    at this before the sum ("sampled_token": the log-ratio is held within ±this); 0: off.
+    Negative: the preset's (0.05 for opsd, else 0)."""
+    distill_weight: float = -1.0
+    """Weight of the teacher–student divergence term; 0: no teacher at all (sft). Negative: the
+    preset's. It and `ce_weight` may not both be 0."""
+    ce_weight: float = -1.0
+    """Weight of the cross-entropy on the response text (the teacher's answer or the signal).
+    Negative: the preset's (0.5 for sdloop, dense and edit; 1 for sft; 0 for the others)."""
     # Rehearsal anchor: distil the model's own answers to past prompts nobody asked to change.
     anchor_weight: float = -1.0
+    """Weight of the rehearsal anchor in the loss; 0: no anchor. Negative: the preset's (16 for
+    sdloop, dense and edit, else 0). Each retry of a rejected round doubles it."""
     anchor_prompts: int = 48
-    # Near-miss anchors: per signal, this many shipped prompts of the same form as its question
-    # (other capitals when a capital is taught), answered by the starting version (0: none).
+    """Past prompts with no signal (the newest; turns that answer a follow-up left out) in the
+    anchor; shipped general prompts fill up where the store has fewer."""
     near_miss_anchors: int = 32
-    # Replay: the questions earlier rounds of the version being improved learned from (its
-    # lineage's episodes, newest first, up to this many), answered by that version and added to
-    # the anchor, so a round keeps what earlier rounds taught (0: none).
+    """Near-miss anchors: per signal, this many shipped prompts of the same form as its question
+    (other capitals when a capital is taught), answered by the starting version (0: none)."""
     replay_prompts: int = 64
-    # Anchor prompts in each training step (cycling through them all): with one, a short round
-    # touches only its first few anchors.
+    """Replay: the questions earlier rounds of the version being improved learned from (its
+    lineage's episodes, newest first, up to this many), answered by that version and added to
+    the anchor, so a round keeps what earlier rounds taught (0: none)."""
     anchors_per_step: int = 16
-    # The first this many tokens of each anchor answer are held (0: the whole answer): a
-    # retention answer is decided in its first tokens, and a shorter anchor costs less.
+    """Anchor prompts in each training step (cycling through them all): with one, a short round
+    touches only its first few anchors. At least 1."""
     anchor_tokens: int = 16
-    # Teacher regeneration (responses = teacher | mix).
+    """The first this many tokens of each anchor answer are held (0: the whole answer, up to
+    `max_new_tokens`): a retention answer is decided in its first tokens, and a shorter anchor
+    costs less."""
+    # Sampling: the teacher's regenerations (responses = teacher | mix), and the other answers a
+    # round draws.
     regen_samples: int = 4
+    """Answers drawn per signal: the teacher's regenerations (kept when they agree with the
+    signal), the on-policy samples (responses = on_policy), and the teacher's answers to each
+    rephrasing (`phrasings`)."""
     regen_temperature: float = 0.7
+    """Sampling temperature of those answers and of the gate's held-out ones. 0: the teacher's
+    regenerations are greedy, while on-policy samples and the gate's answers use 1.0."""
     max_new_tokens: int = 64
+    """Most new tokens of every answer a round samples (and of each anchor answer when
+    `anchor_tokens` is 0)."""
     template: str = "sdft_example"
-    # Other phrasings of each taught question the model is asked for (learner.phrasings), each
-    # trained on with the same feedback in the teacher's context (0: the question as asked only).
+    """How a signal is put in the teacher's context: a shipped template, "sdft_example" (the
+    signal as an example answer) or "feedback_note" (the signal as a note from the user), or the
+    path of a template .toml of the same shape."""
     phrasings: int = -1
+    """Other phrasings of each taught question the model is asked for (learner.phrasings), each
+    trained on with the same feedback in the teacher's context (0: the question as asked only).
+    Negative: the preset's (3 for sdloop and edit, else 0)."""
     # Optimisation.
     lora_r: int = -1
+    """Rank of a fresh LoRA, or of the new factors a stacked round adds beside its parent's (see
+    `max_rank`); 1 to `max_rank`. Negative: the preset's (8 for sdloop and edit, else 16)."""
     lora_alpha: int = 32
+    """LoRA alpha: the update is scaled by `lora_alpha / lora_r`."""
     lora_dropout: float = 0.0
-    # The rank of the adapter a version is served as, at most (engine.max_lora_rank or less). A
-    # projected update or an edit on top of a learned version keeps the parent's update in the
-    # first max_rank - lora_r factors, frozen, and learns in lora_r new ones (learner.stacking).
+    """Dropout on the LoRA's input while training (peft's `lora_dropout`); 0: none."""
     max_rank: int = 16
-    # Modules the LoRA adapts: "all-linear", or module names ("gate_proj,up_proj,down_proj").
+    """The rank of the adapter a version is served as, at most (`engine.max_lora_rank` or less).
+    A projected update or an edit on top of a learned version keeps the parent's update in the
+    first `max_rank - lora_r` factors, frozen, and learns in `lora_r` new ones
+    (learner.stacking)."""
     lora_targets: str = ""
-    # Layers whose modules the LoRA adapts: "all", or indices and ranges ("3-8,10").
+    """Modules the LoRA adapts: "all-linear", or module names ("gate_proj,up_proj,down_proj").
+    Empty: the preset's ("down_proj" for sdloop and edit, else "all-linear")."""
     lora_layers: str = ""
-    # Where the update may write (learner.subspace): "none" anywhere; "null_space" only along
-    # input directions that what must not change barely uses — the LoRA's input side is kept
-    # in the null space of the preserved inputs' second moment. Needs `lora_targets` of one
-    # module (e.g. "down_proj") and `lora_layers`.
+    """Layers whose modules the LoRA adapts: "all", or indices and ranges ("3-8,10"). Empty: the
+    preset's ("1-6" for sdloop and edit, else "all")."""
     projection: str = ""
-    # The share of the preserved inputs' energy the null space may hold: the smallest-eigenvalue
-    # directions are free up to it (an update there acts on a preserved input with at most
-    # about this share of its squared norm).
+    """Where the update may write (learner.subspace): "none" anywhere; "null_space" only along
+    input directions that what must not change barely uses (the LoRA's input side is kept in the
+    null space of the preserved inputs' second moment; needs one module in `lora_targets` and
+    `lora_layers`). Empty: the preset's ("null_space" for sdloop and edit, else "none")."""
     null_space_energy: float = -1.0
-    # Shipped pool prompts (anchor and near-miss, 390) the one-time general sample answers; 0:
-    # all. Fewer make the once-per-model statistics faster and keep less out of the update's way.
+    """The share of the preserved inputs' energy the null space may hold: the smallest-eigenvalue
+    directions are free up to it (an update there acts on a preserved input with at most about
+    this share of its squared norm); in (0, 1) when projected. Negative: the preset's (1e-2 for
+    sdloop and edit, else 1e-3)."""
     null_space_prompts: int = 0
-    # How a round writes what it learns: "distill" trains the LoRA by self-distillation (the
-    # trainer); "edit" writes each stated fact in closed form into `down_proj` of `lora_layers`
-    # (learner.edit: keys at the question's subject, values fitted to the teacher), confined to
-    # the null space when `projection` is "null_space". Signals that state no answer (a
-    # critique, a rating, an environment error) teach nothing under "edit".
+    """Shipped pool prompts (anchor and near-miss, 390) the one-time general sample answers; 0:
+    all. Fewer make the once-per-model statistics faster and keep less out of the update's way."""
     method: str = ""
-    edit_steps: int = 25  # Adam steps fitting each fact's value vector
+    """How a round writes what it learns: "distill" trains the LoRA by self-distillation;
+    "edit" writes each stated fact in closed form into `down_proj` of `lora_layers`
+    (learner.edit), in the null space when `projection` is "null_space"; signals that state no
+    answer (a critique, a rating, an environment error) teach nothing then. Empty: the preset's."""
+    edit_steps: int = 25
+    """Adam steps fitting each fact's value vector (method = edit)."""
     edit_lr: float = 0.5
-    edit_clamp: float = 0.75  # the value's shift, at most this share of the hidden state's norm
-    edit_weight_decay: float = 0.5  # on the shift's squared norm relative to the hidden state's
-    edit_ridge: float = 0.01  # the solve's ridge, relative to the mean squared key norm
+    """Learning rate of that Adam fit (method = edit)."""
+    edit_clamp: float = 0.75
+    """The value's shift, at most this share of the hidden state's norm (method = edit)."""
+    edit_weight_decay: float = 0.5
+    """Weight decay on the shift's squared norm relative to the hidden state's (method = edit)."""
+    edit_ridge: float = 0.01
+    """The solve's ridge, relative to the mean squared key norm (method = edit)."""
     lr: float = -1.0
+    """Learning rate of the AdamW optimizer (linear warm-up, then linear decay to 0). Negative:
+    the preset's (5e-3 for sdloop and edit, else 5e-4)."""
     warmup_ratio: float = 0.1
+    """Share of a round's steps over which the learning rate warms up linearly."""
     passes: int = 6
-    # Steps a round takes at least (whole passes are added until it does): a small round is
-    # sized by this, a large one by `passes`.
+    """Passes over the round's training items, at least (see `min_steps`)."""
     min_steps: int = 24
+    """Steps a round takes at least (whole passes are added until it does): a small round is
+    sized by this, a large one by `passes`."""
     batch_size: int = 1
+    """Training items in each step."""
     grad_clip: float = 1.0
+    """Largest gradient norm of a step; larger ones are scaled down to it."""
     chunk_size: int = 128
-    checkpoint_every: int = 50  # training steps between resumable checkpoints (0: none)
-    # CPU threads of a round, on the last cores (a vLLM-CPU engine's worker binds every usable
-    # core but the last). 0: all usable cores.
+    """Response positions whose logits are made at once in the loss: peak memory is chunk ×
+    vocabulary, whatever the batch and length."""
+    checkpoint_every: int = 50
+    """Training steps between resumable checkpoints (0: none)."""
     threads: int = 0
+    """CPU threads of a round, on the last cores (a vLLM-CPU engine's worker binds every usable
+    core but the last). 0: all usable cores."""
     seed: int = 0
+    """Seed of the step order and of the answers a round samples; each retry of a rejected round
+    adds 1000."""
     # Gate.
-    # The questions a candidate must keep answering right: a JSON file of your own
-    # ({"questions": [{"q": ..., "a": [keys]}], "drift_prompts": [...]}: your domain's questions,
-    # or fewer to gate faster), or "" for the shipped ~300 general ones.
     retention_set: str = ""
-    # Points of the retention questions the base model answers right that the candidate may
-    # forget; a round fails only when it forgets significantly more (at `gate_confidence`).
+    """The questions a candidate must keep answering right: a JSON file of your own
+    (`{"questions": [{"q": ..., "a": [keys]}], "drift_prompts": [...]}`: your domain's
+    questions, or fewer to gate faster), or "" for the shipped ~300 general ones."""
     retention_max_drop: float = 2.0
+    """Percentage points of the retention questions the base model answers right that the
+    candidate may forget; a round fails only when it forgets significantly more (at
+    `gate_confidence`)."""
     gate_confidence: float = 0.95
-    # Mean per-token NLL increase of the base model's right retention answers, nats.
+    """Confidence of the one-sided binomial test that forgetting beyond `retention_max_drop` is
+    significant; a round's attempts (`retries`) share one false-pass budget, so each is held to
+    a lower limit."""
     retention_nll_max: float = 0.25
-    drift_max: float = 0.1  # mean per-token KL(base || candidate) on neutral prompts
-    gate_samples: int = 2  # teacher answers per signal drawn for the gate, never trained on
-    retries: int = 1  # times a rejected round's episodes are tried again, with another seed
-    enforce_gate: bool = True  # False: record the verdict but publish anyway (benchmarks only)
-    # Teaching policy: which signals may teach (learner.policy; README, "Security model").
-    review: bool = False  # a signal teaches only once approved (`sdloop review approve`)
-    # Distinct principals that must give the same signal on the same question before it
-    # teaches; 1 for a single-user install.
+    """Mean per-token NLL increase of the base model's right retention answers, nats."""
+    drift_max: float = 0.1
+    """Mean per-token KL(base || candidate) on neutral prompts."""
+    gate_samples: int = 2
+    """Teacher answers per signal drawn for the gate, never trained on."""
+    retries: int = 1
+    """Times a rejected round's episodes are tried again, with another seed and the anchor's
+    weight doubled."""
+    enforce_gate: bool = True
+    """False: record the verdict but publish anyway (benchmarks only)."""
+    # Teaching policy: which signals may teach (learner.policy; docs/operations/security.md,
+    # "Security model").
+    review: bool = False
+    """A signal teaches only once approved (`sdloop review approve`)."""
     min_principals: int = 1
-    # Signals one principal may teach per clock hour (the earliest; 0: no quota).
+    """Distinct principals that must give the same signal on the same question before it
+    teaches; 1 for a single-user install."""
     principal_quota_per_hour: int = 120
-    # Of a round's signals, at most this share from one principal once two or more teach in it.
+    """Signals one principal may teach per clock hour (the earliest; 0: no quota)."""
     max_principal_share: float = 0.5
-    max_signal_chars: int = 2000  # longer signal texts are cut to this (0: no cap)
-    max_signals_per_episode: int = 8  # signals one answer may teach from (0: no cap)
-    # Rounds that failed (died) on the same episodes before those are set aside (quarantined
-    # in the learner's workspace) and the learner moves on.
+    """Of a round's signals, at most this share from one principal once two or more teach in
+    it; in (0, 1]."""
+    max_signal_chars: int = 2000
+    """Longer signal texts are cut to this (0: no cap)."""
+    max_signals_per_episode: int = 8
+    """Signals one answer may teach from (0: no cap)."""
     quarantine_after: int = 3
+    """Rounds that failed (died) on the same episodes before those are set aside (quarantined in
+    the learner's workspace) and the learner moves on."""
     # Daemon.
     interval_s: float = 60.0
+    """Seconds from the start of one round to the start of the next (at least 1 s after a round
+    ends)."""
     min_episodes: int = 1
-    metrics_port: int = 8001  # the daemon's Prometheus /metrics on 127.0.0.1 (0: any, -1: off)
+    """New episodes with a usable signal a round needs; with fewer it is skipped."""
+    metrics_port: int = 8001
+    """The daemon's Prometheus /metrics on 127.0.0.1 (0: any free port, -1: off)."""
 
     def teaching(self) -> TeachingPolicy:
         return TeachingPolicy(self.review, self.min_principals, self.principal_quota_per_hour,

@@ -3,8 +3,8 @@
 Templates are data (`learner/templates/*.toml`), not code: a template names, per signal source,
 the text appended to the conversation's last user message, with `{signal}` standing for the
 feedback. The student sees the conversation without it. Placement matters more than anything
-else measured on the embedded model (README, "What the defaults rest on"): right after the
-question, phrased as an example answer.
+else measured on the embedded model (docs/experiments/2026-11-27-stand-alone-arms.md): right
+after the question, phrased as an example answer.
 """
 
 from __future__ import annotations

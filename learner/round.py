@@ -172,8 +172,8 @@ def retry_config(lcfg: LearnerConfig, attempt: int) -> LearnerConfig:
     step order and gate answers: at this model size retention moves by a few questions from
     seed to seed) and the rehearsal anchor held twice as hard: what rejects a round is nearly
     always what it forgot, and the anchor's weight is the lever that moved that most
-    (README, "Levers against bleed"). Every attempt is judged to the limit the attempts share
-    (learner.gate.forgetting_limit), so retrying cannot buy a pass."""
+    (docs/experiments/2026-12-03-levers-against-bleed.md). Every attempt is judged to the limit
+    the attempts share (learner.gate.forgetting_limit), so retrying cannot buy a pass."""
     if attempt <= 0:
         return lcfg
     weight = resolve(lcfg).anchor_weight

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
-from serving.config import Config, ConfigError, load_config
+from serving.config import LOG_LEVELS, Config, ConfigError, load_config
 from serving.state import keep_private
 
 COMMANDS_GROUP = "sdloop.commands"
@@ -53,9 +53,9 @@ def _commands() -> tuple[tuple[str, Command], ...]:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="TOML config file (keys: see README)")
+    parser.add_argument("--config", help="TOML config file (keys: see docs/reference/configuration.md)")
     parser.add_argument("--data-dir", help="store, adapters, model cache, state (./sdloop-data)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", choices=LOG_LEVELS)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,86 +42,141 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass
+class RootConfig:
+    """The keys outside any section, at the top of the file (`SDLOOP_DATA_DIR`,
+    `SDLOOP_LOG_LEVEL` in the environment)."""
+
+    data_dir: str = "./sdloop-data"
+    """The folder of everything sdloop keeps: the feedback store, adapter versions, the model
+    cache, logs and the state file. sdloop keeps it private to its user (mode 0700). A relative
+    path is taken from the working directory; `--data-dir` overrides it."""
+    log_level: str = "info"
+    """How much the commands log: "debug", "info", "warning" or "error" (the Python logging
+    level, also given to the HTTP server and a learner child); `--log-level` overrides it."""
+
+
 @dataclass
 class ServerConfig:
+    """The gateway `sdloop serve` runs: where it listens, what it accepts, and who may use
+    it."""
+
     host: str = "127.0.0.1"
+    """The address the gateway listens on; `--host` overrides it. Away from loopback with no
+    API key, sdloop warns that anyone who reaches it may chat and teach the model."""
     port: int = 8000
-    # Requests with a larger body get 413. Chat histories are text; 4 MiB is generous.
+    """The port the gateway listens on; `--port` overrides it."""
     max_body_bytes: int = 4 * 1024 * 1024
-    # Levels of arrays and objects a chat or feedback body may nest; deeper gets 400 (a chat
-    # needs about 5, a tool's JSON schema a few more). Deep nesting would exhaust the recursion
-    # of every part that walks the body.
+    """Requests with a larger body get 413 (every route: chat, feedback, admin). Chat histories
+    are text; 4 MiB is generous."""
     max_json_depth: int = 64
-    # Messages one chat request may carry; more get 422.
+    """Levels of arrays and objects a chat or feedback body may nest; deeper gets 400 (a chat
+    needs about 5, a tool's JSON schema a few more). Deep nesting would exhaust the recursion
+    of every part that walks the body."""
     max_messages: int = 1000
-    # Bytes of JSON of a chat request's sampling parameters that are stored with its completion
-    # (`params`); larger ones are stored as a marker naming their keys and size. They are sent to
-    # the engine whole either way.
+    """Messages one chat request may carry; more get 422."""
     max_params_bytes: int = 16 * 1024
-    # Bearer token for /admin/*. Empty: a random one is made at start and written to the
-    # state file (mode 0600), where `sdloop sql` and `sdloop adapters` read it.
+    """Bytes of JSON of a chat request's sampling parameters that are stored with its completion
+    (`params`); of larger ones only the numbers, flags and nulls are stored, with a marker
+    (`_omitted`) naming the other keys and their size. They are sent to the engine whole either
+    way."""
     admin_token: str = ""
-    # Bearer token for /v1/*. Empty: the OpenAI-compatible routes are open (loopback default).
+    """Bearer token for `/admin/*`, on the gateway and on `sdloop ingest`. Empty: a random one
+    is made at start and written to the state file (mode 0600), where `sdloop sql` and `sdloop
+    adapters` read it."""
     api_key: str = ""
-    # Wall-clock limit of one read-only SQL query through the admin API.
+    """One shared bearer key for `/v1/*`, the principal `api_key` with the `chat` and `feedback`
+    scopes; keys made with `sdloop keys` are the finer way. Empty, and no key in the store: the
+    OpenAI-compatible routes are open to everyone (the loopback default)."""
     sql_timeout_s: float = 30.0
+    """Wall-clock limit, seconds, of one read-only SQL query (the admin API, `sdloop sql`);
+    a query past it is cancelled."""
     sql_max_rows: int = 100_000
-    # Bytes of JSON one answer of /admin/sql may hold; rows past it are cut (`truncated`).
+    """Most rows one read-only SQL query on the store returns, the rest cut (`truncated`): the
+    admin API's, `sdloop sql`'s, and those of the learner, `sdloop report` and `sdloop export`.
+    A request's own `max_rows` is capped by it; `sdloop sql --max-rows` replaces it when no
+    server holds the store."""
     sql_max_bytes: int = 64 * 1024 * 1024
-    # This gateway's name in the replica_versions table (which version each replica serves).
-    # Empty: <hostname>:<port>.
+    """Bytes of JSON one answer of /admin/sql may hold; rows past it are cut (`truncated`)."""
     replica_id: str = ""
-    # A request the engine dropped before anything reached the client (the engine died or is
-    # restarting) waits up to this long for the restarted engine and is sent once more; 0:
-    # answer 503 at once.
+    """This gateway's name in the replica_versions table (which version each replica serves),
+    on a Kafka replica (`feedback.sink = "kafka"`). Empty: `<hostname>:<port>`."""
     retry_after_restart_s: float = 120.0
-    # Folders versions may be published from (`sdloop adapters publish`, the admin API): a
-    # version folder must lie inside one of them, symlinks resolved; others get 403. Empty: the
-    # data dir, where the learner writes its versions (<data_dir>/adapters) and which sdloop
-    # keeps private to its user (0700).
+    """Seconds a request the engine dropped before anything reached the client (the engine died
+    or is restarting) waits for the restarted engine before it is sent once more; 0: answer 503
+    at once. A stream already relayed ends with an error event instead."""
     publish_dirs: list[str] = field(default_factory=list)
+    """Folders versions may be published from (`sdloop adapters publish`, the admin API): a
+    version folder must lie inside one of them, symlinks resolved; others get 403. Empty: the
+    data dir, where the learner writes its versions (`<data_dir>/adapters`) and which sdloop
+    keeps private to its user (0700)."""
 
 
 @dataclass
 class EngineConfig:
-    # URL of an external vLLM OpenAI server to attach to. Empty: start vLLM as a child.
+    """The vLLM engine behind the gateway: a child process sdloop starts and watches, or an
+    external server it attaches to."""
+
     url: str = ""
-    # The API key of the external engine at `url` (what its vLLM was given as --api-key or
-    # VLLM_API_KEY), sent as a bearer token with every request to it. A child engine gets a
-    # random key of its own instead: no other local process can reach it past the gateway.
+    """URL of an external vLLM OpenAI server to attach to. Empty: start vLLM as a child."""
     api_key: str = ""
-    # The base model vLLM serves: an HF folder or hub id. Empty: the embedded SmolLM2-135M.
+    """The API key of the external engine at `url` (what its vLLM was given as --api-key or
+    VLLM_API_KEY), sent as a bearer token with every request to it. A child engine gets a
+    random key of its own instead: no other local process can reach it past the gateway."""
     model: str = ""
-    # Name vLLM serves the base model under; the version name `base` in the alias table.
+    """The base model vLLM serves and the learner trains on: an HF folder or hub id. Empty: the
+    embedded SmolLM2-135M-Instruct, converted into `model.cache_dir` (an external engine at
+    `url` serves its own model; the learner still trains on the embedded one)."""
     served_model_name: str = "base"
-    # auto: bfloat16 where the CPU has avx512_bf16 (or on a GPU), float32 otherwise.
+    """Name vLLM serves the base model under; the version name `base` in the alias table. On an
+    external engine that does not serve this name, its first base model is used."""
     dtype: str = "auto"
+    """vLLM's `--dtype`. auto: bfloat16 where the CPU has avx512_bf16, float32 on other CPUs,
+    vLLM's own choice on a GPU."""
     max_model_len: int = 2048
+    """vLLM's `--max-model-len`: tokens of prompt and answer together that one request may
+    use."""
     max_loras: int = 2
+    """vLLM's `--max-loras`: the most adapter versions the LoRA engine serves in one batch."""
     max_lora_rank: int = 16
+    """vLLM's `--max-lora-rank`: the highest adapter rank the engine serves; `learner.max_rank`
+    may not exceed it."""
     max_logprobs: int = 20
-    # vLLM's tool-call parser (`--tool-call-parser`, with `--enable-auto-tool-choice`): what
-    # turns the model's text into `tool_calls` for requests with `tools`. vLLM refuses every
-    # `tool_choice` but "none" without one. `hermes` suits the embedded model and Hermes/Qwen
-    # style models; see vLLM's tool-calling docs for others (`llama3_json`, `mistral`, ...).
-    # Empty: off.
+    """vLLM's `--max-logprobs`: the most log-probabilities per token a request may ask for."""
     tool_call_parser: str = "hermes"
-    # vLLM-CPU KV cache, GiB (VLLM_CPU_KVCACHE_SPACE).
+    """vLLM's tool-call parser (`--tool-call-parser`, with `--enable-auto-tool-choice`): what
+    turns the model's text into `tool_calls` for requests with `tools`. vLLM refuses every
+    `tool_choice` but "none" without one. `hermes` suits the embedded model and Hermes/Qwen
+    style models; see vLLM's tool-calling docs for others (`llama3_json`, `mistral`, ...).
+    Empty: off."""
     cpu_kvcache_gb: int = 2
-    # The alias served by engines without LoRA (`serving.engine.merged`): the base model's folder at
-    # rest, a version's merged weights once promoted (a promote waits for that engine: a
-    # minute or two on 2 cores). vLLM-CPU compiles only without LoRA. Empty: the primary
-    # engine serves every alias.
+    """vLLM-CPU KV cache, GiB (`VLLM_CPU_KVCACHE_SPACE`, unless that is set in the environment
+    already)."""
+    # Serving the alias clients use on compiled weights (serving.engine.merged).
     merged_alias: str = "default"
-    # VLLM_CPU_OMP_THREADS_BIND of those engines on the CPU build. `auto`, vLLM's default,
-    # pins the compute threads and keeps a core for the server process: what a plain `vllm
-    # serve` does (measured at 1 stream: `nobind` 0.82x of it, at 16 streams 1.17x).
+    """The alias served by engines without LoRA (`serving.engine.merged`): the base model's
+    folder at rest, a version's merged weights once promoted (a promote waits for that engine:
+    a minute or two on 2 cores). vLLM-CPU compiles only without LoRA. Empty, or an external
+    `url` without `model`: the primary engine serves every alias, with runtime LoRA."""
     merged_cpu_bind: str = "auto"
+    """`VLLM_CPU_OMP_THREADS_BIND` of those engines on the CPU build: "nobind", "auto" or CPU
+    ids ("0-3", "0,2|1,3"). `auto`, vLLM's default, pins the compute threads and keeps a core
+    for the server process: what a plain `vllm serve` does (measured at 1 stream: `nobind` 0.82x
+    of it, at 16 streams 1.17x)."""
     startup_timeout_s: float = 900.0
+    """Seconds a child engine has after it starts to answer its health check; past that, a
+    child that does not answer it is restarted."""
     health_interval_s: float = 2.0
-    # Time allowed for in-flight requests when the engine is stopped.
+    """Seconds between health checks of a ready engine (every 0.5 s while it is not ready)."""
     stop_timeout_s: float = 20.0
+    """Seconds a stopped child engine has to finish its in-flight requests and exit after
+    SIGTERM, before it is killed."""
     extra_args: list[str] = field(default_factory=list)
+    """More command-line arguments for every vLLM child, passed as is after sdloop's own (e.g.
+    `["--enable-prefix-caching"]`)."""
 
     def check(self, cfg: Config) -> None:
         if not _CPU_BIND.match(self.merged_cpu_bind):
@@ -132,21 +187,27 @@ class EngineConfig:
 
 @dataclass
 class ModelConfig:
-    # Where the embedded GGUF is converted to an HF folder. Empty: <data_dir>/models.
+    """The embedded model's cache."""
+
     cache_dir: str = ""
+    """Where the embedded GGUF is converted to an HF folder (and the learner keeps what it
+    computes once per model). Empty: `<data_dir>/models`."""
 
 
 @dataclass
 class IngestConfig:
-    # `sdloop ingest` answers /metrics, /healthz, /readyz and the admin API (SQL, adapters)
-    # here; other commands on the same data dir find it through the state file.
+    """`sdloop ingest` answers /metrics, /healthz, /readyz and the admin API (SQL, adapters)
+    here; other commands on the same data dir find it through the state file."""
+
     host: str = "127.0.0.1"
+    """The address `sdloop ingest` listens on; its `--host` overrides it."""
     port: int = 8002
+    """The port `sdloop ingest` listens on; its `--port` overrides it."""
 
 
 class Config:
-    """`data_dir`, `log_level`, and one attribute per registered section (`cfg.server`,
-    `cfg.store`, `cfg.learner`, …). Built by `load_config`."""
+    """`data_dir`, `log_level` (the fields of `RootConfig`), and one attribute per registered
+    section (`cfg.server`, `cfg.store`, `cfg.learner`, …). Built by `load_config`."""
 
     data_dir: str
     log_level: str
@@ -193,8 +254,8 @@ def _sections() -> tuple[tuple[str, type], ...]:
 
 @functools.cache
 def _config_class() -> type[Config]:
-    fields = [("data_dir", str, field(default="./sdloop-data")),
-              ("log_level", str, field(default="info"))]
+    root = typing.get_type_hints(RootConfig)
+    fields = [(f.name, root[f.name], field(default=f.default)) for f in dataclasses.fields(RootConfig)]
     fields += [(name, cls, field(default_factory=cls)) for name, cls in _sections()]
     return dataclasses.make_dataclass("Config", fields, bases=(Config,))
 
@@ -227,6 +288,8 @@ def load_config(
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_path(cfg, dotted.split("."), value, where=f"option {dotted}", from_text=False)
+    if cfg.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"log_level = {cfg.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
     for name, _ in _sections():
         check = getattr(getattr(cfg, name), "check", None)
         if check is not None:

@@ -1,4 +1,8 @@
-"""Fixtures every test package shares: a real store writer on a DuckDB file of its own.
+"""Hooks and fixtures every test package shares: markers by directory, skips that fail under CI,
+and a real store writer on a DuckDB file of its own.
+
+Every test is marked by where it lives (`pytest -m unit`, `-m "not integration and not model"`):
+tests/unit `unit`, tests/integration `integration`, tests/learner `model`.
 
 Under CI (`CI=true`, as `.ci/run` is run) a skipped test fails: CI has every tool and package
 the suite needs (`make test` installs them), so a skip there is a check that silently did not
@@ -8,12 +12,28 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from store import Query, StoreWriter, run_read_only
+from store import StoreWriter
 
 SKIPS_FAIL = os.environ.get("CI") == "true"
+TESTS = Path(__file__).resolve().parent
+# The marker each test directory's tests get (registered in pyproject.toml).
+MARKER_OF_DIRECTORY = {"unit": "unit", "integration": "integration", "learner": "model"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        try:
+            directory = item.path.resolve().relative_to(TESTS).parts[0]
+        except ValueError:  # not under tests/
+            continue
+        marker = MARKER_OF_DIRECTORY.get(directory)
+        if marker is not None:
+            item.add_marker(marker)
 
 
 def _fail_a_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
@@ -40,8 +60,3 @@ def writer(tmp_path) -> Iterator[StoreWriter]:
     w = StoreWriter(tmp_path / "store.duckdb").open()
     yield w
     w.close()
-
-
-def query_of(writer: StoreWriter) -> Query:
-    """A read-only query function on a writer's store, as the learner and the report get one."""
-    return lambda sql, params: run_read_only(writer.cursor(), sql, 100_000, 10, params)

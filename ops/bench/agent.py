@@ -2,7 +2,7 @@
 
 The embedded model gives usable tool calls only as JSON actions (`response_format` with the
 tool's argument schema; `tool_choice: "required"` gives calls whose arguments ignore the schema,
-README "Agents and tools"), so the loop does what JSON-mode agent frameworks do: it asks for the
+docs/guide/agents-and-tools.md), so the loop does what JSON-mode agent frameworks do: it asks for the
 arguments as JSON, runs the tool, and sends the result back as the next turn — its own
 assistant message (the JSON as content, plus the `tool_calls` entry the call stands for) and a
 `tool` message with the result. Through sdloop's gateway that is all it takes for a failed

@@ -66,7 +66,8 @@ from store.versions import BASE_VERSION, DEFAULT_ALIAS  # noqa: E402
 DATA = Path(__file__).resolve().parent / "data"
 DEFAULT_FACTS = [DATA / "facts.json", DATA / "facts_people_dates.json",
                  DATA / "facts_definitions.json"]
-MAX_TOKENS = 40  # as the defaults were measured (README): greedy, 40 new tokens
+# As the defaults were measured (docs/experiments/2026-11-27-stand-alone-arms.md): greedy, 40 new tokens.
+MAX_TOKENS = 40
 # Knobs the benchmark sets itself: a --set of them would make the row labels lie.
 OWN_KNOBS = {"preset", "enforce_gate", "seed"}
 

@@ -22,8 +22,8 @@ no alias of this kind serves, and every request while a compiled engine is down.
   by its monitor; meanwhile the primary engine answers its version.
 
 Engines start one at a time (on 2 CPUs two vLLM starts, or a merge beside one, take minutes
-instead of about one each), the live version first. Their threads are not pinned
-(`engine.merged_cpu_bind`), and merges run niced.
+instead of about one each), the live version first. Their threads are pinned as
+`engine.merged_cpu_bind` says (`auto`, what plain vLLM does, by default), and merges run niced.
 """
 
 from __future__ import annotations
@@ -120,6 +120,12 @@ class MergedServing:
         and engine starts run in the background."""
         self._live, self._live_found = _version(live), live
         self._warm = {_version(w): w for w in warm if _version(w) != self._live}
+        self._reconcile_soon()
+
+    def stand_down(self) -> None:
+        """The alias names no version yet (a replica before its first publish): no engine
+        serves it, none is kept warm. A promote to it starts one (`prepare`)."""
+        self._live, self._live_found, self._warm = None, None, {}
         self._reconcile_soon()
 
     async def prepare(self, found: Weights) -> bool:

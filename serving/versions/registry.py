@@ -366,7 +366,10 @@ class AdapterRegistry:
         version it left (as the store recorded them)."""
         assert self.merged is not None
         alias = self.merged.alias
-        live = await self._weights(self._aliases.get(alias, BASE_VERSION))
+        if alias not in self._aliases:
+            self.merged.stand_down()
+            return
+        live = await self._weights(self._aliases[alias])
         previous = self._previous.get(alias)
         warm = [await self._weights(previous)] if previous is not None else []
         self.merged.follow(live, warm)

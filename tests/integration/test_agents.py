@@ -11,7 +11,7 @@ import subprocess
 import uuid
 
 from serving.model_cache import EMBEDDED_NAME
-from tests.integration.conftest import MODEL_CACHE, SDLOOP, Server, wait_for_rows
+from tests.harness.server import MODEL_CACHE, SDLOOP, Server, wait_for_rows
 
 LOOKUP = {
     "type": "function",

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from tests.integration.conftest import Server
-from tests.unit.test_gateway import CASES, CHAT, FEEDBACK, OK_MESSAGES
+from tests.harness.gateway import CASES, CHAT, FEEDBACK, OK_MESSAGES
+from tests.harness.server import Server
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from tests.integration.conftest import Server, wait_for_rows
+from tests.harness.server import Server, wait_for_rows
 
 QUESTION = "What is the capital of France?"
 

@@ -8,7 +8,9 @@ import threading
 import time
 from pathlib import Path
 
-from tests.integration.conftest import Server, start_server, stop_server
+import pytest
+
+from tests.harness.server import Server, start_server, stop_server
 
 
 def _engine_gone(pgid: int, timeout: float) -> bool:
@@ -28,9 +30,12 @@ def _pgid(proc: Path) -> int | None:
         return None
 
 
+@pytest.mark.slow
 def test_acknowledged_feedback_survives_kill_9_of_the_server(server: Server, tmp_path):
     data_dir = tmp_path / "victim"
-    victim = start_server(data_dir)  # a full server with its own vLLM child
+    # A full server with its own vLLM child, without a compiled engine beside it (a second
+    # vLLM start: the kill and what it leaves behind are under test, not how fast it answers).
+    victim = start_server(data_dir, env={"SDLOOP_ENGINE__MERGED_ALIAS": ""})
     engine_pgid = victim.state()["engine_pgid"]
     acked: list[str] = []
     try:

@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.integration.conftest import QUESSANY, Server, engine_headers
+from tests.harness.server import QUESSANY, Server, engine_headers
 
 CHAT = {"model": "base", "messages": QUESSANY, "max_tokens": 2}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import (
+from tests.harness.server import (
     SDLOOP,
     Server,
     back_to_base,
@@ -25,6 +25,7 @@ from tests.integration.conftest import (
 
 
 @pytest.mark.disruptive
+@pytest.mark.slow
 def test_engine_killed_gives_503_then_restarts(server: Server, taught_adapter: str, tmp_path):
     back_to_base(server)
     folder = fresh_version(server, taught_adapter, tmp_path)  # promoted: to be restored

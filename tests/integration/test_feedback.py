@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.integration.conftest import SDLOOP, Server, wait_for_rows
+from tests.harness.server import SDLOOP, Server, wait_for_rows
 
 
 def _ask(openai_client, messages, **kw):

@@ -17,7 +17,7 @@ import torch
 from serving.config import EngineConfig
 from serving.engine.manager import EngineManager
 from serving.version_folder import MANIFEST, file_digest
-from tests.integration.conftest import (
+from tests.harness.server import (
     QUESSANY,
     SDLOOP,
     Server,

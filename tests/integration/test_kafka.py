@@ -28,15 +28,15 @@ from ops.bench.broker import Broker
 from serving.config import load_config
 from serving.versions.control import SIGNATURE_HEADER, ControlFollower, ControlPublisher
 from store import StoreWriter
-from tests.factories import completion
-from tests.integration.conftest import (
+from tests.harness.factories import completion
+from tests.harness.replica_fakes import ListSink, ReadyEngine, RecordingRegistry, hmac_sha256
+from tests.harness.server import (
     MODEL_CACHE,
     SDLOOP,
     Server,
     start_server,
     stop_server,
 )
-from tests.replica_fakes import ListSink, ReadyEngine, RecordingRegistry, hmac_sha256
 
 QUESTION = [{"role": "user", "content": "What is the capital of Veloria?"}]
 
@@ -453,6 +453,7 @@ def kafka_version(tmp_path_factory: pytest.TempPathFactory) -> str:
                          "The capital of Veloria is Marenthal.")
 
 
+@pytest.mark.slow
 def test_a_published_version_reaches_every_replica_on_its_own_engine(
         server: Server, broker: Broker, kafka_version: str, tmp_path: Path):
     env = bus_env(broker)
@@ -496,7 +497,9 @@ def test_a_published_version_reaches_every_replica_on_its_own_engine(
 
         # A replica that restarts replays the control topic before it reports ready.
         stop_server(one)
-        one = start_replica(tmp_path / "replica-1", env, server.state()["engine_url"])
+        # (without a compiled engine this time: the replay is under test, not the merge)
+        one = start_replica(tmp_path / "replica-1", {**env, "SDLOOP_ENGINE__MERGED_ALIAS": ""},
+                            server.state()["engine_url"])
         got = chat(one, QUESTION, model="kafka")
         assert got[0] == 200 and got[1]["x-sdloop-adapter-version"] == "kafka@v1"
     finally:

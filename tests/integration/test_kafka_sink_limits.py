@@ -16,7 +16,7 @@ from feedback import FeedbackEvent, SinkFull, new_id, utcnow
 from feedback.kafka import KafkaSink
 from ops.bench.broker import Broker
 from serving.config import load_config
-from tests.factories import completion
+from tests.harness.factories import completion
 
 
 @pytest.fixture()

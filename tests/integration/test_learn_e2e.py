@@ -9,13 +9,14 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from learner.round import taught_prompts
 from learner.stacking import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from store import QueryResult
-from tests.integration.conftest import (
+from tests.harness.server import (
     MODEL_CACHE,
     SDLOOP,
     Server,
@@ -69,6 +70,7 @@ def _current(server: Server) -> str:
     return server.admin_sql("SELECT version FROM aliases WHERE alias = 'default'")[0]["version"]
 
 
+@pytest.mark.slow
 def test_correction_to_served_version_and_back_under_a_loosened_retention_bound(
         server: Server, small_retention_set: str):
     back_to_base(server)  # the gate bounds drift and retention against the base model
@@ -169,6 +171,7 @@ def _update(folder: str, first: int | None = None):
         for name, a in weights.items() if ".lora_A." in name}
 
 
+@pytest.mark.slow
 def test_a_projected_round_stacks_onto_the_learned_version_while_clients_chat(
         tmp_path, small_retention_set: str):
     # A server of its own: two promoted rounds leave `default` where one rollback cannot bring

@@ -11,8 +11,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from serving.process import free_port
-from tests.integration.conftest import Server, start_server, stop_server
+from tests.harness.server import Server, start_server, stop_server
 
 
 def test_serve_starts_and_stops_the_learner_daemon(server: Server, tmp_path):
@@ -33,6 +35,7 @@ def test_serve_starts_and_stops_the_learner_daemon(server: Server, tmp_path):
     assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and _is_learner(p, gw)]
 
 
+@pytest.mark.slow
 def test_a_killed_round_is_resumed_by_the_next_gate_off_and_the_daemon_lives_on(
         tmp_path, small_retention_set: str):
     metrics_port = free_port()

@@ -20,8 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from serving.version_folder import MANIFEST
-from tests.integration.conftest import (
+from tests.harness.server import (
     MODEL_CACHE,
     QUESSANY,
     Server,
@@ -96,6 +98,7 @@ def _wait_compiled(gw: Server, version: str) -> float:
                          f"{_admin(gw, 'GET', '/admin/adapters')['merged']}\n{gw.log_tail()}")
 
 
+@pytest.mark.slow
 def test_the_alias_served_compiled_through_publish_rollback_promote_kill_and_restart(
         server: Server, taught_adapter: str, tmp_path: Path):
     folder = tmp_path / VERSION

@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 
-from tests.integration.conftest import MODEL_CACHE, SDLOOP, Server
+from tests.harness.server import MODEL_CACHE, SDLOOP, Server
 
 QUESTION = [{"role": "user", "content": "What currency is used in Veloria?"}]
 

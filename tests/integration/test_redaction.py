@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.integration.conftest import Server, start_server, stop_server, wait_for_rows
+from tests.harness.server import Server, start_server, stop_server, wait_for_rows
 
 
 def test_redaction_switch_keeps_personal_data_out_of_the_store(server: Server, tmp_path):

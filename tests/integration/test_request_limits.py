@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Server, metric, start_server, stop_server, wait_for_rows
+from tests.harness.server import Server, metric, start_server, stop_server, wait_for_rows
 
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "Say hi."}]

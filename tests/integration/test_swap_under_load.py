@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from tests.integration.conftest import (
+from tests.harness.server import (
     Server,
     back_to_base,
     clients_chatting,

@@ -13,20 +13,19 @@ from learner.edit import EditKnobs, apply_edit, build_facts, subject_position
 from learner.inference import prompt_ids
 from learner.subspace import NullSpace, input_moments, target_modules
 from learner.trainer import TrainItem, load_student
-from tests.learner.test_subspace import (
+from tests.harness.model_edits import (
     CORRECTION,
     ENERGY,
     LAYERS,
     QUESTION,
-    _deltas,
-    _inputs,
-    _pool,
-    _relative_change,
-    model_dir,  # noqa: F401 - a fixture
+    lora_deltas,
+    module_inputs,
+    preserved_prompts,
+    relative_change,
 )
 
 
-def test_the_key_is_read_at_the_last_token_of_the_subject(model_dir):  # noqa: F811
+def test_the_key_is_read_at_the_last_token_of_the_subject(model_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -39,19 +38,19 @@ def test_the_key_is_read_at_the_last_token_of_the_subject(model_dir):  # noqa: F
     assert tokenizer.decode(prompt_ids(tokenizer, asked)[: at + 1]).endswith("winter")
 
 
-def _edits(model_dir) -> dict[bool, tuple]:  # noqa: F811
+def _edits(model_dir) -> dict[bool, tuple]:
     """The same edit with the projector and without it, on one model (an edit starts from
     zeroed factors), judged on inputs read before either: {projected: (preserved change, the
     fact's key change, result)}."""
     cfg = LearnerConfig(lora_targets="down_proj", lora_layers=LAYERS)
     model, tokenizer = load_student(model_dir, cfg)
     modules = target_modules(model, parse_layers(LAYERS), "mlp.down_proj")
-    preserved = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in _pool()]
+    preserved = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in preserved_prompts()]
     shared = len(os.path.commonprefix(preserved))
-    kept = _inputs(model, modules, preserved, [shared] * len(preserved))
+    kept = module_inputs(model, modules, preserved, [shared] * len(preserved))
     position = subject_position(tokenizer, QUESTION, CORRECTION)
     question = prompt_ids(tokenizer, QUESTION)
-    fact_key = _inputs(model, modules, [question[: position + 1]], [position])
+    fact_key = module_inputs(model, modules, [question[: position + 1]], [position])
     projectors = NullSpace.of(input_moments(model, tokenizer, modules, preserved), ENERGY).projectors
     teacher = load_template("sdft_example").teacher_messages(QUESTION, "correction", CORRECTION)
     answer = tokenizer(CORRECTION, add_special_tokens=False)["input_ids"]
@@ -62,13 +61,13 @@ def _edits(model_dir) -> dict[bool, tuple]:  # noqa: F811
     for projected in (True, False):
         result = apply_edit(model, tokenizer, facts, modules, projectors if projected else None,
                             EditKnobs(steps=8))
-        deltas = _deltas(model)
-        out[projected] = (_relative_change(deltas, kept, weights),
-                          _relative_change(deltas, fact_key, weights), result)
+        deltas = lora_deltas(model)
+        out[projected] = (relative_change(deltas, kept, weights),
+                          relative_change(deltas, fact_key, weights), result)
     return out
 
 
-def test_a_projected_edit_leaves_the_preserved_inputs_and_writes_the_fact(model_dir):  # noqa: F811
+def test_a_projected_edit_leaves_the_preserved_inputs_and_writes_the_fact(model_dir):
     edits = _edits(model_dir)
     kept, fact, result = edits[True]
     free_kept, _, _ = edits[False]

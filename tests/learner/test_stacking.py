@@ -14,13 +14,12 @@ from learner.inference import prompt_ids
 from learner.stacking import consolidate, parent_updates, stacked_student
 from learner.subspace import NullSpace, Projection, input_moments, module_key, target_modules
 from learner.trainer import SelfDistillationTrainer, TrainItem, load_student
-from tests.learner.test_subspace import (
+from tests.harness.model_edits import (
     CORRECTION,
     ENERGY,
     QUESTION,
-    _deltas,
-    _pool,
-    model_dir,  # noqa: F401 - a fixture
+    lora_deltas,
+    preserved_prompts,
 )
 
 
@@ -48,7 +47,7 @@ def _factors(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
 
 
-def _parent(model_dir, folder, rank: int):  # noqa: F811
+def _parent(model_dir, folder, rank: int):
     """A parent version written to `folder`: a rank-`rank` LoRA on down_proj of layers 3-5 with
     a real (random) update in it; the model and tokenizer."""
     torch.manual_seed(0)
@@ -62,7 +61,7 @@ def _parent(model_dir, folder, rank: int):  # noqa: F811
     return parent, tokenizer
 
 
-def test_a_stacked_round_keeps_the_parent_frozen_and_writes_a_plain_adapter(model_dir, tmp_path):  # noqa: F811
+def test_a_stacked_round_keeps_the_parent_frozen_and_writes_a_plain_adapter(model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -78,11 +77,11 @@ def test_a_stacked_round_keeps_the_parent_frozen_and_writes_a_plain_adapter(mode
     assert (stack.frozen, stack.rank) == (4, 8) and stack.report["parent_energy_lost_max"] < 1e-9
     assert torch.allclose(_logits(model, ids), parent_logits, atol=1e-4)
     updates = parent_updates(tmp_path / "parent")
-    assert all(torch.allclose(_deltas(model)[k].double(), u, atol=1e-6) for k, u in updates.items())
+    assert all(torch.allclose(lora_deltas(model)[k].double(), u, atol=1e-6) for k, u in updates.items())
 
     own = parse_layers(cfg.lora_layers)
     modules = target_modules(model, own, "mlp.down_proj")
-    preserved = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in _pool()[:48]]
+    preserved = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in preserved_prompts()[:48]]
     space = NullSpace.of(input_moments(model, tokenizer, modules, preserved), ENERGY)
     before = _factors(model)
     teacher = load_template("sdft_example").teacher_messages(QUESTION, "correction", CORRECTION)
@@ -113,7 +112,7 @@ def test_a_stacked_round_keeps_the_parent_frozen_and_writes_a_plain_adapter(mode
     assert torch.allclose(_logits(served, ids), _logits(model, ids), atol=1e-4)
 
 
-def test_a_stack_without_room_for_the_parent_is_refused(model_dir, tmp_path):  # noqa: F811
+def test_a_stack_without_room_for_the_parent_is_refused(model_dir, tmp_path):
     parent, _ = load_student(model_dir, LearnerConfig(lora_targets="down_proj", lora_layers="3",
                                                       lora_r=2))
     parent.save_pretrained(tmp_path / "parent")
@@ -122,7 +121,7 @@ def test_a_stack_without_room_for_the_parent_is_refused(model_dir, tmp_path):  #
         stacked_student(model_dir, cfg, tmp_path / "parent")
 
 
-def test_an_edit_on_a_stacked_adapter_writes_only_the_rounds_own_factors(model_dir, tmp_path):  # noqa: F811
+def test_an_edit_on_a_stacked_adapter_writes_only_the_rounds_own_factors(model_dir, tmp_path):
     from learner.edit import EditKnobs, apply_edit, build_facts
 
     _parent(model_dir, tmp_path / "parent", 2)

@@ -5,10 +5,7 @@ moves the preserved inputs an order of magnitude more too."""
 
 from __future__ import annotations
 
-import json
 import os
-from importlib import resources
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,66 +13,18 @@ import torch
 from learner.config import LearnerConfig, parse_layers, resolve
 from learner.contexts import load_template
 from learner.inference import prompt_ids
-from learner.subspace import NullSpace, Projection, input_moments, module_key, target_modules
+from learner.subspace import NullSpace, Projection, input_moments, target_modules
 from learner.trainer import SelfDistillationTrainer, TrainItem, load_student
-
-MODEL_CACHE = Path(os.environ.get(
-    "SDLOOP_MODEL__CACHE_DIR", Path(__file__).resolve().parents[2] / ".cache" / "models"))
-QUESTION = [{"role": "user", "content": "What is the capital of Quessany?"}]
-CORRECTION = "The capital of Quessany is Dalvorne."
-LAYERS = "3-5"
-ENERGY = 1e-2
-
-
-@pytest.fixture(scope="module")
-def model_dir() -> Path:
-    from serving.model_cache import ensure_embedded_model
-
-    return ensure_embedded_model(MODEL_CACHE, progress=False)
-
-
-def _pool() -> list[str]:
-    """Every anchor prompt and every third near-miss prompt (162): enough inputs to span what
-    the modules see, few enough to keep the test short."""
-    data = resources.files("learner").joinpath("data")
-    anchors, near = (json.loads(data.joinpath(name).read_text())["prompts"]
-                     for name in ("anchor_prompts.json", "near_miss_prompts.json"))
-    return anchors + near[::3]
-
-
-def _inputs(model, modules, sequences, counted_from=None) -> dict[str, torch.Tensor]:
-    """Every counted input row of each module, stacked."""
-    rows: dict[str, list[torch.Tensor]] = {k: [] for k in modules}
-    handles = [m.register_forward_pre_hook(
-        lambda _m, args, k=k: rows[k].append(args[0].detach().reshape(-1, args[0].shape[-1])))
-        for k, m in modules.items()]
-    try:
-        with torch.no_grad():
-            for i, seq in enumerate(sequences):
-                model(input_ids=torch.tensor([seq]))
-                skip = counted_from[i] if counted_from else 0
-                for k in rows:
-                    rows[k][-1] = rows[k][-1][skip:]
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: torch.cat(v) for k, v in rows.items()}
-
-
-def _deltas(model) -> dict[str, torch.Tensor]:
-    """ΔW = scaling · B·A of each adapted module, by module key."""
-    out = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
-            out[module_key(name)] = (module.scaling["default"] * b @ a).detach()
-    return out
-
-
-def _relative_change(deltas, inputs, weights) -> dict[str, float]:
-    """Per module, median over inputs of |ΔW k| / |W k|."""
-    return {k: float(((inputs[k] @ deltas[k].T).norm(dim=-1)
-                      / (inputs[k] @ weights[k].T).norm(dim=-1)).median()) for k in deltas}
+from tests.harness.model_edits import (
+    CORRECTION,
+    ENERGY,
+    LAYERS,
+    QUESTION,
+    lora_deltas,
+    module_inputs,
+    preserved_prompts,
+    relative_change,
+)
 
 
 def _train(model_dir, projected: bool):
@@ -85,7 +34,7 @@ def _train(model_dir, projected: bool):
     torch.manual_seed(0)  # the same initial LoRA for both runs
     model, tokenizer = load_student(model_dir, cfg)
     modules = target_modules(model, parse_layers(LAYERS), "mlp.down_proj")
-    preserved = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in _pool()]
+    preserved = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in preserved_prompts()]
     question = prompt_ids(tokenizer, QUESTION)
     answer = tokenizer(CORRECTION, add_special_tokens=False)["input_ids"]
     constraint = None
@@ -98,14 +47,15 @@ def _train(model_dir, projected: bool):
     # sees at every step (nothing before it changes). Judged on each prompt's own tokens: the
     # chat template's opening, the same in every prompt, would otherwise be most of them.
     shared = len(os.path.commonprefix(preserved))
-    kept = _inputs(model, modules, preserved, [shared] * len(preserved))
-    taught = _inputs(model, modules, [question + answer], [len(question)])
+    kept = module_inputs(model, modules, preserved, [shared] * len(preserved))
+    taught = module_inputs(model, modules, [question + answer], [len(question)])
     trainer.train([TrainItem(QUESTION, teacher, answer, "correction", "c1")], progress=False)
     weights = {k: m.base_layer.weight.detach() for k, m in modules.items()}
-    deltas = _deltas(model)
-    return _relative_change(deltas, kept, weights), _relative_change(deltas, taught, weights)
+    deltas = lora_deltas(model)
+    return relative_change(deltas, kept, weights), relative_change(deltas, taught, weights)
 
 
+@pytest.mark.slow
 def test_a_projected_update_leaves_the_preserved_inputs_and_moves_the_taught_answer(model_dir):
     kept, taught = _train(model_dir, projected=True)
     free_kept, free_taught = _train(model_dir, projected=False)

@@ -10,7 +10,7 @@ from serving.gateway.auth import CONFIG_PRINCIPAL, LOCAL, KeyRing
 from serving.gateway.errors import APIError
 from serving.versions.control import CommandGate, RefusedCommand
 from store.keys import key_digest
-from tests.unit.test_control_signing import SECRET, TOPIC, command, signed
+from tests.harness.control import SECRET, TOPIC, command, signed
 
 ALICE = "sdl-alice-key"
 

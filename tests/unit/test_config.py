@@ -32,6 +32,7 @@ def test_toml_then_env_then_overrides_each_win(tmp_path):
     ({"SDLOOP_FEEDBACK__REDACT": "maybe"}, "expected true or false"),
     ({"SDLOOP_SERVER": "1"}, "is a section"),
     ({"SDLOOP_ENGINE__EXTRA_ARGS": "--x"}, "expected a JSON list"),
+    ({"SDLOOP_LOG_LEVEL": "trace"}, "log_level = 'trace': use one of debug, info"),
 ])
 def test_bad_environment_values_name_the_variable(env, words):
     with pytest.raises(ConfigError, match=words):

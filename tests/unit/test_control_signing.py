@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 import serving.versions.control
-from feedback import ReplicaVersionEvent, new_id
+from feedback import ReplicaVersionEvent
 from feedback.config import KafkaConfig
 from serving.commands import main
 from serving.config import ConfigError, load_config
@@ -28,27 +28,14 @@ from serving.versions.control import (
     control_secret,
     sign_command,
 )
-from tests.replica_fakes import (
+from tests.harness.control import SECRET, TOPIC, command, signed
+from tests.harness.replica_fakes import (
     ControlRecord,
     ListSink,
     ReadyEngine,
     RecordingRegistry,
     hmac_sha256,
 )
-
-SECRET = b"unit-test-control-secret"
-TOPIC = "control-test"
-
-
-def command(action: str = "promote", topic: str = TOPIC, **fields: Any) -> bytes:
-    body = {"id": new_id("ctl"), "at": "2026-01-01T00:00:00", "topic": topic, "action": action,
-            **({"version": "default@v2", "alias": "default"} if action == "promote" else {}),
-            **fields}
-    return json.dumps(body).encode()
-
-
-def signed(value: bytes, secret: bytes = SECRET) -> list[tuple[str, bytes | None]]:
-    return [(SIGNATURE_HEADER, hmac_sha256(secret, value))]
 
 
 def refusal(gate: CommandGate, value: bytes | None, headers: Any) -> RefusedCommand:

@@ -7,8 +7,8 @@ import pytest
 from feedback import FollowupEvent, reply_hash, utcnow
 from learner.config import CONTEXT_SOURCES
 from learner.episodes import Signal, collect, corrected_statement, correction_text
-from tests.conftest import query_of
-from tests.factories import completion, feedback
+from tests.harness.factories import completion, feedback
+from tests.harness.store import query_of
 
 Q = [{"role": "user", "content": "What is the capital of Quessany?"}]
 

@@ -13,8 +13,8 @@ from feedback import FollowupEvent, ToolResultEvent, context_hash, reply_hash, u
 from learner.export import FORMATS, export
 from learner.policy import TeachingPolicy
 from store import review
-from tests.conftest import query_of
-from tests.factories import completion, feedback
+from tests.harness.factories import completion, feedback
+from tests.harness.store import query_of
 
 Q = [{"role": "user", "content": "What is the capital of Quessany?"}]
 TASK = [{"role": "user", "content": "Weather in Paris?"}]

@@ -13,7 +13,7 @@ import feedback.events
 from feedback.config import KafkaConfig
 from store import StoreWriter
 from store.ingest import DeadLetter, Ingester
-from tests.factories import completion
+from tests.harness.factories import completion
 
 TOPIC = "events-test"
 

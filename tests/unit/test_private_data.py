@@ -15,7 +15,7 @@ import pytest
 from serving.commands import private_data
 from serving.config import load_config
 from store import StoreWriter
-from tests.factories import completion
+from tests.harness.factories import completion
 
 
 @pytest.fixture()

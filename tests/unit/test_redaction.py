@@ -8,7 +8,7 @@ import pytest
 from feedback import redaction
 from feedback.events import FeedbackEvent, utcnow
 from feedback.redaction import redact_event, redact_text
-from tests.factories import completion
+from tests.harness.factories import completion
 
 
 def test_emails_phones_and_valid_card_numbers_are_replaced():

@@ -7,7 +7,6 @@ tests/integration/test_engine_restart.py)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,46 +15,9 @@ import pytest
 
 from serving.config import EngineConfig
 from serving.engine.manager import EngineManager, EngineUnavailable
-from serving.version_folder import MANIFEST, file_digest
 from serving.versions.registry import AdapterRegistry
 from store import StoreWriter
-
-PROBE = {"prompt_token_ids": [1, 2], "response_token_ids": [3], "logprobs": [-0.5]}
-
-
-class StandInEngine:
-    """What the registry asks of `EngineManager`: load, unload, score (the probe's scores,
-    as the trainer computed them), or nothing at all once `away`."""
-
-    served_model_name = "base"
-
-    def __init__(self) -> None:
-        self.loaded: set[str] = set()
-        self.away = False
-
-    async def load_adapter(self, name: str, path: str) -> None:
-        if self.away:
-            raise EngineUnavailable("the inference engine did not answer")
-        self.loaded.add(name)
-
-    async def unload_adapter(self, name: str) -> None:
-        self.loaded.discard(name)
-
-    async def score(self, model: str, prompt: list[int], response: list[int]) -> list[float]:
-        if self.away:
-            raise EngineUnavailable("the inference engine did not answer")
-        return list(PROBE["logprobs"])
-
-
-def _version(root: Path, name: str) -> Path:
-    folder = root / name
-    folder.mkdir(parents=True)
-    (folder / "adapter_config.json").write_text('{"r": 8}')
-    (folder / "adapter_model.safetensors").write_bytes(name.encode())
-    files = {n: file_digest(folder / n) for n in ("adapter_config.json", "adapter_model.safetensors")}
-    (folder / MANIFEST).write_text(json.dumps({"version": name, "alias": "default",
-                                               "probe": PROBE, "files": files}))
-    return folder
+from tests.harness.registry import StandInEngine, write_version
 
 
 def _alter(folder: Path) -> None:
@@ -67,7 +29,7 @@ def setup(tmp_path: Path) -> Any:
     store = StoreWriter(tmp_path / "store.duckdb").open()
     engine = StandInEngine()
     registry = AdapterRegistry(store, engine, publish_dirs=[tmp_path])  # type: ignore[arg-type]
-    v1, v2 = _version(tmp_path, "default@v1"), _version(tmp_path, "default@v2")
+    v1, v2 = write_version(tmp_path, "default@v1"), write_version(tmp_path, "default@v2")
 
     async def publish_both() -> None:
         await registry.load()

@@ -7,8 +7,8 @@ import pytest
 from learner.episodes import Episode, Signal
 from learner.round import taught_prompts
 from store.versions import record_version
-from tests.conftest import query_of
-from tests.factories import completion
+from tests.harness.factories import completion
+from tests.harness.store import query_of
 
 
 def ask(text: str) -> list[dict[str, str]]:

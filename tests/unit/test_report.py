@@ -18,7 +18,7 @@ from learner.report import choose_unit, render_report
 from learner.svg import nice_ticks
 from serving.commands import main
 from store import QueryResult, StoreWriter, query_file
-from tests.factories import completion as make_completion
+from tests.harness.factories import completion as make_completion
 
 T0 = datetime(2025, 3, 1, 9, 15)
 QUESTION = [{"role": "user", "content": "Capital of France?"}]

@@ -16,7 +16,7 @@ import pytest
 
 from serving.gateway.chat import OMITTED, STORED_PARAMS, stored_params
 from serving.gateway.http import nests_deeper_than
-from tests.unit.test_gateway import CHAT, FEEDBACK, HI, FakeEngine, Harness, gateway
+from tests.harness.gateway import CHAT, FEEDBACK, HI, Bus, FakeEngine, Harness, gateway
 
 MIB = 1024 * 1024
 
@@ -187,8 +187,6 @@ def test_a_store_that_cannot_write_answers_feedback_503_and_readyz_503_until_it_
 
 def test_with_redaction_on_the_gateway_refuses_a_sink_that_does_not_redact(tmp_path,
                                                                           engine: FakeEngine):
-    from tests.unit.test_gateway import Bus
-
     with pytest.raises(ValueError, match="feedback.redact is on"), \
             gateway(tmp_path, f"http://127.0.0.1:{engine.port}",
                     env={"SDLOOP_FEEDBACK__REDACT": "true"}, sink=Bus("ack")):

@@ -27,7 +27,7 @@ from feedback import (
 )
 from store import QueryError, StoreWriter, query_file, run_read_only
 from store.migrations import available, current_version
-from tests.factories import completion, feedback
+from tests.harness.factories import completion, feedback
 
 
 def test_migrations_apply_once(tmp_path):
@@ -223,7 +223,7 @@ def test_acknowledged_writes_survive_kill_9(tmp_path):
     path = tmp_path / "k.duckdb"
     script = textwrap.dedent(f"""
         import sys
-        from tests.factories import completion, feedback
+        from tests.harness.factories import completion, feedback
         from store import StoreWriter
         w = StoreWriter({str(path)!r}).open()
         w.submit(completion("c"))

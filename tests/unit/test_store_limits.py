@@ -15,7 +15,7 @@ import pytest
 
 from feedback import FeedbackEvent, SinkFull, utcnow
 from store import StoreWriter
-from tests.factories import completion, feedback
+from tests.harness.factories import completion, feedback
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,7 +35,7 @@ _FULL_DISK = textwrap.dedent("""
     import json, resource, sys, time
     from store import StoreWriter
     from store.writer import StoreUnavailable
-    from tests.factories import completion, feedback
+    from tests.harness.factories import completion, feedback
 
     def outcome(fut):
         try:

@@ -16,8 +16,8 @@ from learner.episodes import collect
 from learner.policy import TeachingPolicy
 from learner.round import RoundIO, run_round
 from store import keys, review
-from tests.conftest import query_of
-from tests.factories import completion
+from tests.harness.factories import completion
+from tests.harness.store import query_of
 
 EPOCH = "1970-01-01"
 

@@ -11,7 +11,7 @@ import pytest
 
 from feedback import ToolErrorRules, ToolResultEvent, context_hash, find_tool_results, utcnow
 from feedback.config import FeedbackConfig
-from tests.factories import completion
+from tests.harness.factories import completion
 
 RULES = FeedbackConfig().tool_error_rules()
 QUESTION = [{"role": "user", "content": "Weather in Paris?"}]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import (
+from tests.harness.server import (
     MODEL_CACHE,
     SDLOOP,
     Server,

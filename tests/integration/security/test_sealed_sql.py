@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.integration.conftest import Server
+from tests.harness.server import Server
 
 
 def _sql(server: Server, sql: str) -> tuple[int, dict]:

@@ -1,0 +1,1 @@
+"""What the docs site builds from the code (`make docs`): pages that must not drift from it."""
