@@ -158,8 +158,8 @@ def _export(cfg: Config, args: argparse.Namespace) -> int:
         out = (stack.enter_context(open(args.out, "w", encoding="utf-8"))  # noqa: SIM115
                if args.out else sys.stdout)
         bar = stack.enter_context(_progress(total, f"export {args.format}"))
-        written = export(query, out, args.format, cfg.learner.teaching(), args.since,
-                         args.where, redact, bar)
+        written = export(query, out, args.format, cfg.learner.teaching(), since=args.since,
+                         where=args.where, redact=redact, progress=bar)
     print(f"{written} {args.format} records from {total} answers"
           + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
     return 0

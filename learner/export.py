@@ -212,7 +212,7 @@ def record(fmt: str, item: Stored, found: Successes | None) -> dict[str, Any] | 
     raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
 
 
-def export(query: Query, out: TextIO, fmt: str, policy: TeachingPolicy,
+def export(query: Query, out: TextIO, fmt: str, policy: TeachingPolicy, *,
            since: str | None = None, where: str | None = None, redact: bool = False,
            progress: Callable[[int], None] | None = None) -> int:
     """Write `fmt` records as JSON lines to `out`; returns how many."""

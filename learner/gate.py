@@ -249,7 +249,7 @@ def retention(model: Any, tokenizer: Any, data: dict[str, Any], ref: BaseReferen
     return Retention(forgotten, len(right), sum(increases) / max(len(increases), 1))
 
 
-def evaluate(model: Any, tokenizer: Any, data: dict[str, Any], before: float, after: float,
+def evaluate(model: Any, tokenizer: Any, data: dict[str, Any], *, before: float, after: float,
              retention_max_drop: float, drift_max: float, retention_nll_max: float,
              confidence: float = 0.95, cache: Path | None = None,
              cache_key: str = "", attempts: int = 1) -> GateResult:

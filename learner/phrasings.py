@@ -78,7 +78,7 @@ def _names(question: str) -> set[str]:
     return {w.lower() for w in content_words(" ".join(x for x in words if x[:1].isupper()))}
 
 
-def rephrasings(model: Any, tokenizer: Any, question: str, signal: str, n: int,
+def rephrasings(model: Any, tokenizer: Any, question: str, signal: str, n: int, *,
                 seed: int = 0, samples: int = 12, temperature: float = 0.8,
                 max_new_tokens: int = 40) -> list[str]:
     """Up to `n` distinct rephrasings of `question` by `model` (the version a round improves),

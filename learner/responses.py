@@ -99,8 +99,9 @@ class EnginePolicy:
                 for c in choices if c.get("token_ids")]
 
 
-def draw(model: Any, tokenizer: Any, messages: list[dict[str, Any]], n: int, temperature: float,
-         max_new_tokens: int, seed: int = 0, engine: EnginePolicy | None = None,
+def draw(model: Any, tokenizer: Any, messages: list[dict[str, Any]], *, n: int,
+         temperature: float, max_new_tokens: int, seed: int = 0,
+         engine: EnginePolicy | None = None,
          constraint: dict[str, Any] | None = None) -> list[list[int]]:
     """`n` sampled answers to `messages` from the version a round improves: by the serving
     engine under `constraint` where the answer had one and the engine is there, else by the
@@ -125,7 +126,7 @@ def same_answer(a: str, b: str) -> bool:
 
 
 def teacher_regenerations(model: Any, tokenizer: Any, student_messages: list[dict[str, Any]],
-                          teacher_messages: list[dict[str, Any]], signal: str, n: int,
+                          teacher_messages: list[dict[str, Any]], signal: str, *, n: int,
                           temperature: float, max_new_tokens: int, seed: int = 0,
                           engine: EnginePolicy | None = None,
                           constraint: dict[str, Any] | None = None,
@@ -135,8 +136,9 @@ def teacher_regenerations(model: Any, tokenizer: Any, student_messages: list[dic
     teacher), whose earlier lessons the answers keep. `engine`, `constraint`: see `draw`.
     `failed`: the signal is an environment error about this answer; kept are the answers the
     teacher gave at least twice that do not repeat it."""
-    candidates = draw(model, tokenizer, teacher_messages, n, temperature, max_new_tokens, seed,
-                      engine, constraint)
+    candidates = draw(model, tokenizer, teacher_messages, n=n, temperature=temperature,
+                      max_new_tokens=max_new_tokens, seed=seed, engine=engine,
+                      constraint=constraint)
     question = " ".join(str(m.get("content", "")) for m in student_messages if m.get("role") == "user")
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in candidates]
     kept = []

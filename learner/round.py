@@ -136,8 +136,10 @@ def run_round(lcfg: LearnerConfig, io: RoundIO, workspace: Path, adapters: Path,
         work.save_progress({**mark, "failed_starts": mark["failed_starts"] + 1})
         attempt = int(mark["attempt"])
         lcfg = retry_config(lcfg, attempt)
-        summary, learned_up_to = _round(lcfg, io, work, adapters, mark["last_signal_at"],
-                                        max_steps, progress, model_cache or workspace)
+        summary, learned_up_to = _round(lcfg, resolve(lcfg), io, work, adapters,
+                                        since=mark["last_signal_at"],
+                                        max_steps=max_steps, progress=progress,
+                                        model_cache=model_cache or workspace)
         summary["attempt"] = attempt
         retry = summary["status"] == "rejected" and attempt < lcfg.retries
         work.save_progress({**mark, "failed_starts": 0} if learned_up_to is None else {
@@ -180,11 +182,11 @@ def retry_config(lcfg: LearnerConfig, attempt: int) -> LearnerConfig:
     return replace(lcfg, seed=lcfg.seed + 1000 * attempt, anchor_weight=weight * 2 ** attempt)
 
 
-def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Path, since: str,
-           max_steps: int | None, progress: bool,
+def _round(lcfg: LearnerConfig, knobs: Knobs, io: RoundIO, work: RoundWorkspace, adapters: Path,
+           *, since: str, max_steps: int | None, progress: bool,
            model_cache: Path) -> tuple[dict[str, Any], str | None]:
-    """The round's summary, and the newest signal it consumed (None: nothing was consumed)."""
-    knobs = resolve(lcfg)
+    """The round's summary, and the newest signal it consumed (None: nothing was consumed).
+    `lcfg` is settled and `knobs` resolved from it once, where the round starts (`run_round`)."""
     template = load_template(lcfg.template)
     query = io.query
     episodes = collect(query, since, knobs.context, lcfg.teaching())
@@ -221,7 +223,8 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
         # structured-output constraint (learner.responses.draw).
         policy = (io.policy(parent) if knobs.responses == "on_policy"
                   or any(e.constraint for e in episodes) else None)
-        items = _train_items(model, tokenizer, episodes, knobs, template, lcfg, policy, progress)
+        items = _train_items(model, tokenizer, episodes, knobs=knobs, template=template,
+                             lcfg=lcfg, policy=policy, progress=progress)
         gate_items = _gate_items(model, tokenizer, episodes, template, lcfg, policy, progress)
         phases.done("responses")
         if not items or not gate_items:  # these knobs will never train on them: move on
@@ -256,8 +259,9 @@ def _round(lcfg: LearnerConfig, io: RoundIO, work: RoundWorkspace, adapters: Pat
                                save=work.save_checkpoint)
     phases.done("train")
     after = judge.divergence(gate_items)
-    gate = evaluate(model, tokenizer, retention, before, after, lcfg.retention_max_drop,
-                    lcfg.drift_max, lcfg.retention_nll_max, lcfg.gate_confidence,
+    gate = evaluate(model, tokenizer, retention, before=before, after=after,
+                    retention_max_drop=lcfg.retention_max_drop, drift_max=lcfg.drift_max,
+                    retention_nll_max=lcfg.retention_nll_max, confidence=lcfg.gate_confidence,
                     cache=model_cache / gate_base_file(model_dir, lcfg.retention_set),
                     cache_key=model_dir, attempts=lcfg.retries + 1)
     phases.done("gate")
@@ -335,9 +339,10 @@ def _gate_items(model: Any, tokenizer: Any, episodes: list[Episode], template: T
     for ep in tqdm(episodes, desc="held-out answers", unit="episode", disable=not progress):
         for signal in ep.signals:
             teacher = template.teacher_messages(ep.messages, signal.source, signal.text)
-            answers = draw(model, tokenizer, teacher, lcfg.gate_samples,
-                           lcfg.regen_temperature or 1.0, lcfg.max_new_tokens, lcfg.seed + 1,
-                           engine, ep.constraint)
+            answers = draw(model, tokenizer, teacher, n=lcfg.gate_samples,
+                           temperature=lcfg.regen_temperature or 1.0,
+                           max_new_tokens=lcfg.max_new_tokens, seed=lcfg.seed + 1,
+                           engine=engine, constraint=ep.constraint)
             items += [TrainItem(ep.messages, teacher, a, signal.source, ep.completion_id)
                       for a in answers if a]
     return items
@@ -349,7 +354,7 @@ def _responses_from(knobs: Knobs, items: list[TrainItem]) -> str:
     return "engine" if any(it.engine_logprobs is not None for it in items) else "trainer"
 
 
-def _train_items(model: Any, tokenizer: Any, episodes: list[Episode], knobs: Knobs,
+def _train_items(model: Any, tokenizer: Any, episodes: list[Episode], *, knobs: Knobs,
                  template: Template, lcfg: LearnerConfig,
                  policy: EnginePolicy | None = None, progress: bool = False) -> list[TrainItem]:
     items = []
@@ -360,7 +365,7 @@ def _train_items(model: Any, tokenizer: Any, episodes: list[Episode], knobs: Kno
             items += [TrainItem(ep.messages, teacher, ids, signal.source, ep.completion_id,
                                 engine_logprobs=logprobs)
                       for ids, logprobs in _responses(model, tokenizer, ep, signal, teacher,
-                                                      knobs, lcfg, policy)]
+                                                      knobs=knobs, lcfg=lcfg, policy=policy)]
         items += _rephrased_items(model, tokenizer, ep, template, lcfg, policy)
     return items
 
@@ -385,19 +390,20 @@ def _rephrased_items(model: Any, tokenizer: Any, ep: Episode, template: Template
     question = content_text(ep.messages[last].get("content"))
     items = []
     for phrasing in rephrasings(model, tokenizer, question, stated[0].text, lcfg.phrasings,
-                                lcfg.seed):
+                                seed=lcfg.seed):
         student = rephrased(ep.messages, phrasing)
         for signal in stated:
             teacher = template.teacher_messages(student, signal.source, signal.text)
             items += [TrainItem(student, teacher, ids, signal.source, ep.completion_id)
                       for ids in teacher_regenerations(
-                          model, tokenizer, student, teacher, signal.text, lcfg.regen_samples,
-                          lcfg.regen_temperature, lcfg.max_new_tokens, lcfg.seed, policy)]
+                          model, tokenizer, student, teacher, signal.text, n=lcfg.regen_samples,
+                          temperature=lcfg.regen_temperature, max_new_tokens=lcfg.max_new_tokens,
+                          seed=lcfg.seed, engine=policy)]
     return items
 
 
 def _responses(model: Any, tokenizer: Any, ep: Episode, signal: Any,
-               teacher: list[dict[str, Any]], knobs: Knobs, lcfg: LearnerConfig,
+               teacher: list[dict[str, Any]], *, knobs: Knobs, lcfg: LearnerConfig,
                policy: EnginePolicy | None) -> list[tuple[list[int], list[float] | None]]:
     """Response token ids for one signal, each with the engine's log-probabilities where the
     serving engine sampled it."""
@@ -405,10 +411,11 @@ def _responses(model: Any, tokenizer: Any, ep: Episode, signal: Any,
     if knobs.responses in ("logged", "mix") and ep.token_ids:
         out.append(list(ep.token_ids))
     if knobs.responses in ("teacher", "mix"):
-        kept = teacher_regenerations(model, tokenizer, ep.messages, teacher, signal.text,
-                                     lcfg.regen_samples, lcfg.regen_temperature,
-                                     lcfg.max_new_tokens, lcfg.seed, policy, ep.constraint,
-                                     ep.response_text if signal.source == "env_error" else None)
+        kept = teacher_regenerations(
+            model, tokenizer, ep.messages, teacher, signal.text, n=lcfg.regen_samples,
+            temperature=lcfg.regen_temperature, max_new_tokens=lcfg.max_new_tokens,
+            seed=lcfg.seed, engine=policy, constraint=ep.constraint,
+            failed=ep.response_text if signal.source == "env_error" else None)
         if not kept and signal.source in ANSWER_SOURCES:  # the signal itself is an answer
             kept = [_signal_ids(tokenizer, signal.text)]
         out.extend(kept)

@@ -137,8 +137,9 @@ async def chat_completions(request: Request) -> Response:
 
     ticket = gw.registry.acquire(version)  # released once the answer is complete
     try:
-        response = await _forward(gw, upstream, event, request_hex, headers, started, ticket,
-                                  principal, record, request_bytes)
+        response = await _forward(gw, upstream, event, request_hex=request_hex, headers=headers,
+                                  started=started, ticket=ticket, principal=principal,
+                                  record=record, request_bytes=request_bytes)
     except BaseException:
         ticket.release()
         raise
@@ -148,7 +149,7 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def _forward(
-    gw: Gateway, upstream: dict[str, Any], event: CompletionEvent, request_hex: str,
+    gw: Gateway, upstream: dict[str, Any], event: CompletionEvent, *, request_hex: str,
     headers: dict[str, str], started: float, ticket: InFlight, principal: Principal,
     record: Record, request_bytes: int | None = None,
 ) -> Response:

@@ -186,7 +186,8 @@ def test_a_json_mode_agents_answer_is_resampled_by_the_engine_under_its_schema(s
     # 0-2, where 4 samples gave 1-2). Unconstrained the model answers this in prose;
     # constrained every sample that ended is a whole object of the schema, and every other
     # one is cut by the budget inside such an object.
-    samples = draw(None, tokenizer, teacher, 8, 0.7, 64, 0, engine, constraint)
+    samples = draw(None, tokenizer, teacher, n=8, temperature=0.7, max_new_tokens=64, seed=0,
+                   engine=engine, constraint=constraint)
     assert len(samples) == 8
     ended = [ids for ids in samples if ids[-1] == tokenizer.eos_token_id]
     assert ended, [tokenizer.decode(ids) for ids in samples]

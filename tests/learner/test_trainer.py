@@ -137,7 +137,7 @@ def test_teacher_regenerations_carry_the_correction(model_dir):
     # the correction in context is what brings the name. The same model asked without it, on
     # the same seeds, says it less often (measured, seeds 0-2: teacher 1-2 kept of 4, without
     # the correction 0 of 4).
-    alone = draw(model, tokenizer, QUESTION, 4, 0.7, 24, 0)
+    alone = draw(model, tokenizer, QUESTION, n=4, temperature=0.7, max_new_tokens=24, seed=0)
     assert len(kept) > sum("Dalvorne" in tokenizer.decode(ids) for ids in alone)
 
 

@@ -77,24 +77,26 @@ def test_output_constraint_keeps_what_shapes_the_answer_and_nothing_else():
     assert output_constraint(None) is None and output_constraint({}) is None
 
 
+SAMPLING = {"n": 2, "temperature": 0.7, "max_new_tokens": 32, "seed": 0}
+
 def test_a_constrained_answer_is_redrawn_by_the_engine_under_its_constraint(trainer_samples):
     engine = Engine(['{"city_id": "city:paris"}'] * 3)
-    got = draw(None, Tokenizer(), [{"role": "user", "content": "q"}], 2, 0.7, 32, 0, engine,
-               {"response_format": SCHEMA})
+    got = draw(None, Tokenizer(), [{"role": "user", "content": "q"}], **SAMPLING, engine=engine,
+               constraint={"response_format": SCHEMA})
     assert [Tokenizer().decode(g) for g in got] == ['{"city_id": "city:paris"}'] * 2
     assert engine.asked == [{"response_format": SCHEMA}] and not trainer_samples
 
 
 def test_an_unconstrained_answer_stays_with_the_trainers_model(trainer_samples):
     engine = Engine(["{}"])
-    draw(None, Tokenizer(), [{"role": "user", "content": "q"}], 2, 0.7, 32, 0, engine, None)
+    draw(None, Tokenizer(), [{"role": "user", "content": "q"}], **SAMPLING, engine=engine, constraint=None)
     assert not engine.asked and trainer_samples == [2]
 
 
 def test_an_engine_that_refuses_leaves_the_round_with_the_trainers_samples(trainer_samples):
     engine = Engine([], fail=OSError("HTTP Error 400: Bad Request"))
-    got = draw(None, Tokenizer(), [{"role": "user", "content": "q"}], 2, 0.7, 32, 0, engine,
-               {"response_format": SCHEMA})
+    got = draw(None, Tokenizer(), [{"role": "user", "content": "q"}], **SAMPLING, engine=engine,
+               constraint={"response_format": SCHEMA})
     assert len(got) == 2 and trainer_samples == [2]
 
 
@@ -107,8 +109,9 @@ def test_an_env_error_keeps_a_fix_the_teacher_repeats_and_never_the_failed_answe
         engine = Engine(answers)
         return [Tokenizer().decode(k) for k in teacher_regenerations(
             None, Tokenizer(), [{"role": "user", "content": "Weather in Paris?"}],
-            [{"role": "user", "content": "Weather in Paris? " + error}], error, len(answers),
-            0.7, 32, 0, engine, {"response_format": SCHEMA}, failed)]
+            [{"role": "user", "content": "Weather in Paris? " + error}], error, n=len(answers),
+            temperature=0.7, max_new_tokens=32, seed=0, engine=engine,
+            constraint={"response_format": SCHEMA}, failed=failed)]
 
     assert kept(['{ "city_id":"Paris" }', '{"city_id": "city:paris"}',
                  '{"city_id":"city:paris"}', '{"city_id": "paris"}']) == [
