@@ -46,12 +46,12 @@ def round_io(cfg: Config, progress: bool = True) -> RoundIO:
         return admin_call(server, "POST", "/admin/adapters/publish",
                           {"path": str(folder), "promote": promote})["status"]
 
-    def policy(version: str) -> EnginePolicy | None:
+    def policy(served: str) -> EnginePolicy | None:
         server = server_state(cfg)
         if server is None or not server.get("engine_url"):
             return None
         try:
-            return EnginePolicy.of(server["engine_url"], version, server.get("engine_api_key", ""))
+            return EnginePolicy.of(server["engine_url"], served, server.get("engine_api_key", ""))
         except (OSError, ValueError, KeyError, StopIteration) as exc:
             log.warning("samples from the trainer's model: the engine did not answer (%s)",
                         exc)

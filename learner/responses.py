@@ -73,9 +73,10 @@ class EnginePolicy:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     @classmethod
-    def of(cls, engine_url: str, version: str, api_key: str = "") -> EnginePolicy:
-        if version != "base":
-            return cls(engine_url, version, api_key)
+    def of(cls, engine_url: str, served: str, api_key: str = "") -> EnginePolicy:
+        """`served`: the name the engine serves the version under; `base`: its base model."""
+        if served != "base":
+            return cls(engine_url, served, api_key)
         req = urllib.request.Request(f"{engine_url}/v1/models",
                                      headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
         with urllib.request.urlopen(req, timeout=30) as resp:

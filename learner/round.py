@@ -63,6 +63,7 @@ from learner.trainer import (
     load_student,
 )
 from learner.versions import write_version
+from serving.version_folder import engine_name
 from store import BASE_VERSION, DEFAULT_ALIAS, Query
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,9 @@ class RoundIO:
     # (`promoted`, `candidate`, `rejected`), or `written` when no server is there to take it.
     publish: Callable[[Path, bool], str]
     # The serving engine to sample on-policy answers (and answers under an agent's
-    # structured-output constraint) from, for a version; None: the trainer's
-    # own model samples them.
+    # structured-output constraint) from, given the name the engine serves the version under
+    # (`serving.version_folder.engine_name`; `base`: the base model); None: the trainer's own
+    # model samples them.
     policy: Callable[[str], EnginePolicy | None]
     # The base model's folder (the embedded model is converted on first use).
     base_model: Callable[[], str]
@@ -114,7 +116,7 @@ SELECT e.messages FROM taught t JOIN episodes e USING (completion_id)
 GROUP BY e.messages ORDER BY min(t.depth), max(e.created_at) DESC LIMIT ?
 """
 _CURRENT_SQL = """
-SELECT a.version, v.path FROM aliases a LEFT JOIN adapter_versions v USING (version)
+SELECT a.version, v.path, v.manifest FROM aliases a LEFT JOIN adapter_versions v USING (version)
 WHERE a.alias = ?
 """
 
@@ -200,7 +202,7 @@ def _round(lcfg: LearnerConfig, knobs: Knobs, io: RoundIO, work: RoundWorkspace,
     retention = retention_set(lcfg.retention_set)  # a file edited since start-up fails here
 
     current = query(_CURRENT_SQL, [DEFAULT_ALIAS]).rows
-    parent, parent_path = (current[0][0], current[0][1]) if current else (BASE_VERSION, None)
+    parent, parent_path, manifest = current[0] if current else (BASE_VERSION, None, None)
     model_dir = io.base_model()
     key = plan_key({"parent": parent, "knobs": knobs.as_dict(), "learner": asdict(lcfg),
                     "max_steps": max_steps, "model": model_dir,
@@ -221,7 +223,7 @@ def _round(lcfg: LearnerConfig, knobs: Knobs, io: RoundIO, work: RoundWorkspace,
     if plan is None:
         # The engine samples on-policy answers, and any answer that was drawn under a
         # structured-output constraint (learner.responses.draw).
-        policy = (io.policy(parent) if knobs.responses == "on_policy"
+        policy = (io.policy(_served_name(parent, manifest)) if knobs.responses == "on_policy"
                   or any(e.constraint for e in episodes) else None)
         items = _train_items(model, tokenizer, episodes, knobs=knobs, template=template,
                              lcfg=lcfg, policy=policy, progress=progress)
@@ -526,6 +528,14 @@ def near_misses(questions: list[str], pool: list[str], per_question: int) -> lis
         picked += [p for (prefix, _), p in scored[:per_question]
                    if prefix >= NEAR_MISS_MIN_PREFIX and p not in picked]
     return picked
+
+
+def _served_name(version: str, manifest: Any) -> str:
+    """The name the primary engine serves `version` under (its stored manifest's files)."""
+    if version == BASE_VERSION or manifest is None:
+        return BASE_VERSION
+    files = (json.loads(manifest) if isinstance(manifest, str) else manifest)["files"]
+    return engine_name(version, files)
 
 
 def _next_version(query: Any, adapters: Path, alias: str) -> str:

@@ -50,6 +50,12 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def engine_name(version: str, files: dict[str, str]) -> str:
+    """`VersionFolder.engine_name` of a version with these files (name → sha256)."""
+    digest = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
+    return f"{version}.{digest[:12]}"
+
+
 @dataclass(frozen=True)
 class VersionFolder:
     path: Path
@@ -62,6 +68,15 @@ class VersionFolder:
     @property
     def alias(self) -> str:
         return self.manifest["alias"]
+
+    @property
+    def engine_name(self) -> str:
+        """The name the primary engine loads this version's adapter under: the version and a
+        digest of its files' hashes. Version names count per store, so gateways of two stores
+        sharing one engine (staging beside production) may each have a `default@v1`; under the
+        bare name the engine would serve whichever was loaded first to both, and the other's
+        probe would fail. Replicas of one store load the same files: the same name."""
+        return engine_name(self.version, self.manifest["files"])
 
     @property
     def status(self) -> str:

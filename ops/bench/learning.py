@@ -181,9 +181,15 @@ def served_version(url: str) -> str:
 
 def served_model(url: str, engine_url: str) -> tuple[str, str]:
     """The version `default` serves now, and the engine's model name for asking it directly
-    (nothing logged): the base model's own name, or the version's adapter."""
+    (nothing logged): the base model's own name, or the name the engine loaded the version's
+    adapter under (`<version>.<digest of its files>`, serving.version_folder.engine_name; the
+    bench's server is the engine's only gateway)."""
     version = served_version(url)
-    return version, base_model_name(engine_url) if version == BASE_VERSION else version
+    if version == BASE_VERSION:
+        return version, base_model_name(engine_url)
+    models = get_json(f"{engine_url}/v1/models")["data"]
+    return version, next(m["id"] for m in models
+                         if m.get("parent") and m["id"].rsplit(".", 1)[0] == version)
 
 
 def evaluate(engine_url: str, model: str, facts: list[Fact],

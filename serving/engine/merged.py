@@ -304,7 +304,8 @@ class MergedServing:
         gap = 0.0
         if slot.found is not None:
             try:
-                gap = await probe_version(engine, slot.found, self.probe_tolerance)
+                gap = await probe_version(engine, slot.found, self.probe_tolerance,
+                                          model=slot.version)
             except RegistryError as exc:
                 self._give_up(slot, f"merged engine: {exc}")
                 return

@@ -12,14 +12,16 @@ from serving.engine.manager import EngineManager, EngineRequestError, EngineUnav
 from serving.version_folder import RegistryError, VersionFolder, probe_distance
 
 
-async def probe_version(engine: EngineManager, found: VersionFolder, tolerance: float) -> float:
+async def probe_version(engine: EngineManager, found: VersionFolder, tolerance: float, *,
+                        model: str) -> float:
     """The mean per-token distance between the engine's log-probabilities of the probe's
-    response under the version's name and the trainer's; RegistryError(422) saying why when
-    the engine cannot score it or is further off than `tolerance`, (503) when the engine did
-    not answer (a restart: the version may be fine, and is not to be rejected for it)."""
+    response under `model` (the name the engine serves the version under) and the trainer's;
+    RegistryError(422) saying why when the engine cannot score it or is further off than
+    `tolerance`, (503) when the engine did not answer (a restart: the version may be fine, and
+    is not to be rejected for it)."""
     probe = found.manifest["probe"]
     try:
-        got = await engine.score(found.version, probe["prompt_token_ids"],
+        got = await engine.score(model, probe["prompt_token_ids"],
                                  probe["response_token_ids"])
     except EngineUnavailable as exc:  # the engine went away: says nothing about the version
         raise RegistryError(503, f"probe of {found.version} not done: {exc}") from None

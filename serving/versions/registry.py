@@ -92,7 +92,9 @@ class AdapterRegistry:
         self._engine = engine
         self._aliases: dict[str, str] = {}
         self._paths: dict[str, str] = {}
-        self._loaded: set[str] = set()  # in the engine now, probed (or restored) there
+        # In the primary engine now, probed (or restored) there: version → the name the engine
+        # knows it by (`VersionFolder.engine_name`).
+        self._loaded: dict[str, str] = {}
         self._previous: dict[str, str] = {}  # alias → its rollback target, kept loaded
         self._pending: Counter[str] = Counter()  # versions a promote is about to flip to
         self._in_flight: Counter[str] = Counter()
@@ -128,7 +130,7 @@ class AdapterRegistry:
             return compiled, version, "base" if version == BASE_VERSION else "merged"
         if version == BASE_VERSION:
             return self._engine, self._engine.served_model_name, "base"
-        return self._engine, version, "adapter"
+        return self._engine, self._loaded.get(version, version), "adapter"
 
     async def listing(self) -> dict[str, Any]:
         """The alias and version tables, and (while serving) what the merged engine does."""
@@ -154,7 +156,7 @@ class AdapterRegistry:
         (EngineUnavailable) raises: nothing was learned about the versions, and the engine
         manager keeps the gateway not ready and calls this again."""
         async with self._swap:
-            self._loaded = set()
+            self._loaded = {}
             failed: dict[str, str] = {}
             for version in sorted({v for v in self._aliases.values() if v != BASE_VERSION}):
                 reason = await self._restore_one(version)
@@ -252,8 +254,7 @@ class AdapterRegistry:
                 raise
             self._paths[version] = str(found.path)
             if not promote:
-                await self._engine.unload_adapter(version)
-                self._loaded.discard(version)
+                await self._engine.unload_adapter(self._loaded.pop(version))
                 return {"version": version, "alias": alias, "status": "candidate",
                         "phases": phases}
         swap_s = await self._promote_when_ready(alias, found, started)
@@ -310,25 +311,25 @@ class AdapterRegistry:
 
     async def _load_and_probe(self, found: VersionFolder) -> dict[str, float]:
         """Load the version into the primary engine and probe it there; the seconds each took."""
-        version = found.version
+        version, name = found.version, found.engine_name
         started = time.perf_counter()
         try:
-            await self._engine.load_adapter(version, str(found.path))
+            await self._engine.load_adapter(name, str(found.path))
         except EngineRequestError as exc:
             raise RegistryError(422, f"the engine refused to load {version}: {exc}") from None
         except EngineUnavailable as exc:
             raise RegistryError(503, str(exc)) from None
         loaded = time.perf_counter()
         try:
-            gap = await probe_version(self._engine, found, self.probe_tolerance)
+            gap = await probe_version(self._engine, found, self.probe_tolerance, model=name)
         except RegistryError as exc:
-            await self._unload_quietly(version)
+            await self._unload_quietly(version, name)
             raise RegistryError(exc.status, f"{exc}; not promoted") from None
         phases = {"load_s": round(loaded - started, 3),
                   "probe_s": round(time.perf_counter() - loaded, 3)}
         log.info("probe of %s passed (mean |Δ logprob| %.4f); load %.2f s, probe %.2f s", version,
                  gap, phases["load_s"], phases["probe_s"])
-        self._loaded.add(version)
+        self._loaded[version] = name
         return phases
 
     async def _ensure_loaded(self, found: VersionFolder) -> None:
@@ -390,10 +391,13 @@ class AdapterRegistry:
             log.warning("%d requests still on %s after %.0f s; unloading anyway",
                         self._in_flight[version], version, DRAIN_TIMEOUT_S)
 
-    async def _unload_quietly(self, version: str) -> None:
-        self._loaded.discard(version)
+    async def _unload_quietly(self, version: str, name: str | None = None) -> None:
+        """Unload `version` (under `name`, or the name it was loaded under) and forget it."""
+        name = self._loaded.pop(version, name)
+        if name is None:
+            return
         try:
-            await self._engine.unload_adapter(version)
+            await self._engine.unload_adapter(name)
         except (EngineRequestError, EngineUnavailable) as exc:
             log.warning("unloading %s: %s", version, exc)
 

@@ -109,6 +109,12 @@ def start_server(data_dir: Path, env: dict[str, str] | None = None, wait: bool =
 _STARTED: list[Server] = []
 
 
+def stop_leftovers() -> None:
+    """Stop every server a test started and left running (a test that failed half-way)."""
+    for started in _STARTED:
+        stop_server(started)
+
+
 def _engine_key(engine_url: str) -> str:
     """The API key of the engine a test server started at `engine_url` (its state file)."""
     for started in _STARTED:
@@ -163,6 +169,15 @@ def fresh_version(server: Server, template: str, root: Path) -> str:
     manifest["version"] = name
     (folder / MANIFEST).write_text(json.dumps(manifest))
     return str(folder)
+
+
+def engine_model(server: Server, version: str) -> str:
+    """The name the server's primary engine serves `version` under (its recorded files)."""
+    from serving.version_folder import engine_name
+
+    manifest = server.admin_sql(
+        f"SELECT manifest FROM adapter_versions WHERE version = '{version}'")[0]["manifest"]
+    return engine_name(version, manifest["files"])
 
 
 def current_version(server: Server, alias: str = "default") -> str:

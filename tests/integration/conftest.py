@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,15 @@ import pytest
 
 from ops.bench.adapter import train_version
 from serving.state import read_state_file
-from tests.harness.server import DALVORNE, MODEL_CACHE, QUESSANY, Server, start_server, stop_server
+from tests.harness.server import (
+    DALVORNE,
+    MODEL_CACHE,
+    QUESSANY,
+    Server,
+    start_server,
+    stop_leftovers,
+    stop_server,
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -36,6 +45,12 @@ def publish_from_test_folders(tmp_path_factory: pytest.TempPathFactory) -> None:
     under pytest's base temp folder, and nowhere else."""
     os.environ.setdefault("SDLOOP_SERVER__PUBLISH_DIRS",
                           json.dumps([str(tmp_path_factory.getbasetemp())]))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_server_left_behind() -> Iterator[None]:
+    yield
+    stop_leftovers()
 
 
 @pytest.fixture(scope="session")

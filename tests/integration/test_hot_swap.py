@@ -24,6 +24,7 @@ from tests.harness.server import (
     back_to_base,
     current_version,
     engine_headers,
+    engine_model,
     fresh_version,
     metric,
 )
@@ -160,7 +161,8 @@ def test_base_requests_beside_adapter_requests_get_the_base_model_with_every_lor
     assert live != "base"
 
     with ThreadPoolExecutor(8) as pool:
-        on_adapter = [pool.submit(_engine_chat, server, live, 48) for _ in range(4)]
+        on_adapter = [pool.submit(_engine_chat, server, engine_model(server, live), 48)
+                      for _ in range(4)]
         time.sleep(1.0)  # they are decoding: the base requests share their engine steps
         beside = [f.result() for f in [pool.submit(_engine_chat, server, base, 12)
                                        for _ in range(4)]]

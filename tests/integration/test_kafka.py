@@ -36,6 +36,7 @@ from tests.harness.server import (
     Server,
     start_server,
     stop_server,
+    wait_ready,
 )
 
 QUESTION = [{"role": "user", "content": "What is the capital of Veloria?"}]
@@ -71,11 +72,12 @@ def start_ingest(data_dir: Path, env: dict[str, str]) -> Server:
     return start_server(data_dir, env=env, command="ingest")
 
 
-def start_replica(data_dir: Path, env: dict[str, str], engine_url: str | None) -> Server:
+def start_replica(data_dir: Path, env: dict[str, str], engine_url: str | None,
+                  wait: bool = True) -> Server:
     extra = {"SDLOOP_FEEDBACK__SINK": "kafka", "SDLOOP_SERVER__REPLICA_ID": data_dir.name, **env}
     if engine_url:
         extra["SDLOOP_ENGINE__URL"] = engine_url
-    return start_server(data_dir, env=extra)
+    return start_server(data_dir, env=extra, wait=wait)
 
 
 def chat(replica: Server, messages: list[dict[str, Any]], model: str = "default",
@@ -457,6 +459,10 @@ def kafka_version(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_a_published_version_reaches_every_replica_on_its_own_engine(
         server: Server, broker: Broker, kafka_version: str, tmp_path: Path):
     env = bus_env(broker)
+    # Replica 2 starts a vLLM of its own, serving everything with runtime LoRA (its start, a
+    # minute, overlaps the others').
+    two = start_replica(tmp_path / "replica-2", {**env, "SDLOOP_ENGINE__MERGED_ALIAS": ""},
+                        None, wait=False)
     ingest = start_ingest(tmp_path / "ingest", env)
     # Replica 1 serves the `kafka` alias's live version merged, from a merged engine of its own
     # (eager: its only child engine, see test_merged_serving.py) beside the shared one.
@@ -464,8 +470,7 @@ def test_a_published_version_reaches_every_replica_on_its_own_engine(
               "SDLOOP_ENGINE__MODEL": f"{MODEL_CACHE}/SmolLM2-135M-Instruct",
               "SDLOOP_ENGINE__EXTRA_ARGS": '["--enforce-eager"]'}
     one = start_replica(tmp_path / "replica-1", {**env, **merged}, server.state()["engine_url"])
-    two = start_replica(tmp_path / "replica-2", {**env, "SDLOOP_ENGINE__MERGED_ALIAS": ""},
-                        None)  # starts a vLLM of its own, serving everything with runtime LoRA
+    wait_ready(two)
     try:
         assert chat(one, QUESTION, model="kafka")[0] == 404
         out = subprocess.run([*SDLOOP, "adapters", "publish", kafka_version,

@@ -1,6 +1,11 @@
 """The loop, end to end on the real parts: a conversation with a correction, one learner round
 with a tiny step budget (while other clients chat), the new version served under the alias,
-rollback."""
+rollback.
+
+Each gateway here has a store of its own on the session's engine (`engine.url`): a round learns
+from every episode its store holds since the last, and in the session's store that is the
+feedback of every test before (rounds 3-5 times longer); the engine tells the versions of two
+stores apart by their files (`serving.version_folder.engine_name`)."""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from tests.harness.server import (
     Server,
     back_to_base,
     clients_chatting,
+    current_version,
     start_server,
     stop_server,
 )
@@ -66,13 +72,24 @@ def _query(server: Server):
     return query
 
 
-def _current(server: Server) -> str:
-    return server.admin_sql("SELECT version FROM aliases WHERE alias = 'default'")[0]["version"]
+def _own_store(server: Server, data_dir: Path) -> Server:
+    """A gateway with a store of its own, attached to the session server's engine."""
+    return start_server(data_dir, env={"SDLOOP_ENGINE__URL": server.state()["engine_url"]})
+
+
+@pytest.fixture(scope="module")
+def gateway(server: Server, tmp_path_factory: pytest.TempPathFactory):
+    """One store for the first two tests: the second's round must not take the first's
+    episode again (the learner's mark), which they check."""
+    gw = _own_store(server, tmp_path_factory.mktemp("learn-e2e"))
+    yield gw
+    stop_server(gw)
 
 
 @pytest.mark.slow
 def test_correction_to_served_version_and_back_under_a_loosened_retention_bound(
-        server: Server, small_retention_set: str):
+        gateway: Server, small_retention_set: str):
+    server = gateway
     back_to_base(server)  # the gate bounds drift and retention against the base model
     status, headers, reply = _chat(server)
     assert status == 200
@@ -122,14 +139,15 @@ def test_correction_to_served_version_and_back_under_a_loosened_retention_bound(
     back_to_base(server)
 
 
-def test_a_rejected_round_is_tried_once_more_with_another_seed(server: Server,
+def test_a_rejected_round_is_tried_once_more_with_another_seed(gateway: Server,
                                                                small_retention_set: str):
+    server = gateway
     status, _, reply = _chat(server)
     assert status == 200
     status, _, _ = server.request("POST", "/v1/feedback", {
         "completion_id": reply["id"], "type": "correction", "text": CORRECTION})
     assert status == 201
-    before = _current(server)
+    before = current_version(server)
     # A bound no candidate can meet: every round is rejected.
     impossible = {"drift_max": "-1", "regen_samples": "1", "anchor_prompts": "2", "phrasings": "0"}
     first = _learn(server, small_retention_set, "--max-steps", "1", **impossible)
@@ -141,7 +159,7 @@ def test_a_rejected_round_is_tried_once_more_with_another_seed(server: Server,
                               )[0]["manifest"]["seed"] for r in (first, second)]
     assert seeds[0] != seeds[1]
     assert _learn(server, small_retention_set, **impossible)["status"] == "skipped"  # tried twice: moved on
-    assert _current(server) == before  # nothing rejected was ever served
+    assert current_version(server) == before  # nothing rejected was ever served
 
 
 SECOND_QUESTION = [{"role": "user", "content": "What is the capital of Quessany?"}]
@@ -173,14 +191,14 @@ def _update(folder: str, first: int | None = None):
 
 @pytest.mark.slow
 def test_a_projected_round_stacks_onto_the_learned_version_while_clients_chat(
-        tmp_path, small_retention_set: str):
-    # A server of its own: two promoted rounds leave `default` where one rollback cannot bring
-    # it back to base, which the session's server must be for the tests after this one.
-    server = start_server(tmp_path / "stacking", env={"SDLOOP_ENGINE__MERGED_ALIAS": ""})
+        server: Server, tmp_path, small_retention_set: str):
+    # A store of its own: two promoted rounds leave `default` where one rollback cannot bring
+    # it back to base, and the rounds must start from base.
+    gateway = _own_store(server, tmp_path / "stacking")
     try:
-        _stacked_rounds(server, small_retention_set)
+        _stacked_rounds(gateway, small_retention_set)
     finally:
-        stop_server(server)
+        stop_server(gateway)
 
 
 def _stacked_rounds(server: Server, small_retention_set: str) -> None:

@@ -37,13 +37,12 @@ def test_serve_starts_and_stops_the_learner_daemon(server: Server, tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_round_is_resumed_by_the_next_gate_off_and_the_daemon_lives_on(
-        tmp_path, small_retention_set: str):
+        server: Server, tmp_path, small_retention_set: str):
     metrics_port = free_port()
-    # An engine of its own: version names count per store ("default@v1"), and in an engine
-    # shared with the session server a version another test left loaded under the same name
-    # fails this round's probe (a second failed round, not the one this test makes).
+    # A store of its own on the session's engine: its `default@v1` is not the one other
+    # tests' stores have there (the engine knows versions by their files).
     gw = start_server(tmp_path / "killed-round", learner=True, env={
-        "SDLOOP_ENGINE__MERGED_ALIAS": "", "SDLOOP_LEARNER__INTERVAL_S": "2",
+        "SDLOOP_ENGINE__URL": server.state()["engine_url"], "SDLOOP_LEARNER__INTERVAL_S": "2",
         "SDLOOP_LEARNER__METRICS_PORT": str(metrics_port), "SDLOOP_LEARNER__PASSES": "12",
         "SDLOOP_LEARNER__CHECKPOINT_EVERY": "4", "SDLOOP_LEARNER__REGEN_SAMPLES": "2",
         # the kill and the resume of the shipped mechanism, not the anchor or the phrasings

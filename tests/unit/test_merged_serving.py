@@ -50,7 +50,7 @@ def _serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[MergedSer
         asyncio.get_running_loop().call_soon(asyncio.ensure_future, merged._on_ready(slot))
         return engine
 
-    async def probe(engine: object, found: VersionFolder, tolerance: float) -> float:
+    async def probe(engine: object, found: VersionFolder, tolerance: float, *, model: str) -> float:
         return 0.0
 
     merged._merge = merge  # type: ignore[method-assign]

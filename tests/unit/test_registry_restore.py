@@ -37,7 +37,7 @@ def setup(tmp_path: Path) -> Any:
         await registry.publish(v2)  # default -> v2, previous v1
 
     asyncio.run(publish_both())
-    engine.loaded.clear()  # the engine restarted: nothing in it
+    engine.folders.clear()  # the engine restarted: nothing in it
     yield registry, engine, store, v1, v2
     store.close()
 
