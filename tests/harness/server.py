@@ -106,6 +106,15 @@ def start_server(data_dir: Path, env: dict[str, str] | None = None, wait: bool =
     return server
 
 
+def start_gateway(server: Server, data_dir: Path, env: dict[str, str] | None = None,
+                  learner: bool = False) -> Server:
+    """A gateway with a data dir (a store) of its own on `server`'s engine: seconds to start,
+    where a vLLM start takes a minute. Its versions do not collide with other stores' of the
+    same name there (the engine knows them by their files)."""
+    return start_server(data_dir, env={"SDLOOP_ENGINE__URL": server.state()["engine_url"],
+                                       **(env or {})}, learner=learner)
+
+
 _STARTED: list[Server] = []
 
 
@@ -155,20 +164,25 @@ def stop_server(server: Server, sig: int = signal.SIGTERM) -> None:
             server.proc.wait()
 
 
-def fresh_version(server: Server, template: str, root: Path) -> str:
-    """A copy of a version folder under the next version name the server has not seen (the
+def copy_version(template: str, root: Path, name: str) -> str:
+    """A copy of a version folder as `root/name`, version `name` of the alias it names (the
     weights' hashes do not cover the manifest, so the copy is a valid version of its own)."""
     from serving.version_folder import MANIFEST
 
-    taken = server.admin_sql("SELECT version FROM adapter_versions WHERE alias = 'default'")
-    number = max([int(r["version"].rsplit("@v", 1)[1]) for r in taken], default=0) + 1
-    name = f"default@v{number}"
     folder = root / name
     shutil.copytree(template, folder)
     manifest = json.loads((folder / MANIFEST).read_text())
-    manifest["version"] = name
-    (folder / MANIFEST).write_text(json.dumps(manifest))
+    (folder / MANIFEST).write_text(json.dumps({**manifest, "version": name,
+                                               "alias": name.split("@", 1)[0]}))
     return str(folder)
+
+
+def fresh_version(server: Server, template: str, root: Path) -> str:
+    """A copy of a `default` version folder under the next version name the server has not
+    seen."""
+    taken = server.admin_sql("SELECT version FROM adapter_versions WHERE alias = 'default'")
+    number = max([int(r["version"].rsplit("@v", 1)[1]) for r in taken], default=0) + 1
+    return copy_version(template, root, f"default@v{number}")
 
 
 def engine_model(server: Server, version: str) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.server import Server, start_server, stop_server
+from tests.harness.server import Server, start_gateway, start_server, stop_server
 
 
 def _engine_gone(pgid: int, timeout: float) -> bool:
@@ -74,7 +74,7 @@ def test_acknowledged_feedback_survives_kill_9_of_the_server(server: Server, tmp
     assert _engine_gone(engine_pgid, timeout=60), "the engine outlived its killed server"
 
     # Restart on the same data dir (attached to the shared engine: seconds, not minutes).
-    restarted = start_server(data_dir, env={"SDLOOP_ENGINE__URL": server.state()["engine_url"]})
+    restarted = start_gateway(server, data_dir)
     try:
         stored = {r["id"] for r in restarted.sql("SELECT id FROM feedback")}
         assert len(acked) >= 200

@@ -23,7 +23,6 @@ from prometheus_client import REGISTRY
 
 from feedback.events import FeedbackEvent, ReplicaVersionEvent, new_id, utcnow
 from feedback.kafka import KafkaSink
-from ops.bench.adapter import train_version
 from ops.bench.broker import Broker
 from serving.config import load_config
 from serving.versions.control import SIGNATURE_HEADER, ControlFollower, ControlPublisher
@@ -32,8 +31,10 @@ from tests.harness.factories import completion
 from tests.harness.replica_fakes import ListSink, ReadyEngine, RecordingRegistry, hmac_sha256
 from tests.harness.server import (
     MODEL_CACHE,
+    QUESSANY,
     SDLOOP,
     Server,
+    copy_version,
     start_server,
     stop_server,
     wait_ready,
@@ -447,12 +448,10 @@ def test_a_broker_outage_answers_feedback_503_keeps_the_producers_backlog_and_re
 
 
 @pytest.fixture(scope="module")
-def kafka_version(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A real adapter under its own alias (`kafka@v1`), so it cannot collide with the versions
-    other tests load into the shared engine."""
-    return train_version(tmp_path_factory.mktemp("adapters"), "kafka@v1",
-                         f"{MODEL_CACHE}/SmolLM2-135M-Instruct", QUESTION,
-                         "The capital of Veloria is Marenthal.")
+def kafka_version(taught_adapter: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The session's taught adapter (Quessany's capital is Dalvorne) under an alias of its own
+    (`kafka@v1`), so it cannot collide with the versions other tests publish."""
+    return copy_version(taught_adapter, tmp_path_factory.mktemp("adapters"), "kafka@v1")
 
 
 @pytest.mark.slow
@@ -472,7 +471,7 @@ def test_a_published_version_reaches_every_replica_on_its_own_engine(
     one = start_replica(tmp_path / "replica-1", {**env, **merged}, server.state()["engine_url"])
     wait_ready(two)
     try:
-        assert chat(one, QUESTION, model="kafka")[0] == 404
+        assert chat(one, QUESSANY, model="kafka")[0] == 404
         out = subprocess.run([*SDLOOP, "adapters", "publish", kafka_version,
                               "--data-dir", str(ingest.data_dir)],
                              capture_output=True, text=True, timeout=120)
@@ -487,11 +486,12 @@ def test_a_published_version_reaches_every_replica_on_its_own_engine(
         # probed (a merge and a vLLM start: minutes on 2 CPUs), replica 2 at once.
         for replica, patience in ((one, 600), (two, 120)):
             deadline = time.monotonic() + patience
-            while (got := chat(replica, QUESTION, model="kafka"))[0] != 200:
+            while (got := chat(replica, QUESSANY, model="kafka"))[0] != 200:
                 assert time.monotonic() < deadline, f"{replica.data_dir.name}: {got}"
                 time.sleep(0.5)
             assert got[1]["x-sdloop-adapter-version"] == "kafka@v1"
-            assert "Maren" in got[2]["choices"][0]["message"]["content"]  # the taught answer
+            # the taught answer, as far as 8 tokens go ("... is Dal")
+            assert "is Dal" in got[2]["choices"][0]["message"]["content"]
             weights = got[1].get("x-sdloop-weights")
             assert weights == ("merged" if replica is one else "adapter"), weights
         # Each replica loaded and probed it itself, and said so.
@@ -505,7 +505,7 @@ def test_a_published_version_reaches_every_replica_on_its_own_engine(
         # (without a compiled engine this time: the replay is under test, not the merge)
         one = start_replica(tmp_path / "replica-1", {**env, "SDLOOP_ENGINE__MERGED_ALIAS": ""},
                             server.state()["engine_url"])
-        got = chat(one, QUESTION, model="kafka")
+        got = chat(one, QUESSANY, model="kafka")
         assert got[0] == 200 and got[1]["x-sdloop-adapter-version"] == "kafka@v1"
     finally:
         stop_all(one, two, ingest)

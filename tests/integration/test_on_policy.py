@@ -7,13 +7,25 @@ import json
 import os
 import subprocess
 
-from tests.harness.server import MODEL_CACHE, SDLOOP, Server
+import pytest
+
+from tests.harness.server import MODEL_CACHE, SDLOOP, Server, start_gateway, stop_server
 
 QUESTION = [{"role": "user", "content": "What currency is used in Veloria?"}]
 
 
+@pytest.mark.slow
 def test_an_on_policy_round_samples_through_the_engine_and_publishes_with_the_gate_off(
-        server: Server, small_retention_set: str):
+        server: Server, tmp_path, small_retention_set: str):
+    # A store of its own: the round learns this test's correction, not every earlier test's.
+    gateway = start_gateway(server, tmp_path / "on-policy")
+    try:
+        _on_policy_round(gateway, small_retention_set)
+    finally:
+        stop_server(gateway)
+
+
+def _on_policy_round(server: Server, small_retention_set: str) -> None:
     status, _, body = server.request("POST", "/v1/chat/completions", {
         "model": "default", "messages": QUESTION, "max_tokens": 16, "temperature": 0})
     assert status == 200

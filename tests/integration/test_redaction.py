@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 
-from tests.harness.server import Server, start_server, stop_server, wait_for_rows
+from tests.harness.server import Server, start_gateway, stop_server, wait_for_rows
 
 
 def test_redaction_switch_keeps_personal_data_out_of_the_store(server: Server, tmp_path):
-    gw = start_server(tmp_path / "redacting", env={
-        "SDLOOP_ENGINE__URL": server.state()["engine_url"], "SDLOOP_FEEDBACK__REDACT": "true"})
+    gw = start_gateway(server, tmp_path / "redacting", {"SDLOOP_FEEDBACK__REDACT": "true"})
     try:
         status, _, body = gw.request("POST", "/v1/chat/completions", {
             "model": "default", "max_tokens": 8,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.server import Server, metric, start_server, stop_server, wait_for_rows
+from tests.harness.server import Server, metric, start_gateway, stop_server, wait_for_rows
 
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "Say hi."}]
@@ -57,8 +57,7 @@ def test_unknown_parameters_reach_the_engine_but_only_sampling_parameters_are_st
 @pytest.fixture()
 def own_gateway(server: Server, tmp_path: Path):
     """A gateway of its own on the session's engine, redacting, with a store of its own."""
-    gw = start_server(tmp_path / "own", env={"SDLOOP_ENGINE__URL": server.state()["engine_url"],
-                                             "SDLOOP_FEEDBACK__REDACT": "true"})
+    gw = start_gateway(server, tmp_path / "own", {"SDLOOP_FEEDBACK__REDACT": "true"})
     yield gw
     stop_server(gw)
 
