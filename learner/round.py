@@ -534,8 +534,7 @@ def _served_name(version: str, manifest: Any) -> str:
     """The name the primary engine serves `version` under (its stored manifest's files)."""
     if version == BASE_VERSION or manifest is None:
         return BASE_VERSION
-    files = (json.loads(manifest) if isinstance(manifest, str) else manifest)["files"]
-    return engine_name(version, files)
+    return engine_name(version, as_json(manifest)["files"])
 
 
 def _next_version(query: Any, adapters: Path, alias: str) -> str:

@@ -75,6 +75,12 @@ class Server:
         data = json.loads(body)
         return [dict(zip(data["columns"], row, strict=True)) for row in data["rows"]]
 
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stop_server(self)
+
     def log_tail(self, n: int = 60) -> str:
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
@@ -110,7 +116,8 @@ def start_gateway(server: Server, data_dir: Path, env: dict[str, str] | None = N
                   learner: bool = False) -> Server:
     """A gateway with a data dir (a store) of its own on `server`'s engine: seconds to start,
     where a vLLM start takes a minute. Its versions do not collide with other stores' of the
-    same name there (the engine knows them by their files)."""
+    same name there (the engine knows them by their files). `with start_gateway(...) as gw:`
+    stops it at the end of the block, as it does any `Server`."""
     return start_server(data_dir, env={"SDLOOP_ENGINE__URL": server.state()["engine_url"],
                                        **(env or {})}, learner=learner)
 

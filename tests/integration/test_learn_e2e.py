@@ -29,7 +29,6 @@ from tests.harness.server import (
     clients_chatting,
     current_version,
     start_gateway,
-    stop_server,
 )
 
 NULL_SPACE_PROMPTS = "48"
@@ -76,9 +75,8 @@ def _query(server: Server):
 def gateway(server: Server, tmp_path_factory: pytest.TempPathFactory):
     """One store for the first two tests: the second's round must not take the first's
     episode again (the learner's mark), which they check."""
-    gw = start_gateway(server, tmp_path_factory.mktemp("learn-e2e"))
-    yield gw
-    stop_server(gw)
+    with start_gateway(server, tmp_path_factory.mktemp("learn-e2e")) as gw:
+        yield gw
 
 
 @pytest.mark.slow
@@ -190,11 +188,8 @@ def test_a_projected_round_stacks_onto_the_learned_version_while_clients_chat(
         server: Server, tmp_path, small_retention_set: str):
     # A store of its own: two promoted rounds leave `default` where one rollback cannot bring
     # it back to base, and the rounds must start from base.
-    gateway = start_gateway(server, tmp_path / "stacking")
-    try:
+    with start_gateway(server, tmp_path / "stacking") as gateway:
         _stacked_rounds(gateway, small_retention_set)
-    finally:
-        stop_server(gateway)
 
 
 def _stacked_rounds(server: Server, small_retention_set: str) -> None:

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.harness.server import MODEL_CACHE, SDLOOP, Server, start_gateway, stop_server
+from tests.harness.server import MODEL_CACHE, SDLOOP, Server, start_gateway
 
 QUESTION = [{"role": "user", "content": "What currency is used in Veloria?"}]
 
@@ -18,11 +18,8 @@ QUESTION = [{"role": "user", "content": "What currency is used in Veloria?"}]
 def test_an_on_policy_round_samples_through_the_engine_and_publishes_with_the_gate_off(
         server: Server, tmp_path, small_retention_set: str):
     # A store of its own: the round learns this test's correction, not every earlier test's.
-    gateway = start_gateway(server, tmp_path / "on-policy")
-    try:
+    with start_gateway(server, tmp_path / "on-policy") as gateway:
         _on_policy_round(gateway, small_retention_set)
-    finally:
-        stop_server(gateway)
 
 
 def _on_policy_round(server: Server, small_retention_set: str) -> None:

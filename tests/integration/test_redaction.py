@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 
-from tests.harness.server import Server, start_gateway, stop_server, wait_for_rows
+from tests.harness.server import Server, start_gateway, wait_for_rows
 
 
 def test_redaction_switch_keeps_personal_data_out_of_the_store(server: Server, tmp_path):
-    gw = start_gateway(server, tmp_path / "redacting", {"SDLOOP_FEEDBACK__REDACT": "true"})
-    try:
+    with start_gateway(server, tmp_path / "redacting", {"SDLOOP_FEEDBACK__REDACT": "true"}) as gw:
         status, _, body = gw.request("POST", "/v1/chat/completions", {
             "model": "default", "max_tokens": 8,
             "messages": [{"role": "user", "content": "I am ann@example.com, call +1 415 555 0100."}]})
@@ -28,5 +27,3 @@ def test_redaction_switch_keeps_personal_data_out_of_the_store(server: Server, t
         assert fb == [{"text": "Card [CARD] was charged", "metadata": {"mail": "[EMAIL]"}}]
         dump = json.dumps(gw.sql("SELECT * FROM completions")) + json.dumps(fb)
         assert "ann@example.com" not in dump and "4111" not in dump
-    finally:
-        stop_server(gw)

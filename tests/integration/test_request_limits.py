@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.server import Server, metric, start_gateway, stop_server, wait_for_rows
+from tests.harness.server import Server, metric, start_gateway, wait_for_rows
 
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "Say hi."}]
@@ -57,9 +57,8 @@ def test_unknown_parameters_reach_the_engine_but_only_sampling_parameters_are_st
 @pytest.fixture()
 def own_gateway(server: Server, tmp_path: Path):
     """A gateway of its own on the session's engine, redacting, with a store of its own."""
-    gw = start_gateway(server, tmp_path / "own", {"SDLOOP_FEEDBACK__REDACT": "true"})
-    yield gw
-    stop_server(gw)
+    with start_gateway(server, tmp_path / "own", {"SDLOOP_FEEDBACK__REDACT": "true"}) as gw:
+        yield gw
 
 
 def test_redacting_a_100k_adversarial_feedback_does_not_stall_other_requests(own_gateway: Server):
