@@ -2,7 +2,7 @@
 
 The bottom of the stack: it imports no other sdloop package. Public surface: the events and
 `FEEDBACK_KINDS` (the one list of feedback types), `FeedbackRequest`, `redact_event`, the
-linking hashes, the `Sink` protocol and its two errors. The Kafka sink is `feedback.kafka`
+linking hashes, the `Sink` protocol and the errors it raises. The Kafka sink is `feedback.kafka`
 (imported on its own: it pulls in kafka-python).
 """
 
@@ -33,6 +33,7 @@ from feedback.linking import (
 )
 from feedback.redaction import redact_event, redact_text, redact_value
 from feedback.sinks import Sink, SinkFull, UnknownCompletion
+from feedback.tool_calls import InvalidToolCall, call_text, offered_tools
 from feedback.tools import ToolErrorRules, ToolResult, failure, find_tool_results
 from feedback.validation import FeedbackRequest, describe_validation_error
 
@@ -49,6 +50,7 @@ __all__ = [
     "FeedbackType",
     "FollowupEvent",
     "InvalidEvent",
+    "InvalidToolCall",
     "ReplicaVersionEvent",
     "Sink",
     "SinkFull",
@@ -57,8 +59,10 @@ __all__ = [
     "ToolResultEvent",
     "UnknownCompletion",
     "content_text",
+    "call_text",
     "context_hash",
     "normalise",
+    "offered_tools",
     "describe_validation_error",
     "failure",
     "find_followup",

@@ -253,6 +253,8 @@ class FeedbackEvent(Event):
     principal: str | None = None
     # The principal held the `feedback` scope: stored either way, trained on only then.
     may_teach: bool | None = None
+    # The call(s) the answer should have made, OpenAI's shape (`feedback.tool_calls`).
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 @dataclass

@@ -202,5 +202,6 @@ def redact_event(event: Event) -> Event:
             event,
             text=redact_text(event.text) if event.text is not None else None,
             metadata=redact_value(event.metadata),
+            tool_calls=redact_value(event.tool_calls),  # arguments are free text
         )
     return event

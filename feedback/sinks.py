@@ -5,10 +5,11 @@ store committed it, or the Kafka broker acknowledged it). The gateway waits on t
 explicit feedback — a 2xx means durable — and does not wait for completions and follow-ups,
 which are written off the request path.
 
-A sink raises, and fails its futures with, only the two errors below, so its callers never
-need to know which sink they hold: `SinkFull` (take it again later: backlog at its bound, the
-sink closed, the broker away) and `UnknownCompletion` (feedback on a completion the store
-has never seen; only a sink that `stores` can know).
+A sink raises, and fails its futures with, only the errors below, so its callers never need
+to know which sink they hold: `SinkFull` (take it again later: backlog at its bound, the sink
+closed, the broker away), `UnknownCompletion` (feedback on a completion the store has never
+seen) and `feedback.tool_calls.InvalidToolCall` (feedback's call that the answered request's
+tools refuse); only a sink that `stores` can know the last two.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from feedback.events import FEEDBACK_BY_TYPE, FeedbackEvent, FeedbackType, new_id, utcnow
+from feedback.tool_calls import MAX_CALLS, ToolCall
 
 MAX_TEXT_CHARS = 100_000
 MAX_METADATA_BYTES = 64 * 1024
@@ -24,14 +25,22 @@ class FeedbackRequest(BaseModel):
     score: float | None = Field(default=None, ge=-1e6, le=1e6)
     text: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
     metadata: dict[str, Any] | None = None
+    # The call(s) the answer should have made (a demonstration or a correction of an agent's
+    # answer); checked against the answered request's tools where the completion is stored.
+    tool_calls: list[ToolCall] | None = Field(default=None, min_length=1, max_length=MAX_CALLS)
 
     @model_validator(mode="after")
     def _signal_present(self) -> FeedbackRequest:
-        needs = FEEDBACK_BY_TYPE[self.type].needs
-        if needs == "score" and self.score is None:
+        kind = FEEDBACK_BY_TYPE[self.type]
+        if self.tool_calls is not None and not kind.is_answer:
+            answers = ", ".join(k for k, v in FEEDBACK_BY_TYPE.items() if v.is_answer)
+            raise ValueError(f"'tool_calls' is for feedback that gives the answer ({answers}), "
+                             f"not '{self.type}'")
+        if kind.needs == "score" and self.score is None:
             raise ValueError(f"feedback of type '{self.type}' needs a numeric 'score'")
-        if needs == "text" and not (self.text and self.text.strip()):
-            raise ValueError(f"feedback of type '{self.type}' needs a non-empty 'text'")
+        if kind.needs == "text" and not (self.text and self.text.strip()) and not self.tool_calls:
+            raise ValueError(f"feedback of type '{self.type}' needs a non-empty 'text'"
+                             + (" or 'tool_calls'" if kind.is_answer else ""))
         if self.metadata is not None and len(json.dumps(self.metadata)) > MAX_METADATA_BYTES:
             raise ValueError(f"'metadata' is larger than {MAX_METADATA_BYTES} bytes of JSON")
         return self
@@ -54,6 +63,8 @@ class FeedbackRequest(BaseModel):
             score=self.score,
             text=self.text,
             metadata=self.metadata,
+            tool_calls=[c.model_dump(mode="json") for c in self.tool_calls]
+            if self.tool_calls else None,
             principal=principal,
             may_teach=may_teach,
         )

@@ -8,7 +8,9 @@ episodes (and finds sibling successes).
 
 An agent's failed tool call (a `tool` result the store judged failed: an `env_error` naming its
 tool) has a sibling success too: a later answer in the same conversation whose call to the same
-tool worked — what the model should have called the first time.
+tool worked — what the model should have called the first time, a demonstration the
+environment gave. A `demonstration` or `correction` that carries `tool_calls` (checked against
+the request's tools when it was stored) is that call, written as the answer that makes it.
 
 A follow-up that opens by rejecting the answer ("No, that's not right. The capital of X is Y.")
 is the user correcting the model in plain chat: it becomes a `correction` whose text is what
@@ -27,7 +29,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from feedback import FEEDBACK_KINDS, context_hash
+from feedback import FEEDBACK_KINDS, call_text, context_hash
 from learner.config import TEXT_FEEDBACK
 from learner.policy import (
     AGREEMENT_SQL,
@@ -109,6 +111,9 @@ class Signal:
     text: str
     # Who gave it (for the teaching policy's share and agreement; not part of its identity).
     principal: str | None = field(default=None, compare=False)
+    # The text is a working tool call (feedback's `tool_calls`, or a later call that worked):
+    # an answer the teacher's must make exactly, not one to agree with in words.
+    call: bool = field(default=False, compare=False)
 
 
 @dataclass
@@ -156,11 +161,10 @@ def build_episodes(result: QueryResult, sources: Iterable[str],
         )
         if ratings:
             raters[ep.completion_id] = ratings[-1].get("principal")
-        ep.signals = [Signal(f["type"], policy.cut(corrected_statement(f["text"]))
-                             if f["type"] == "correction" else policy.cut(f["text"]),
-                             f.get("principal"))
-                      for f in feedback
-                      if f.get("type") in TEXT_FEEDBACK and (f.get("text") or "").strip()]
+        params = as_json(row.get("params"))
+        ep.signals = [feedback_signal(f, params, policy) for f in feedback
+                      if f.get("type") in TEXT_FEEDBACK
+                      and ((f.get("text") or "").strip() or f.get("tool_calls"))]
         for f in _as_list(row["followups"]):
             if not policy.admits(f, quota):
                 continue
@@ -189,6 +193,18 @@ def build_episodes(result: QueryResult, sources: Iterable[str],
         if dedupe:
             ep.signals = list(dict.fromkeys(ep.signals))
     return [ep for ep in episodes if ep.signals]
+
+
+def feedback_signal(f: dict[str, Any], params: Any, policy: TeachingPolicy) -> Signal:
+    """A text feedback item as a signal: its call(s) where it carries them (a demonstration or
+    correction of an agent's answer; the text is then a note on them), written as the
+    answer that makes them (`feedback.call_text`), else its text."""
+    calls = as_json(f.get("tool_calls"))
+    if calls:
+        return Signal(f["type"], policy.cut(call_text(calls, params)), f.get("principal"),
+                      call=True)
+    text = corrected_statement(f["text"]) if f["type"] == "correction" else f["text"]
+    return Signal(f["type"], policy.cut(text), f.get("principal"))
 
 
 def collect(query: Query, since: str, sources: Iterable[str],
@@ -228,7 +244,7 @@ def add_tool_successes(query: Query, episodes: list[Episode]) -> None:
             later = next((text for at, text in worked.get((ep.session_id, tool), ())
                           if at > ep.created_at and text.strip()), None)
             if later is not None and later != ep.response_text:
-                ep.signals.append(Signal("sibling_success", later))
+                ep.signals.append(Signal("sibling_success", later, call=True))
 
 
 def output_constraint(params: Any) -> dict[str, Any] | None:

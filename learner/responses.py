@@ -126,17 +126,50 @@ def same_answer(a: str, b: str) -> bool:
         return " ".join(a.lower().split()) == " ".join(b.lower().split())
 
 
+def same_calls(answer: str, calls: str) -> bool:
+    """Whether an answer makes the calls `calls` (one JSON value a line) and no others: the
+    JSON values it holds, wherever they stand in its text (a tool-call parser's markup
+    around them, say), equal theirs."""
+    if same_answer(answer, calls):
+        return True
+    wanted = [_json_or_none(line) for line in calls.splitlines() if line.strip()]
+    return bool(wanted) and _json_values(answer) == wanted
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _json_values(text: str) -> list[Any]:
+    """The JSON objects in a text, in order (each outermost one once)."""
+    decoder, found, at = json.JSONDecoder(), [], text.find("{")
+    while at >= 0:
+        try:
+            value, end = decoder.raw_decode(text, at)
+        except ValueError:
+            at = text.find("{", at + 1)
+            continue
+        found.append(value)
+        at = text.find("{", end)
+    return found
+
+
 def teacher_regenerations(model: Any, tokenizer: Any, student_messages: list[dict[str, Any]],
                           teacher_messages: list[dict[str, Any]], signal: str, *, n: int,
                           temperature: float, max_new_tokens: int, seed: int = 0,
                           engine: EnginePolicy | None = None,
                           constraint: dict[str, Any] | None = None,
-                          failed: str | None = None) -> list[list[int]]:
+                          failed: str | None = None, call: bool = False) -> list[list[int]]:
     """The frozen teacher's answers with the signal in context, kept if they agree with it.
     Called before training: the model is then the version the round improves (the frozen
     teacher), whose earlier lessons the answers keep. `engine`, `constraint`: see `draw`.
     `failed`: the signal is an environment error about this answer; kept are the answers the
-    teacher gave at least twice that do not repeat it."""
+    teacher gave at least twice that do not repeat it. `call`: the signal is a working tool
+    call; kept are the answers that make it (a call shares its words with wrong calls: the
+    keys, the tool's name)."""
     candidates = draw(model, tokenizer, teacher_messages, n=n, temperature=temperature,
                       max_new_tokens=max_new_tokens, seed=seed, engine=engine,
                       constraint=constraint)
@@ -149,7 +182,9 @@ def teacher_regenerations(model: Any, tokenizer: Any, student_messages: list[dic
         if failed is not None and (same_answer(text, failed)
                                    or sum(same_answer(text, t) for t in texts) < 2):
             continue
-        if failed is None and not agrees(text, question, signal):
+        if call and not same_calls(text, signal):
+            continue
+        if failed is None and not call and not agrees(text, question, signal):
             continue
         kept.append(ids)
     return kept

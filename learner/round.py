@@ -417,7 +417,8 @@ def _responses(model: Any, tokenizer: Any, ep: Episode, signal: Any,
             model, tokenizer, ep.messages, teacher, signal.text, n=lcfg.regen_samples,
             temperature=lcfg.regen_temperature, max_new_tokens=lcfg.max_new_tokens,
             seed=lcfg.seed, engine=policy, constraint=ep.constraint,
-            failed=ep.response_text if signal.source == "env_error" else None)
+            failed=ep.response_text if signal.source == "env_error" else None,
+            call=signal.call)
         if not kept and signal.source in ANSWER_SOURCES:  # the signal itself is an answer
             kept = [_signal_ids(tokenizer, signal.text)]
         out.extend(kept)

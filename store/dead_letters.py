@@ -4,7 +4,8 @@ One row per message (`<topic>:<partition>:<offset>`), so a redelivered poison me
 once. Feedback that names a completion not stored yet waits here as `unknown_completion` and
 is stored, and its row deleted, when that completion arrives (`store.ingest`). Reason codes:
 empty_value (a null or empty record), not_json, invalid_event, undecodable (decoding raised
-something unforeseen), unknown_completion, write_failed.
+something unforeseen), unknown_completion, invalid_tool_call (feedback whose call the answered
+request's tools refuse), write_failed.
 """
 
 from __future__ import annotations
@@ -38,3 +39,10 @@ def parked_for(con: duckdb.DuckDBPyConnection, completion_ids: list[str]) -> lis
 
 def remove(con: duckdb.DuckDBPyConnection, ids: list[str]) -> None:
     con.execute("DELETE FROM dead_letters WHERE id IN (SELECT unnest(?::VARCHAR[]))", [ids])
+
+
+def refuse(con: duckdb.DuckDBPyConnection, refused: list[tuple[str, str]]) -> None:
+    """Parked feedback that its completion, now stored, refuses: (row id, why) — kept, as
+    `invalid_tool_call`, no longer waiting."""
+    con.executemany("UPDATE dead_letters SET reason_code = 'invalid_tool_call', reason = ? "
+                    "WHERE id = ?", [[why, row_id] for row_id, why in refused])

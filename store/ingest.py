@@ -42,6 +42,7 @@ from feedback.config import KafkaConfig
 from feedback.events import CompletionEvent, Event, FeedbackEvent, InvalidEvent, utcnow
 from feedback.kafka import client_options
 from feedback.sinks import UnknownCompletion
+from feedback.tool_calls import InvalidToolCall
 from store import dead_letters, metrics
 from store.writer import StoreWriter, apply_events
 
@@ -202,6 +203,9 @@ class Ingester:
                 assert isinstance(ev, FeedbackEvent)
                 dead.append(DeadLetter(m, "unknown_completion", f"parked: {exc}", ev.event_id,
                                        ev.completion_id))
+            elif isinstance(exc, InvalidToolCall):
+                dead.append(DeadLetter(m, "invalid_tool_call", str(exc), ev.event_id,
+                                       getattr(ev, "completion_id", None)))
             elif isinstance(exc, _EVENT_ERRORS):
                 dead.append(DeadLetter(m, "write_failed", f"{type(exc).__name__}: {exc}",
                                        ev.event_id))
@@ -223,6 +227,11 @@ class Ingester:
         replayed = apply_events(con, events, skip_duplicates=True).errors
         stored = [row_id for (row_id, _), err in zip(ready, replayed, strict=True) if err is None]
         dead_letters.remove(con, stored)
+        refused = [(row_id, str(err)) for (row_id, _), err in zip(ready, replayed, strict=True)
+                   if isinstance(err, InvalidToolCall)]
+        if refused:
+            dead_letters.refuse(con, refused)
+            metrics.DEAD_LETTERS.labels("invalid_tool_call").inc(len(refused))
         metrics.UNPARKED.inc(len(stored))
 
     def _report_lag(self) -> None:

@@ -24,6 +24,7 @@ With `redact`, events are redacted here, on the writer thread, just before they 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -50,6 +51,7 @@ from feedback.events import (
 )
 from feedback.redaction import redact_event
 from feedback.sinks import SinkFull, UnknownCompletion, approx_bytes
+from feedback.tool_calls import InvalidToolCall, check_tool_calls
 from store import metrics
 from store.migrations import migrate
 from store.query import seal
@@ -112,7 +114,7 @@ _COMPLETION_COLUMNS = (
 _FEEDBACK_COLUMNS = (
     ("id", "VARCHAR"), ("completion_id", "VARCHAR"), ("created_at", "TIMESTAMP"),
     ("type", "VARCHAR"), ("score", "DOUBLE"), ("text", "VARCHAR"), ("metadata", "JSON"),
-    ("principal", "VARCHAR"), ("may_teach", "BOOLEAN"),
+    ("principal", "VARCHAR"), ("may_teach", "BOOLEAN"), ("tool_calls", "JSON"),
 )
 _FOLLOWUP_COLUMNS = (
     ("id", "VARCHAR"), ("completion_id", "VARCHAR"), ("next_completion_id", "VARCHAR"),
@@ -266,6 +268,11 @@ def _tool_call_rows(ev: CompletionEvent) -> list[list[Any]]:
                      arguments if arguments is None or isinstance(arguments, str)
                      else json_text(arguments)])
     return rows
+
+
+def _json_value(text: str | None) -> Any:
+    """A stored JSON column's value (the store wrote it, so it parses)."""
+    return json.loads(text) if text is not None else None
 
 
 def _text_or_none(value: Any) -> str | None:
@@ -667,10 +674,13 @@ def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event],
     feedback = [(i, e) for i, e in enumerate(events) if isinstance(e, FeedbackEvent)]
     if feedback:
         wanted = sorted({e.completion_id for _, e in feedback})
+        with_calls = sorted({e.completion_id for _, e in feedback if e.tool_calls is not None})
+        # A call is checked against the tools its completion's request offered: their params.
         known = {
-            row[0]
+            row[0]: row[1]
             for row in con.execute(
-                "SELECT id FROM completions WHERE id IN (SELECT unnest(?::VARCHAR[]))", [wanted]
+                "SELECT id, CASE WHEN list_contains(?::VARCHAR[], id) THEN params END "
+                "FROM completions WHERE id IN (SELECT unnest(?::VARCHAR[]))", [with_calls, wanted]
             ).fetchall()
         }
         rows = []
@@ -678,8 +688,16 @@ def apply_events(con: duckdb.DuckDBPyConnection, events: list[Event],
             if ev.completion_id not in known:
                 errors[i] = UnknownCompletion(ev.completion_id)
                 continue
+            calls = None
+            if ev.tool_calls is not None:
+                try:
+                    calls = check_tool_calls(ev.tool_calls, _json_value(known[ev.completion_id]))
+                except InvalidToolCall as exc:
+                    errors[i] = exc
+                    continue
             rows.append([ev.event_id, ev.completion_id, ev.created_at, ev.type, ev.score,
-                         ev.text, json_text(ev.metadata), ev.principal, ev.may_teach])
+                         ev.text, json_text(ev.metadata), ev.principal, ev.may_teach,
+                         json_text(calls)])
         if rows:
             _insert_feedback(con, rows, skip_duplicates)
     return Applied(errors, unmatched, unmatched_results)

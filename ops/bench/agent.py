@@ -29,6 +29,8 @@ class Episode:
     task: Task
     actions: list[str] = field(default_factory=list)
     worked: list[bool] = field(default_factory=list)
+    # The completion id of each action's answer (what feedback on it names).
+    ids: list[str] = field(default_factory=list)
 
     @property
     def first_call_ok(self) -> bool:
@@ -50,10 +52,11 @@ def post_chat(url: str, body: dict[str, Any], headers: dict[str, str]) -> dict[s
 def run_task(url: str, model: str, task: Task, known: list[str], max_calls: int,
              headers: dict[str, str], reply: bool = False, temperature: float = 0.0,
              seed: int = 0) -> Episode:
-    """Up to `max_calls` actions (greedy) until one works. With `reply`, the result of the call
-    that worked is sent back too and the model answers the user — the request that carries a
-    working call's result to the store, which makes that call a success the learner can find.
-    `known`: the entities the tool has (`Tool.call`)."""
+    """Up to `max_calls` actions (greedy) until one works. With `reply`, the result of the last
+    call is sent back too and the model answers the user — the request that carries that
+    call's result to the store: a working call becomes a success the learner can find, a
+    failed last call an `env_error` like the ones before it. `known`: the entities the tool
+    has (`Tool.call`)."""
     tool = TOOLS[task.tool]
     schema = {"type": "json_schema",
               "json_schema": {"name": tool.name, "schema": tool.parameters, "strict": True}}
@@ -72,6 +75,7 @@ def run_task(url: str, model: str, task: Task, known: list[str], max_calls: int,
         worked, result = tool.call(task.instance, arguments, known)
         episode.actions.append(text)
         episode.worked.append(worked)
+        episode.ids.append(answer["id"])
         call_id = f"call_{n}"
         messages += [
             {"role": "assistant", "content": text,
@@ -80,8 +84,15 @@ def run_task(url: str, model: str, task: Task, known: list[str], max_calls: int,
             {"role": "tool", "tool_call_id": call_id, "content": json.dumps(result)},
         ]
         if worked:
-            if reply:
-                post_chat(url, {"model": model, "messages": messages, "temperature": 0.0,
-                                "max_tokens": REPLY_TOKENS}, headers)
             break
+    if reply:
+        post_chat(url, {"model": model, "messages": messages, "temperature": 0.0,
+                        "max_tokens": REPLY_TOKENS}, headers)
     return episode
+
+
+def working_call(task: Task) -> dict[str, Any]:
+    """The call that does the task, in OpenAI's shape (what an operator demonstrates)."""
+    tool = TOOLS[task.tool]
+    return {"type": "function", "function": {
+        "name": tool.name, "arguments": json.dumps({tool.argument: tool.valid(task.instance)})}}

@@ -8,7 +8,9 @@ This module holds the one object they share, and nothing global.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import aiohttp
 from starlette.requests import Request
 
-from feedback import Event, Sink, SinkFull
+from feedback import CompletionEvent, Event, Sink, SinkFull, offered_tools
 from serving import metrics
 from serving.config import Config
 from serving.engine.manager import EngineManager, engine_session
@@ -27,6 +29,12 @@ from store import StoreWriter
 from store.keys import active_keys
 
 log = logging.getLogger(__name__)
+
+# The tools of this many recent answers are remembered (each up to this many bytes of JSON
+# schemas), so a call in feedback on one is checked before it is acknowledged: a 400 on every
+# sink, the event bus's included, whose ingester would otherwise only dead-letter it.
+RECENT_TOOLS = 2048
+RECENT_TOOLS_BYTES = 16 * 1024
 
 
 class Gateway:
@@ -59,6 +67,7 @@ class Gateway:
         self.http: aiohttp.ClientSession | None = None
         # Set on a Kafka replica: False until the control topic's versions are applied.
         self.versions_ready: Callable[[], bool] = lambda: True
+        self._recent_tools: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     async def open(self) -> None:
         # No total timeout: a long generation is not an error. Connecting is bounded.
@@ -97,11 +106,25 @@ class Gateway:
     def capture_nowait(self, event: Event, request_bytes: int | None = None) -> None:
         """Completions, follow-ups, tool results: written off the request path, never failing
         it."""
+        if isinstance(event, CompletionEvent):
+            self._remember_tools(event)
         try:
             self.capture(event, request_bytes)
         except SinkFull as exc:
             metrics.CAPTURE_DROPPED.inc()
             log.error("could not capture %s %s: %s", event.kind, event.event_id, exc)
+
+
+    def _remember_tools(self, event: CompletionEvent) -> None:
+        tools = offered_tools(event.params)
+        if tools and len(json.dumps(tools)) <= RECENT_TOOLS_BYTES:
+            self._recent_tools[event.completion_id] = event.params
+            while len(self._recent_tools) > RECENT_TOOLS:
+                self._recent_tools.popitem(last=False)
+
+    def recent_params(self, completion_id: str) -> dict[str, Any] | None:
+        """The params of an answer this gateway gave lately whose request offered tools."""
+        return self._recent_tools.get(completion_id)
 
 
 def gateway_of(request: Request) -> Any:

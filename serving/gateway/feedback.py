@@ -4,7 +4,10 @@
 bus (the broker acknowledged it; the ingester stores it). An `Idempotency-Key` header makes a
 retry the same event, stored once. A sink that cannot take it or make it durable (backlog at its
 bound, a store that cannot write, no confirmation in time) answers 503: nothing was
-acknowledged, and the client retries.
+acknowledged, and the client retries. A call (`tool_calls`) that the answered request's tools
+refuse answers 400 naming the field (`feedback.tool_calls`): checked here where this gateway
+gave the answer lately, else by the store as it writes (on the event bus, an answer another
+replica gave is checked by the ingester, which keeps a refused one as a dead letter).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import asyncio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from feedback import FeedbackRequest, SinkFull, UnknownCompletion
+from feedback import FeedbackRequest, InvalidToolCall, SinkFull, UnknownCompletion
+from feedback.tool_calls import check_tool_calls
 from serving import metrics
 from serving.gateway.deps import Gateway, gateway_of
 from serving.gateway.errors import APIError
@@ -30,12 +34,18 @@ async def feedback(request: Request) -> Response:
                          principal.may_teach)
     sink = gw.sink
     try:
+        params = gw.recent_params(req.completion_id) if event.tool_calls else None
+        if params is not None:  # else the store checks them against the stored request
+            check_tool_calls(event.tool_calls, params)
         fut = gw.capture(event, request.state.body_bytes)
         await asyncio.wait_for(asyncio.wrap_future(fut), sink.ack_timeout_s)
     except UnknownCompletion as exc:
         raise APIError(404, f"Unknown completion_id: {exc}. Use the `id` of a chat completion "
                             "returned by this server.", code="completion_not_found",
                        param="completion_id") from None
+    except InvalidToolCall as exc:
+        raise APIError(400, f"{exc}. Nothing was stored: send calls the answered request's "
+                            "tools take.", code="invalid_tool_call", param=exc.param) from None
     except SinkFull as exc:
         raise APIError(503, f"Feedback was not accepted by the {sink.name}: {exc}; retry.",
                        code="store_unavailable") from None

@@ -198,3 +198,48 @@ def test_a_json_mode_agents_answer_is_resampled_by_the_engine_under_its_schema(s
         if ids not in ended:
             text = tokenizer.decode(ids)
             assert len(ids) == 64 and re.match(r'\s*\{\s*"city_id"\s*:\s*"', text), text
+
+
+def test_a_call_in_feedback_must_fit_the_answered_requests_tools(server: Server, openai_client):
+    """A demonstration of the call an answer should have made is checked against the tools
+    its request offered: a call that does not fit is refused with a 400 naming the field,
+    and nothing is stored; one that fits is stored and reaches the learner's episodes. The
+    gateway that gave the answer checks it; on an answer it does not remember, the store."""
+    _, reply = _ask_for_a_call(openai_client, "What is the weather in Lyon?")
+    bad = [
+        ({"name": "forecast", "arguments": '{"city_id": "FR-LYS"}'}, "tool_calls.0.function.name",
+         "unknown tool 'forecast'"),
+        ({"name": "weather", "arguments": '{"city_id": 69}'},
+         "tool_calls.0.function.arguments.city_id", "69 is not of type 'string'"),
+        ({"name": "weather", "arguments": '{"city": "FR-LYS"}'},
+         "tool_calls.0.function.arguments", "'city_id' is a required property"),
+        ({"name": "weather", "arguments": '{"city_id": "FR-'},
+         "tool_calls.0.function.arguments", "not JSON text"),
+    ]
+    for function, param, words in bad:
+        status, _, raw = server.request("POST", "/v1/feedback", {
+            "completion_id": reply.id, "type": "demonstration",
+            "tool_calls": [{"id": "call_1", "type": "function", "function": function}]})
+        error = json.loads(raw)["error"]
+        assert status == 400 and error["param"] == param and words in error["message"], raw
+    good = {"completion_id": reply.id, "type": "correction", "text": "use the city id",
+            "tool_calls": [{"type": "function", "function": {
+                "name": "weather", "arguments": {"city_id": "FR-LYS"}}}]}
+    status, _, raw = server.request("POST", "/v1/feedback", good)
+    assert status == 201, raw
+    [episode] = server.sql(f"SELECT feedback FROM episodes WHERE completion_id = '{reply.id}'")
+    assert [(f["type"], f["text"], f["tool_calls"]) for f in episode["feedback"]] == [
+        ("correction", "use the city id", [{"id": None, "type": "function", "function": {
+            "name": "weather", "arguments": '{"city_id": "FR-LYS"}'}}])]
+
+    # An answer the gateway does not remember (an older one, another replica's): the store
+    # checks the call against the request it stored.
+    plain = openai_client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4)
+    status, _, raw = server.request("POST", "/v1/feedback", {
+        "completion_id": plain.id, "type": "demonstration", "tool_calls": good["tool_calls"]})
+    error = json.loads(raw)["error"]
+    assert status == 400 and error["param"] == "tool_calls" and "offered no tools" in \
+        error["message"], raw
+    assert server.sql("SELECT count(*) AS n FROM feedback WHERE completion_id IN "
+                      f"('{reply.id}', '{plain.id}')") == [{"n": 1}]

@@ -150,6 +150,89 @@ def test_chat_and_feedback_go_through_kafka_into_the_store(server: Server, broke
         stop_all(replica, ingest)
 
 
+WEATHER = {"type": "json_schema", "json_schema": {"name": "weather", "strict": True, "schema": {
+    "type": "object", "additionalProperties": False, "required": ["city_id"],
+    "properties": {"city_id": {"type": "string"}}}}}
+
+
+def test_an_agents_tool_result_and_a_call_in_feedback_go_through_kafka(
+        server: Server, broker: Broker, tmp_path: Path):
+    """A JSON-mode agent's failed call, sent back as its next turn through a replica, reaches
+    the store through the broker as a tool result: an `env_error` signal on the answer that
+    made the call, with no feedback call. A call in feedback on that answer is checked by the
+    replica that gave it (a 400 naming the field; a good one is acknowledged); one that came
+    from elsewhere and that the stored request refuses is kept as an `invalid_tool_call`
+    dead letter, and so is parked feedback that its completion, arriving later, refuses."""
+    env = bus_env(broker)
+    topic = env["SDLOOP_KAFKA__EVENTS_TOPIC"]
+    ingest = start_ingest(tmp_path / "ingest", env)
+    replica = start_replica(tmp_path / "replica", env, server.state()["engine_url"])
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    messages = [{"role": "system", "content": "Reply with the JSON arguments of a call to the "
+                                              "weather tool."},
+                {"role": "user", "content": "Weather in Paris, please."}]
+    try:
+        status, _, raw = replica.request("POST", "/v1/chat/completions", {
+            "model": "default", "messages": messages, "max_tokens": 24, "temperature": 0,
+            "response_format": WEATHER})
+        assert status == 200, raw
+        first = json.loads(raw)
+        text = first["choices"][0]["message"]["content"]
+        error = json.dumps({"error": "unknown city_id: ids are like 'city:rio-de-janeiro'"})
+        status, _, raw = replica.request("POST", "/v1/chat/completions", {
+            "model": "default", "max_tokens": 8, "temperature": 0, "messages": [
+                *messages, {"role": "assistant", "content": text, "tool_calls": [
+                    {"id": "call_0", "type": "function",
+                     "function": {"name": "weather", "arguments": text}}]},
+                {"role": "tool", "tool_call_id": "call_0", "content": error}]})
+        assert status == 200, raw
+        second = json.loads(raw)
+
+        def call(arguments: str, name: str = "weather") -> list[dict[str, Any]]:
+            return [{"type": "function", "function": {"name": name, "arguments": arguments}}]
+
+        status, _, raw = replica.request("POST", "/v1/feedback", {
+            "completion_id": first["id"], "type": "demonstration",
+            "tool_calls": call('{"city_id": 1}')})
+        assert status == 400 and json.loads(raw)["error"]["param"] == \
+            "tool_calls.0.function.arguments.city_id", raw
+        status, _, raw = replica.request("POST", "/v1/feedback", {
+            "completion_id": first["id"], "type": "demonstration",
+            "tool_calls": call('{"city_id": "city:paris"}')})
+        assert status == 202, raw
+
+        assert wait_count(ingest, "SELECT count(*) FROM completions", 2) == 2
+        elsewhere = FeedbackEvent(event_id=new_id("fb"), completion_id=first["id"],
+                                  created_at=utcnow(), type="correction",
+                                  tool_calls=call("{}", name="forecast"))
+        early = FeedbackEvent(event_id=new_id("fb"), completion_id="chatcmpl-later",
+                              created_at=utcnow(), type="demonstration",
+                              tool_calls=call('{"city": "city:paris"}'))
+        later = completion("chatcmpl-later", messages, text='{"city_id": "Paris"}',
+                           params={"response_format": WEATHER})
+        for event in (elsewhere, early, later):
+            producer.send(topic, key=b"elsewhere", value=event.to_json()).get(10)
+
+        assert wait_count(ingest, "SELECT count(*) FROM dead_letters WHERE reason_code = "
+                                  "'invalid_tool_call'", 2) == 2
+        assert ingest.sql("SELECT completion_id, next_completion_id, is_error, error, matched_by "
+                          "FROM tool_results") == [
+            {"completion_id": first["id"], "next_completion_id": second["id"], "is_error": True,
+             "error": error, "matched_by": "context"}]
+        [episode] = ingest.sql("SELECT feedback FROM episodes WHERE completion_id = "
+                               f"'{first['id']}'")
+        assert {f["type"]: f["tool_calls"] for f in episode["feedback"]} == {
+            "demonstration": [{"id": None, **call('{"city_id": "city:paris"}')[0]}],
+            "env_error": None}
+        reasons = sorted(r["reason"] for r in ingest.sql(
+            "SELECT reason FROM dead_letters WHERE reason_code = 'invalid_tool_call'"))
+        assert "unknown tool 'forecast'" in reasons[1] and "'city' was unexpected" in reasons[0]
+        assert ingest.sql("SELECT count(*) AS n FROM feedback")[0]["n"] == 1
+    finally:
+        producer.close()
+        stop_all(replica, ingest)
+
+
 def test_keys_made_on_the_ingester_reach_every_replica_and_name_the_principal_in_the_store(
         server: Server, broker: Broker, tmp_path: Path):
     env = bus_env(broker)
