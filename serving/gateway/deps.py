@@ -114,7 +114,6 @@ class Gateway:
             metrics.CAPTURE_DROPPED.inc()
             log.error("could not capture %s %s: %s", event.kind, event.event_id, exc)
 
-
     def _remember_tools(self, event: CompletionEvent) -> None:
         tools = offered_tools(event.params)
         if tools and len(json.dumps(tools)) <= RECENT_TOOLS_BYTES:

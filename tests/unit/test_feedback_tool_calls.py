@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from feedback import InvalidToolCall, UnknownCompletion, call_text, offered_tools
 from feedback.tool_calls import check_tool_calls
 from feedback.validation import FeedbackRequest, describe_validation_error
+from learner.config import CONTEXT_SOURCES
 from learner.episodes import collect
 from learner.responses import same_calls
 from tests.harness.factories import completion, feedback
@@ -126,3 +127,24 @@ def test_the_learner_reads_a_call_as_the_answer_that_makes_it(writer):
     # A call corrected in words is a correction like any other.
     assert [(s.source, s.text, s.call) for s in signals["c2"]] == [
         ("correction", "The id is city:paris", False)]
+
+
+def test_a_known_working_call_replaces_the_errors_guesses_in_its_conversation(writer):
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    retry = [*ask, {"role": "assistant", "content": '{"city": "Paris"}'},
+             {"role": "user", "content": "unknown city"}]
+    error = {"kind": "env_error", "text": "unknown city 'Paris'", "metadata": {"tool": "weather"}}
+    writer.submit(completion("first", messages=ask, params=JSON_MODE, text='{"city": "Paris"}',
+                             session_id="s1"))
+    writer.submit(completion("retry", messages=retry, params=JSON_MODE, text='{"city": "FR"}',
+                             session_id="s1"))
+    writer.submit(completion("other", messages=ask, params=JSON_MODE, text='{"city": "Paris"}',
+                             session_id="s2"))
+    wait([writer.submit(feedback(c, **error)) for c in ("first", "retry", "other")]
+         + [writer.submit(feedback("first", kind="demonstration", tool_calls=[call()]))], 5)
+    signals = {ep.completion_id: [(s.source, s.text) for s in ep.signals]
+               for ep in collect(query_of(writer), "1970-01-01", CONTEXT_SOURCES)}
+    demonstrated = '{"city": "city:paris"}'
+    assert signals == {"first": [("demonstration", demonstrated)],
+                       "retry": [("sibling_success", demonstrated)],
+                       "other": [("env_error", "unknown city 'Paris'")]}

@@ -120,6 +120,19 @@ def test_an_env_error_keeps_a_fix_the_teacher_repeats_and_never_the_failed_answe
                  '{"city_id": "Barcelona-12345"}']) == []  # the failure repeated; guesses once
 
 
+def test_a_demonstrated_call_keeps_the_teacher_answers_that_make_it_exactly(trainer_samples):
+    # The words filter would keep every one of these: the key "city_id" is the word the
+    # demonstration adds to the question.
+    answers = ['{"city_id": "Paris"}', '{"city_id":"city:paris"}', '{"city_id": "city:lyon"}',
+               '{ "city_id": "city:paris" }']
+    kept = teacher_regenerations(
+        None, Tokenizer(), [{"role": "user", "content": "Weather in Paris?"}],
+        [{"role": "user", "content": 'Weather in Paris? e.g. {"city_id": "city:paris"}'}],
+        '{"city_id": "city:paris"}', n=4, temperature=0.7, max_new_tokens=32, seed=0,
+        engine=Engine(answers), constraint={"response_format": SCHEMA}, call=True)
+    assert [Tokenizer().decode(k) for k in kept] == [answers[1], answers[3]]
+
+
 def test_same_answer_compares_json_by_value_and_text_up_to_case_and_spacing():
     assert same_answer('{"a": 1, "b": "x"}', '{"b":"x","a":1}')
     assert not same_answer('{"a": "X"}', '{"a": "x"}')
