@@ -33,7 +33,7 @@ demonstrations (`sft+demo`) run on the same seeds and instances. Figures per see
     python ops/bench/tools.py                               # the three arms, 3 seeds
     python ops/bench/tools.py --arms sdloop+demo --seeds 1  # the headline, one seed
     python ops/bench/tools.py --seeds 1 --max-steps 2 --arms sdloop+demo   # smoke test
-    python ops/bench/tools.py --seeds 2 --first-seed 1 --out b.json     # more seeds, later
+    python ops/bench/tools.py --seeds 2 --first-seed 1 --base a.json --out b.json  # later
     python ops/bench/tools.py --report a.json b.json   # one report over the runs of both files
 """
 
@@ -48,6 +48,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,7 +192,10 @@ def by_tool(ev: dict[str, Any]) -> dict[str, float]:
 
 
 def run(setup: ToolSetup, seed: int, args: argparse.Namespace, tasks: list[Task],
-        retention: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
+        retention: list[dict[str, Any]], base: dict[str, Any],
+        save: Callable[[], None]) -> dict[str, Any]:
+    """One arm on one seed; `save` writes what is measured so far (the base evaluation as soon
+    as it is made: `--base` reads it back)."""
     tag = f"{setup.label} seed {seed}"
     train, heldout = split(tasks, seed, args.train, args.heldout)
     known = known_entities(tasks)
@@ -207,6 +211,7 @@ def run(setup: ToolSetup, seed: int, args: argparse.Namespace, tasks: list[Task]
                                        args.calls, retention))
             print(f"[base] first call {base['figures']['held first %']:.1f}% of {len(tasks)} "
                   f"tasks, retention {base['figures']['retention %']:.1f}%", flush=True)
+            save()
         for n in range(1, args.rounds + 1):
             eps = work(state["url"], DEFAULT_ALIAS, train, known, args.calls, True,
                        args.agent_temperature, 1000 * seed + 100 * n)
@@ -318,6 +323,9 @@ def parse_args() -> argparse.Namespace:
                         help="a [learner] knob for every arm or for one (sdloop.lr=1e-3)")
     parser.add_argument("--max-steps", type=int, help="cap training steps per round (smoke tests)")
     parser.add_argument("--retention", type=Path, default=DATA / "retention.json")
+    parser.add_argument("--base", type=Path, metavar="JSON",
+                        help="the base model's evaluation from an earlier --out file (same "
+                             "tasks and retention set), instead of asking it again")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep each run's data dir")
     args = parser.parse_args()
@@ -343,15 +351,19 @@ def main() -> None:
           f"held-out instances per tool, {args.calls} calls per task, {args.rounds} round(s); "
           f"{args.seeds} seed(s); arms {args.arms}; machine: {os.cpu_count()} cpus; writing "
           f"{args.out}", flush=True)
-    base: dict[str, Any] = {}
+    # The base model's evaluation is greedy: the same in every run, asked once (or read back).
+    base: dict[str, Any] = json.loads(args.base.read_text())["base"] if args.base else {}
     runs: list[dict[str, Any]] = []
     record = {"args": {k: str(v) for k, v in vars(args).items()}, "base": base, "runs": runs}
+
+    def save() -> None:
+        args.out.write_text(json.dumps(record, indent=1, default=str))
     for setup in args.setups:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            runs.append(run(setup, seed, args, tasks, retention, base))
-            args.out.write_text(json.dumps(record, indent=1, default=str))
+            runs.append(run(setup, seed, args, tasks, retention, base, save))
+            save()
     record["acceptance"] = report(runs, base, args.max_steps is not None)
-    args.out.write_text(json.dumps(record, indent=1, default=str))
+    save()
     print(f"\nwritten: {args.out}")
 
 
