@@ -33,7 +33,7 @@ from feedback.linking import (
 )
 from feedback.redaction import redact_event, redact_text, redact_value
 from feedback.sinks import Sink, SinkFull, UnknownCompletion
-from feedback.tool_calls import InvalidToolCall, call_text, offered_tools
+from feedback.tool_calls import InvalidToolCall, call_text, json_mode_tool, offered_tools
 from feedback.tools import ToolErrorRules, ToolResult, failure, find_tool_results
 from feedback.validation import FeedbackRequest, describe_validation_error
 
@@ -61,6 +61,7 @@ __all__ = [
     "content_text",
     "call_text",
     "context_hash",
+    "json_mode_tool",
     "normalise",
     "offered_tools",
     "describe_validation_error",

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from feedback import FEEDBACK_BY_TYPE, context_hash, redact_value
+from feedback import FEEDBACK_BY_TYPE, call_text, context_hash, json_mode_tool, redact_value
 from learner.episodes import as_json, corrected_statement, correction_text, failed_tools
 from learner.policy import TeachingPolicy
 from store import QueryResult
@@ -67,9 +67,9 @@ class Stored:
     rating: float | None = None
     # Admitted signals that ask for another answer (critique, env_error, correction...).
     judged_bad: bool = False
-    # The newest better answer given as text (a correction or, for a bad answer, a
-    # demonstration), if any.
-    better: str | None = None
+    # The newest better answer given in feedback (a correction or, for a bad answer, a
+    # demonstration), as an assistant message, if any.
+    better: dict[str, Any] | None = None
     # Tools whose call in this answer failed (from `tool_result` env_errors).
     failed_tools: list[str] = field(default_factory=list)
 
@@ -115,28 +115,45 @@ def _stored(row: dict[str, Any], policy: TeachingPolicy) -> Stored:
               and f.get("score") is not None]
     item.rating = sum(scores) / len(scores) if scores else None
     item.failed_tools = failed_tools(feedback)
-    better: list[tuple[str, str]] = []  # (when, text), newest wins
+    better: list[tuple[str, dict[str, Any]]] = []  # (when, message), newest wins
     for f in feedback:
         kind = FEEDBACK_BY_TYPE.get(f.get("type") or "")
         text = (f.get("text") or "").strip()
-        if kind is None or not text:
+        calls = as_json(f.get("tool_calls"))
+        if kind is None or not (text or calls):
             continue
         if kind.asks_for_change:
             item.judged_bad = True
-        if kind.is_answer:
-            better.append((str(f["created_at"]), corrected_statement(text)
-                           if f["type"] == "correction" else text))
+        if kind.is_answer and calls:
+            better.append((str(f["created_at"]), call_message(calls, params)))
+        elif kind.is_answer:
+            better.append((str(f["created_at"]), _said(corrected_statement(text)
+                                                       if f["type"] == "correction" else text)))
     for f in as_json(row["followups"]) or []:
         corrected = correction_text(f.get("text") or "") if policy.admits(f, set()) else None
         if corrected:
             item.judged_bad = True
-            better.append((str(f["created_at"]), corrected))
+            better.append((str(f["created_at"]), _said(corrected)))
     item.judged_bad = item.judged_bad or (item.rating is not None and item.rating < 0)
     # A demonstration improves on an answer only where that answer was judged bad (a
     # correction judges it so itself).
     if better and item.judged_bad:
-        item.better = max(better)[1]
+        item.better = max(better, key=lambda b: b[0])[1]
     return item
+
+
+def _said(text: str) -> dict[str, Any]:
+    return {"role": "assistant", "content": text}
+
+
+def call_message(calls: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
+    """The assistant message that makes a call given in feedback: for a JSON-mode request the
+    arguments as its content (what the engine answers there), else the calls as `tool_calls`."""
+    if json_mode_tool(params) is not None:
+        return _said(call_text(calls, params))
+    return {"role": "assistant", "content": "", "tool_calls": [
+        {"id": c.get("id") or f"call_{i}", "type": "function", "function": c["function"]}
+        for i, c in enumerate(calls)]}
 
 
 @dataclass
@@ -170,7 +187,7 @@ def successes(query: Query, items: Iterator[Stored]) -> Successes:
 def preferred(item: Stored, found: Successes) -> dict[str, Any] | None:
     """A better answer than the logged one, if the signals give one."""
     if item.better is not None:
-        return {"role": "assistant", "content": item.better}
+        return item.better
     if not item.judged_bad:
         return None
     for tool in item.failed_tools:  # the same tool, later in the same conversation, working
@@ -187,8 +204,7 @@ def record(fmt: str, item: Stored, found: Successes | None) -> dict[str, Any] | 
         return {"messages": [*item.prompt, item.answer], **tools}
     if fmt == "sft":
         if item.better is not None:
-            return {"prompt": item.prompt,
-                    "completion": [{"role": "assistant", "content": item.better}], **tools}
+            return {"prompt": item.prompt, "completion": [item.better], **tools}
         if (item.rating or 0) > 0 and not item.judged_bad:
             return {"prompt": item.prompt, "completion": [item.answer], **tools}
         return None

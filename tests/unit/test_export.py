@@ -168,3 +168,23 @@ def test_each_format_loads_with_datasets_with_the_columns_trl_expects(store, tmp
                 "dpo": {"prompt", "chosen", "rejected"}, "kto": {"prompt", "completion", "label"},
                 "openai-dpo": {"input", "preferred_output", "non_preferred_output"}}[fmt]
     assert expected <= set(loaded.column_names) and len(loaded) > 0
+
+
+def test_a_call_given_in_feedback_is_the_better_answer_in_the_agents_own_form(writer):
+    weather = {"type": "object", "properties": {"city_id": {"type": "string"}}}
+    json_mode = {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "weather", "schema": weather}}}
+    writer.submit(completion("tools", TASK, text="", response_message=_call("c-1", "Paris"),
+                             params={"tools": TOOLS}))
+    writer.submit(completion("json", TASK, text='{"city_id": "Paris"}', params=json_mode))
+    demonstrated = [{"type": "function", "function": {"name": "weather",
+                                                      "arguments": '{"city_id": "FR-PAR"}'}}]
+    for cid, kind in (("tools", "correction"), ("json", "correction")):
+        writer.submit(feedback(cid, kind=kind, tool_calls=demonstrated)).result(5)
+    chosen = {r["rejected"][0].get("content") or "tools": r["chosen"][0]
+              for r in _export(writer, "dpo")}
+    assert chosen == {
+        "tools": {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_0", "type": "function", "function": {
+                "name": "weather", "arguments": '{"city_id": "FR-PAR"}'}}]},
+        '{"city_id": "Paris"}': {"role": "assistant", "content": '{"city_id": "FR-PAR"}'}}
