@@ -73,6 +73,16 @@ _Validator = validators.extend(Draft202012Validator,
                                {"pattern": _skip, "patternProperties": _skip})
 
 
+def _schema_tool(params: dict[str, Any]) -> tuple[str, Any] | None:
+    """(name, schema) of a request's `response_format` JSON schema, if it has one."""
+    response_format = params.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        spec = response_format.get("json_schema")
+        if isinstance(spec, dict) and isinstance(spec.get("name"), str):
+            return spec["name"], spec.get("schema", True)
+    return None
+
+
 def offered_tools(params: Any) -> dict[str, Any]:
     """Tool name → its parameters' JSON schema (True: any arguments), for the tools a stored
     request (`completions.params`) offered."""
@@ -83,11 +93,8 @@ def offered_tools(params: Any) -> dict[str, Any]:
         function = tool.get("function") if isinstance(tool, dict) else None
         if isinstance(function, dict) and isinstance(function.get("name"), str):
             found[function["name"]] = function.get("parameters", True)
-    response_format = params.get("response_format")
-    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
-        spec = response_format.get("json_schema")
-        if isinstance(spec, dict) and isinstance(spec.get("name"), str):
-            found.setdefault(spec["name"], spec.get("schema", True))
+    if (schema := _schema_tool(params)) is not None:
+        found.setdefault(*schema)
     return found
 
 
@@ -96,12 +103,8 @@ def json_mode_tool(params: Any) -> str | None:
     name) when it offers no `tools`: the answer is then the arguments alone."""
     if not isinstance(params, dict) or params.get("tools"):
         return None
-    response_format = params.get("response_format")
-    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
-        spec = response_format.get("json_schema")
-        if isinstance(spec, dict) and isinstance(spec.get("name"), str):
-            return spec["name"]
-    return None
+    schema = _schema_tool(params)
+    return schema[0] if schema else None
 
 
 def normalised(calls: Any) -> list[dict[str, Any]]:
